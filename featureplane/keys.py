@@ -1,0 +1,66 @@
+"""Stored keys (CONTRACT section 2, Karrot's key design).
+
+Partition key `<group>#<id>`. Sort key: for `timeseries` the event time made
+unique per event, `<ts, 13 digits>#<12 hex of a hash of event_id>`, so a
+replayed event overwrites itself and two events of the same millisecond both
+survive; for `latest` the fixed marker `NULL_SK`. The same string is the
+*version* of a `latest` value: the greater version wins, so the outcome does
+not depend on arrival order, and ties between equal timestamps are decided
+the same way everywhere. Versions sort as strings in time order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from featureplane.errors import ValidationError
+
+__all__ = [
+    "MAX_ID_BYTES",
+    "MAX_TS",
+    "NULL_SK",
+    "check_id",
+    "partition_key",
+    "ts_of",
+    "version",
+    "version_bounds",
+]
+
+NULL_SK = "~"
+MAX_ID_BYTES = 1024
+MAX_TS = 10**13 - 1  # year 2286; keeps versions fixed-width
+_SEP = "#"
+
+
+def check_id(entity_id: str) -> str:
+    """Reject ids that no backend can key: empty, too long, or not valid text."""
+    if not isinstance(entity_id, str) or not entity_id:
+        raise ValidationError(f"id must be a non-empty string, got {entity_id!r}")
+    try:
+        size = len(entity_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValidationError("id is not valid unicode text") from None
+    if size > MAX_ID_BYTES:
+        raise ValidationError(f"id is {size} bytes, over the {MAX_ID_BYTES}-byte limit")
+    return entity_id
+
+
+def partition_key(group: str, entity_id: str) -> str:
+    return f"{group}{_SEP}{entity_id}"
+
+
+def version(ts: int, event_id: str) -> str:
+    """The unique, time-ordered sort key of one event."""
+    digest = hashlib.blake2b(event_id.encode("utf-8"), digest_size=6).hexdigest()
+    return f"{ts:013d}{_SEP}{digest}"
+
+
+def ts_of(ver: str) -> int:
+    return int(ver[:13])
+
+
+def version_bounds(since: int | None, until: int | None) -> tuple[str, str]:
+    """Inclusive string bounds that select versions with since <= ts <= until."""
+    low = f"{max(since or 0, 0):013d}"
+    high = f"{min(MAX_TS if until is None else until, MAX_TS):013d}{_SEP}~"
+    return low, high

@@ -1,0 +1,166 @@
+"""Feature types: parsing the spec's type strings and checking values.
+
+A value is kept in its *wire form*, the JSON form the HTTP API answers with:
+sets as sorted lists without duplicates, bytes as base64 text, vectors as
+lists of floats. `coerce` turns an event payload value (or a Python value:
+`bytes`, `set`, ...) into wire form or raises `ValidationError`;
+`to_python` turns wire form back into Python values (`set`, `bytes`, ...).
+Ints are signed 64-bit, as in Kafka, DynamoDB and most feature consumers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from featureplane.errors import ValidationError
+
+__all__ = ["FeatureType", "coerce", "parse_type", "to_python"]
+
+Kind = Literal["string", "int", "float", "bool", "bytes", "list", "set", "map", "vector"]
+SCALARS = ("string", "int", "float", "bool", "bytes")
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+MAX_VECTOR_DIM = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureType:
+    """A parsed type: a scalar, or a container of `item`, or a vector of `dim` floats."""
+
+    kind: Kind
+    item: FeatureType | None = None
+    dim: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "vector":
+            return f"vector<float,{self.dim}>"
+        if self.kind == "map":
+            return f"map<string,{self.item}>"
+        if self.item is not None:
+            return f"{self.kind}<{self.item}>"
+        return self.kind
+
+
+_VECTOR = re.compile(r"vector<\s*float\s*,\s*(\d+)\s*>")
+_MAP = re.compile(r"map<\s*string\s*,\s*(.+)>")
+_CONTAINER = re.compile(r"(list|set)<\s*(.+)>")
+
+
+def parse_type(text: str) -> FeatureType:
+    """Parse `int`, `set<string>`, `map<string,list<float>>`, `vector<float,64>`..."""
+    text = text.strip()
+    if text in SCALARS:
+        return FeatureType(text)  # type: ignore[arg-type]
+    if m := _VECTOR.fullmatch(text):
+        dim = int(m.group(1))
+        if not 1 <= dim <= MAX_VECTOR_DIM:
+            raise ValueError(f"vector dimension must be 1..{MAX_VECTOR_DIM}, got {dim}")
+        return FeatureType("vector", dim=dim)
+    if m := _MAP.fullmatch(text):
+        return FeatureType("map", item=parse_type(m.group(1)))
+    if m := _CONTAINER.fullmatch(text):
+        item = parse_type(m.group(2))
+        if m.group(1) == "set" and item.kind not in SCALARS:
+            raise ValueError(f"set elements must be a scalar type, got {item}")
+        return FeatureType(m.group(1), item=item)  # type: ignore[arg-type]
+    raise ValueError(
+        f"unknown type {text!r} (expected string, int, float, bool, bytes, list<T>, "
+        "set<T>, map<string,T> or vector<float,N>)"
+    )
+
+
+def coerce(t: FeatureType, value: Any, where: str = "value") -> Any:
+    """Check `value` against `t` and return its wire form; `None` stays `None`."""
+    if value is None:
+        return None
+    match t.kind:
+        case "string":
+            if isinstance(value, str):
+                return value
+        case "int":
+            if isinstance(value, int) and not isinstance(value, bool):
+                if INT_MIN <= value <= INT_MAX:
+                    return value
+                raise ValidationError(f"{where}: int {value} is outside signed 64-bit")
+        case "float":
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                f = float(value)
+                if math.isfinite(f):
+                    return f
+                raise ValidationError(f"{where}: float must be finite, got {value}")
+        case "bool":
+            if isinstance(value, bool):
+                return value
+        case "bytes":
+            return _bytes_wire(value, where)
+        case "list":
+            if isinstance(value, list | tuple):
+                assert t.item is not None
+                return [coerce(t.item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        case "set":
+            if isinstance(value, list | tuple | set | frozenset):
+                assert t.item is not None
+                items = {coerce(t.item, v, f"{where}[]") for v in value}
+                items.discard(None)
+                return sorted(items)
+        case "map":
+            if isinstance(value, Mapping):
+                assert t.item is not None
+                out = {}
+                for k, v in value.items():
+                    if not isinstance(k, str):
+                        raise ValidationError(f"{where}: map keys must be strings, got {k!r}")
+                    out[k] = coerce(t.item, v, f"{where}.{k}")
+                return out
+        case "vector":
+            if isinstance(value, list | tuple):
+                if len(value) != t.dim:
+                    raise ValidationError(
+                        f"{where}: vector must have {t.dim} floats, got {len(value)}"
+                    )
+                return [coerce(_FLOAT, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise ValidationError(f"{where}: expected {t}, got {type(value).__name__} {_short(value)}")
+
+
+def to_python(t: FeatureType, wire: Any) -> Any:
+    """Turn a wire-form value back into Python values (`set`, `bytes`, nested)."""
+    if wire is None:
+        return None
+    match t.kind:
+        case "bytes":
+            return base64.b64decode(wire)
+        case "set":
+            assert t.item is not None
+            return {to_python(t.item, v) for v in wire}
+        case "list":
+            assert t.item is not None
+            return [to_python(t.item, v) for v in wire]
+        case "map":
+            assert t.item is not None
+            return {k: to_python(t.item, v) for k, v in wire.items()}
+    return wire
+
+
+_FLOAT = FeatureType("float")
+
+
+def _bytes_wire(value: Any, where: str) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValidationError(f"{where}: bytes must be base64 text") from None
+        return base64.b64encode(raw).decode("ascii")
+    raise ValidationError(f"{where}: expected bytes (base64), got {type(value).__name__}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,0 +1,63 @@
+"""Session fixtures that run the real local services on free loopback ports.
+
+A missing service binary fails the tests that need it, with the command
+that installs it: it never turns into a skip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from featureplane.services import Service, ServiceError, start_dynalite, start_redis, start_tansu
+from featureplane.spec import Catalog, load_catalog
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _service(start) -> Iterator[Service]:  # type: ignore[no-untyped-def]
+    try:
+        svc = start()
+    except ServiceError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield svc
+    finally:
+        svc.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_service() -> Iterator[Service]:
+    yield from _service(start_redis)
+
+
+@pytest.fixture(scope="session")
+def dynalite_service() -> Iterator[Service]:
+    yield from _service(start_dynalite)
+
+
+@pytest.fixture(scope="session")
+def kafka_service() -> Iterator[Service]:
+    yield from _service(start_tansu)
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_service: Service) -> str:
+    return f"redis://{redis_service.address}/0"
+
+
+@pytest.fixture(scope="session")
+def dynamodb_endpoint(dynalite_service: Service) -> str:
+    return f"http://{dynalite_service.address}"
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_service: Service) -> str:
+    return kafka_service.address
+
+
+@pytest.fixture(scope="session")
+def example_catalog() -> Catalog:
+    return load_catalog(EXAMPLES)
