@@ -56,6 +56,16 @@ class Store(ABC):
     async def read(self, queries: Sequence[Query]) -> list[list[Record]]:
         """One newest-first list per query, in query order ([] when missing)."""
 
+    async def start(self) -> None:
+        """Open connections, files and tables; called once before use."""
+
+    async def __aenter__(self) -> Store:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     async def ping(self) -> None:
         """Raise `StoreError` when the backend does not answer."""
 
