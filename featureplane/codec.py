@@ -93,11 +93,14 @@ def decode(group: FeatureGroup, value: bytes) -> list[Any]:
 def decode_python(group: FeatureGroup, value: bytes) -> dict[str, Any]:
     """Stored bytes -> {name: Python value} (`set`, `bytes`, ...)."""
     return {
-        f.name: to_python(f.type, v) for f, v in zip(group.features, decode(group, value), strict=True)
+        f.name: to_python(f.type, v)
+        for f, v in zip(group.features, decode(group, value), strict=True)
     }
 
 
-def project(group: FeatureGroup, values: Sequence[Any], names: Iterable[str] | None) -> dict[str, Any]:
+def project(
+    group: FeatureGroup, values: Sequence[Any], names: Iterable[str] | None
+) -> dict[str, Any]:
     """Wire values -> {name: value} for the requested feature names (all when None)."""
     if names is None:
         return {f.name: v for f, v in zip(group.features, values, strict=True)}

