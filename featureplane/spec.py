@@ -117,11 +117,8 @@ class FeatureGroup(_Model):
     @pydantic.field_validator("features")
     @classmethod
     def _unique_features(cls, features: tuple[Feature, ...]) -> tuple[Feature, ...]:
-        seen: set[str] = set()
-        for f in features:
-            if f.name in seen:
-                raise ValueError(f"duplicate feature name {f.name!r}")
-            seen.add(f.name)
+        if dup := _duplicate([f.name for f in features]):
+            raise ValueError(f"duplicate feature name {dup[1]!r}")
         return features
 
     @pydantic.field_validator("tiers")
@@ -187,10 +184,11 @@ def load_catalog(path: str | Path) -> Catalog:
         raise SpecError([SpecProblem(str(path), 0, "-", "no such file or folder")])
 
     problems: list[SpecProblem] = []
+    invalid: set[Any] = set()  # names of groups that failed validation
     groups: dict[str, tuple[FeatureGroup, _Loc]] = {}
     rules: list[tuple[IngestionRule, _Loc]] = []
     for file in files:
-        for obj, loc in _parse_file(file, problems):
+        for obj, loc in _parse_file(file, problems, invalid):
             if isinstance(obj, FeatureGroup):
                 if obj.name in groups:
                     first = groups[obj.name][1]
@@ -211,11 +209,22 @@ def load_catalog(path: str | Path) -> Catalog:
         if rule.name in names:
             problems.append(loc.problem(("name",), f"duplicate rule {rule.name!r}"))
         names.add(rule.name)
-        problems.extend(_check_rule(rule, groups, loc))
+        if rule.group not in invalid:
+            problems.extend(_check_rule(rule, groups, loc))
 
     if problems:
-        raise SpecError(problems)
+        raise SpecError(sorted(problems, key=lambda p: (p.file, p.line)))
     return Catalog(groups={n: g for n, (g, _) in groups.items()}, rules=tuple(r for r, _ in rules))
+
+
+def _duplicate(names: list[Any]) -> tuple[int, Any] | None:
+    """(index, name) of the first name seen twice, or None."""
+    seen: set[Any] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            return i, name
+        seen.add(name)
+    return None
 
 
 def _check_rule(
@@ -262,7 +271,7 @@ _SECTIONS: dict[str, type[FeatureGroup] | type[IngestionRule]] = {
 
 
 def _parse_file(
-    file: Path, problems: list[SpecProblem]
+    file: Path, problems: list[SpecProblem], invalid: set[Any]
 ) -> Iterator[tuple[FeatureGroup | IngestionRule, _Loc]]:
     name = str(file)
     try:
@@ -301,8 +310,26 @@ def _parse_file(
             try:
                 yield model.model_validate(entry), loc
             except pydantic.ValidationError as exc:
-                for err in exc.errors():
+                if model is FeatureGroup and isinstance(entry, dict):
+                    invalid.add(entry.get("name"))
+                    problems.extend(_raw_duplicate_features(entry, loc))
+                errors = exc.errors()
+                for err in errors:
+                    if err["type"] == "too_short" and any(
+                        e["loc"][: len(err["loc"])] == err["loc"] and e is not err for e in errors
+                    ):
+                        continue  # "too short" only because its entries failed
                     problems.append(loc.problem(tuple(err["loc"]), _message(err)))
+
+
+def _raw_duplicate_features(entry: dict[str, Any], loc: _Loc) -> Iterator[SpecProblem]:
+    """Duplicate feature names, found even when other parts of the group fail to parse."""
+    features = entry.get("features")
+    if isinstance(features, list):
+        names = [f.get("name") if isinstance(f, dict) else None for f in features]
+        if (dup := _duplicate([n for n in names if n is not None])) is not None:
+            i = [k for k, n in enumerate(names) if n == dup[1]][1]
+            yield loc.problem(("features", i, "name"), f"duplicate feature name {dup[1]!r}")
 
 
 def _message(err: Any) -> str:

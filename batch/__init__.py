@@ -1,0 +1,1 @@
+"""Batch ingestion: backfill from Kafka time ranges, file loads, scheduled jobs."""

@@ -1,0 +1,46 @@
+"""Store backends, chosen by `Settings.store` through an explicit mapping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from featureplane.settings import Settings
+from featureplane.spec import Catalog
+from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
+
+__all__ = ["Query", "Store", "open_redis", "open_store"]
+
+
+def _embedded(settings: Settings, catalog: Catalog, clock: Clock) -> Store:
+    from featureplane.stores.embedded import EmbeddedStore
+
+    return EmbeddedStore(catalog, settings.data_dir, clock=clock)
+
+
+def _dynamodb(settings: Settings, catalog: Catalog, clock: Clock) -> Store:
+    from featureplane.stores.dynamodb import DynamoStore
+
+    return DynamoStore(
+        catalog, table=settings.dynamodb_table, endpoint_url=settings.dynamodb_endpoint, clock=clock
+    )
+
+
+# Imports are deferred so that a process pays only for the backend it uses.
+STORES: dict[str, Callable[[Settings, Catalog, Clock], Store]] = {
+    "embedded": _embedded,
+    "dynamodb": _dynamodb,
+}
+
+
+def open_store(settings: Settings, catalog: Catalog, clock: Clock = wall_clock_ms) -> Store:
+    """The durable store the settings name (not started: `await store.start()`)."""
+    return STORES[settings.store](settings, catalog, clock)
+
+
+def open_redis(settings: Settings, catalog: Catalog, clock: Clock = wall_clock_ms) -> Store | None:
+    """The Redis tier, or None when no Redis URL is configured."""
+    if settings.redis_url is None:
+        return None
+    from featureplane.stores.redis import RedisStore
+
+    return RedisStore(catalog, settings.redis_url.get_secret_value(), clock=clock)

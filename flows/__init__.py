@@ -1,0 +1,1 @@
+"""Stream ingestion dataflows (Bytewax): ingest and retry."""

@@ -1,0 +1,1 @@
+"""Ingestion operators as plain functions: decode, dispatch, aggregate, write, commit."""

@@ -1,0 +1,1 @@
+"""The HTTP feature server and its tiered read path."""
