@@ -41,9 +41,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 _FLAG_FIELDS = (
-    "spec", "kafka_bootstrap", "kafka_group", "store", "data_dir", "dynamodb_table",
-    "dynamodb_endpoint", "redis_url", "host", "port", "metrics_port",
-)  # fmt: skip
+    "spec",
+    "kafka_bootstrap",
+    "kafka_group",
+    "store",
+    "data_dir",
+    "dynamodb_table",
+    "dynamodb_endpoint",
+    "redis_url",
+    "host",
+    "port",
+    "metrics_port",
+)
 
 
 def add_spec_option(p: argparse.ArgumentParser) -> None:
@@ -52,23 +61,39 @@ def add_spec_option(p: argparse.ArgumentParser) -> None:
 
 def add_store_options(p: argparse.ArgumentParser, redis: bool = True) -> None:
     g = p.add_argument_group("store")
-    g.add_argument("--store", choices=["embedded", "dynamodb"],
-                   help="durable store [FEATUREPLANE_STORE, embedded]")  # fmt: skip
-    g.add_argument("--data-dir", help="embedded store folder [FEATUREPLANE_DATA_DIR, ./.featureplane]")
-    g.add_argument("--dynamodb-table", help="table, created if missing [FEATUREPLANE_DYNAMODB_TABLE]")
-    g.add_argument("--dynamodb-endpoint",
-                   help="endpoint URL; unset = AWS [FEATUREPLANE_DYNAMODB_ENDPOINT]")  # fmt: skip
+    g.add_argument(
+        "--store",
+        choices=["embedded", "dynamodb"],
+        help="durable store [FEATUREPLANE_STORE, embedded]",
+    )
+    g.add_argument(
+        "--data-dir", help="embedded store folder [FEATUREPLANE_DATA_DIR, ./.featureplane]"
+    )
+    g.add_argument(
+        "--dynamodb-table", help="table, created if missing [FEATUREPLANE_DYNAMODB_TABLE]"
+    )
+    g.add_argument(
+        "--dynamodb-endpoint", help="endpoint URL; unset = AWS [FEATUREPLANE_DYNAMODB_ENDPOINT]"
+    )
     if redis:
-        g.add_argument("--redis-url", help="redis://... ; unset = no Redis tier [FEATUREPLANE_REDIS_URL]")
+        g.add_argument(
+            "--redis-url", help="redis://... ; unset = no Redis tier [FEATUREPLANE_REDIS_URL]"
+        )
 
 
 def add_kafka_options(p: argparse.ArgumentParser, group: bool = True) -> None:
     g = p.add_argument_group("kafka")
-    g.add_argument("--bootstrap", dest="kafka_bootstrap",
-                   help="bootstrap servers [FEATUREPLANE_KAFKA_BOOTSTRAP]")  # fmt: skip
+    g.add_argument(
+        "--bootstrap",
+        dest="kafka_bootstrap",
+        help="bootstrap servers [FEATUREPLANE_KAFKA_BOOTSTRAP]",
+    )
     if group:
-        g.add_argument("--group", dest="kafka_group",
-                       help="consumer group [FEATUREPLANE_KAFKA_GROUP, featureplane-ingest]")  # fmt: skip
+        g.add_argument(
+            "--group",
+            dest="kafka_group",
+            help="consumer group [FEATUREPLANE_KAFKA_GROUP, featureplane-ingest]",
+        )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -91,10 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, text) in COMMANDS.items():
         mod = _module(module)
-        p = sub.add_parser(name, help=text, description=(mod.__doc__ or text).strip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=(mod.__doc__ or text).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(handler=mod.run)
     return parser
 
 
@@ -109,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
     )
     try:
-        return int(args._run(args) or 0)
+        return int(args.handler(args) or 0)
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return 1

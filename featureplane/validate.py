@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
             print(problem)
         print(f"{len(exc.problems)} problem(s) in {args.path}", file=sys.stderr)
         return 1
-    print(f"{args.path}: {len(catalog.groups)} feature groups, {len(catalog.rules)} ingestion "
-          f"rules, topics: {', '.join(catalog.topics) or '-'}")  # fmt: skip
+    print(
+        f"{args.path}: {len(catalog.groups)} feature groups, {len(catalog.rules)} ingestion "
+        f"rules, topics: {', '.join(catalog.topics) or '-'}"
+    )
     return 0
