@@ -1,0 +1,535 @@
+"""The DynamoDB store: one table, keyed as `keys` describes (Karrot's design).
+
+Table: `pk` (S, HASH) = `<group>#<id>`; `sk` (S, RANGE) = the event version
+for `timeseries`, `keys.NULL_SK` for `latest`. Attributes: `v` (B, the encoded
+value), `ts` (N), `ver` (S, the version; `latest` only, since for timeseries
+it is `sk`), and `exp` (N, epoch seconds) for groups with a retention, which
+DynamoDB TTL deletes lazily; reads hide expired items themselves.
+
+Writes: timeseries items through BatchWriteItem (25 a request, duplicates
+removed, UnprocessedItems retried with backoff); latest items reduced to the
+greatest version per key, then a conditional PutItem each, so an older value
+never overwrites a newer one whatever the arrival order. Reads: latest through
+BatchGetItem (100 keys a request), timeseries through one Query each, newest
+first. Every request runs under one semaphore of `concurrency` slots.
+
+The pure parts (item <-> attribute maps, chunking, dedupe) and the retry
+loops (which take any `Call`, so a fake client tests them) are plain functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import AsyncExitStack
+from typing import Any, TypeVar
+
+import aioboto3
+import aiohttp
+from aiobotocore.config import AioConfig
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from featureplane.backoff import backoff_ms
+from featureplane.codec import Item, Record
+from featureplane.errors import StoreError, TransientStoreError, ValidationError
+from featureplane.keys import NULL_SK, partition_key, version_bounds
+from featureplane.spec import Catalog, FeatureGroup
+from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
+
+__all__ = [
+    "MAX_ATTEMPTS",
+    "READ_CHUNK",
+    "WRITE_CHUNK",
+    "Call",
+    "DynamoStore",
+    "batch_get_all",
+    "batch_write_all",
+    "chunked",
+    "expiry_s",
+    "item_attrs",
+    "item_key",
+    "map_error",
+    "newest_per_key",
+    "record_of",
+    "unique_puts",
+]
+
+log = logging.getLogger(__name__)
+
+WRITE_CHUNK = 25  # BatchWriteItem's limit
+READ_CHUNK = 100  # BatchGetItem's limit
+MAX_ATTEMPTS = 8  # for unprocessed items/keys: ~6 s of backoff at most
+_TABLE_WAIT_S = 300.0
+
+Call = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+"""Runs one DynamoDB operation (`"BatchWriteItem"`, params) and returns its response."""
+
+_T = TypeVar("_T")
+_TRANSIENT_CODES = frozenset({
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "ServiceUnavailableException",
+    "RequestTimeout",
+    "RequestTimeoutException",
+})
+_CRED_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
+_TS_PROJECTION = "#sk, #ts, #v"
+_LATEST_PROJECTION = "#ver, #ts, #v, pk"
+
+
+# ---------------------------------------------------------------- pure logic
+
+
+def chunked(seq: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    """Consecutive slices of at most `size` elements."""
+    if size < 1:
+        raise ValueError("chunk size must be at least 1")
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+def expiry_s(group: FeatureGroup, ts: int) -> int | None:
+    """TTL epoch seconds of an item (rounded up, never early), or None when kept forever."""
+    if group.kind != "timeseries" or group.retention is None:
+        return None
+    return -(-(ts + group.retention) // 1000)
+
+
+def item_key(group: FeatureGroup, item: Item) -> tuple[str, str]:
+    """The (pk, sk) an item is stored under."""
+    sk = item.version if group.kind == "timeseries" else NULL_SK
+    return partition_key(item.group, item.id), sk
+
+
+def item_attrs(group: FeatureGroup, item: Item) -> dict[str, Any]:
+    """An item as a DynamoDB attribute map."""
+    pk, sk = item_key(group, item)
+    attrs: dict[str, Any] = {
+        "pk": {"S": pk},
+        "sk": {"S": sk},
+        "v": {"B": item.value},
+        "ts": {"N": str(item.ts)},
+    }
+    if group.kind == "latest":
+        attrs["ver"] = {"S": item.version}
+    exp = expiry_s(group, item.ts)
+    if exp is not None:
+        attrs["exp"] = {"N": str(exp)}
+    return attrs
+
+
+def record_of(attrs: dict[str, Any]) -> Record:
+    """A DynamoDB attribute map (as read) back to a Record."""
+    ver = attrs["ver"]["S"] if "ver" in attrs else attrs["sk"]["S"]
+    return Record(int(attrs["ts"]["N"]), ver, bytes(attrs["v"]["B"]))
+
+
+def unique_puts(puts: Iterable[tuple[tuple[str, str], _T]]) -> list[_T]:
+    """Drop repeated (pk, sk) keys, the last one winning: BatchWriteItem rejects duplicates."""
+    out: dict[tuple[str, str], _T] = {}
+    for key, value in puts:
+        out.pop(key, None)  # re-insert so order follows the last occurrence
+        out[key] = value
+    return list(out.values())
+
+
+def newest_per_key(items: Iterable[Item]) -> list[Item]:
+    """The item with the greatest version for each (group, id), first-seen order."""
+    best: dict[tuple[str, str], Item] = {}
+    for item in items:
+        key = (item.group, item.id)
+        cur = best.get(key)
+        if cur is None or item.version > cur.version:
+            best[key] = item
+    return list(best.values())
+
+
+def map_error(exc: BaseException, what: str) -> StoreError:
+    """A botocore/aiohttp failure as a StoreError, transient when a retry may succeed."""
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", "Unknown"))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        detail = str(err.get("Message") or "").strip()
+        msg = f"DynamoDB {what} failed: {code}" + (f": {detail}" if detail else "")
+        if code in _TRANSIENT_CODES or status >= 500:
+            return TransientStoreError(msg)
+        return StoreError(msg)
+    transient = (BotoConnectionError, HTTPClientError, aiohttp.ClientError, TimeoutError, OSError)
+    if isinstance(exc, transient):
+        return TransientStoreError(f"DynamoDB {what} failed: {type(exc).__name__}: {exc}")
+    return StoreError(f"DynamoDB {what} failed: {type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------- retry loops
+
+
+async def batch_write_all(
+    call: Call,
+    table: str,
+    requests: list[dict[str, Any]],
+    *,
+    attempts: int = MAX_ATTEMPTS,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    rand: random.Random | None = None,
+) -> None:
+    """One BatchWriteItem (<= 25 requests), resending UnprocessedItems with backoff."""
+    pending: dict[str, Any] = {table: requests}
+    for attempt in range(attempts):
+        if attempt:
+            await sleep(backoff_ms(attempt - 1, rand=rand) / 1000)
+        resp = await call("BatchWriteItem", {"RequestItems": pending})
+        pending = resp.get("UnprocessedItems") or {}
+        if not pending:
+            return
+    left = sum(len(v) for v in pending.values())
+    raise TransientStoreError(
+        f"DynamoDB BatchWriteItem left {left} items unprocessed after {attempts} attempts"
+    )
+
+
+async def batch_get_all(
+    call: Call,
+    table: str,
+    keys: list[dict[str, Any]],
+    *,
+    projection: str,
+    names: dict[str, str],
+    consistent: bool = True,
+    attempts: int = MAX_ATTEMPTS,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    rand: random.Random | None = None,
+) -> list[dict[str, Any]]:
+    """One BatchGetItem (<= 100 distinct keys), resending UnprocessedKeys with backoff."""
+    pending: dict[str, Any] = {table: {
+        "Keys": keys,
+        "ProjectionExpression": projection,
+        "ExpressionAttributeNames": names,
+        "ConsistentRead": consistent,
+    }}
+    found: list[dict[str, Any]] = []
+    for attempt in range(attempts):
+        if attempt:
+            await sleep(backoff_ms(attempt - 1, rand=rand) / 1000)
+        resp = await call("BatchGetItem", {"RequestItems": pending})
+        found.extend(resp.get("Responses", {}).get(table, []))
+        pending = resp.get("UnprocessedKeys") or {}
+        if not pending:
+            return found
+    left = sum(len(v.get("Keys", [])) for v in pending.values())
+    raise TransientStoreError(
+        f"DynamoDB BatchGetItem left {left} keys unprocessed after {attempts} attempts"
+    )
+
+
+async def _all(coros: Iterable[Awaitable[_T]]) -> list[_T]:
+    """Run concurrently; on a failure cancel the rest and raise the first error, unwrapped."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(_await(c)) for c in coros]
+    except BaseExceptionGroup as group:
+        raise group.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
+async def _await(aw: Awaitable[_T]) -> _T:
+    return await aw
+
+
+# ---------------------------------------------------------------- the store
+
+
+class DynamoStore(Store):
+    """Feature items in one DynamoDB table, through aioboto3."""
+
+    name = "dynamodb"
+    consistent_read: bool = True
+    """Strongly consistent reads, so a read sees every write acknowledged before
+    it (the contract). Set False to halve read cost where staleness is fine."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        table: str = "featureplane",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        clock: Clock = wall_clock_ms,
+        concurrency: int = 32,
+    ) -> None:
+        super().__init__(catalog, clock)
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.table = table
+        self.endpoint_url = endpoint_url
+        self.region = (
+            region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1"
+        )
+        self.concurrency = concurrency
+        self._stack: AsyncExitStack | None = None
+        self._client: Any = None
+        self._slots = asyncio.Semaphore(concurrency)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        creds: dict[str, str] = {}
+        if self.endpoint_url and not any(os.environ.get(k) for k in _CRED_ENV):
+            # A local endpoint (dynalite, DynamoDB Local) accepts any signature.
+            creds = {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
+        session = aioboto3.Session(region_name=self.region, **creds)
+        config = AioConfig(
+            connect_timeout=3,
+            read_timeout=10,
+            max_pool_connections=max(self.concurrency, 10),
+            retries={"mode": "standard", "max_attempts": 3},
+            tcp_keepalive=True,
+        )
+        stack = AsyncExitStack()
+        try:
+            self._client = await stack.enter_async_context(
+                session.client("dynamodb", endpoint_url=self.endpoint_url, config=config)
+            )
+            self._stack = stack
+            await self._ensure_table()
+            await self._ensure_ttl()
+        except BaseException:
+            self._client = None
+            self._stack = None
+            await stack.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def ping(self) -> None:
+        try:
+            await self._call("DescribeTable", {"TableName": self.table})
+        except StoreError as exc:
+            raise TransientStoreError(str(exc)) from exc
+
+    async def _ensure_table(self) -> None:
+        try:
+            desc = (await self._call("DescribeTable", {"TableName": self.table}))["Table"]
+        except StoreError as exc:
+            if _code(exc) != "ResourceNotFoundException":
+                raise
+            desc = await self._create_table()
+        schema = {k["AttributeName"]: k["KeyType"] for k in desc.get("KeySchema", [])}
+        if schema != {"pk": "HASH", "sk": "RANGE"}:
+            raise StoreError(
+                f"DynamoDB table {self.table!r} has key schema {schema}, "
+                "expected pk (HASH) and sk (RANGE)"
+            )
+        delay = 0.05
+        deadline = asyncio.get_running_loop().time() + _TABLE_WAIT_S
+        while desc.get("TableStatus") != "ACTIVE":
+            if asyncio.get_running_loop().time() > deadline:
+                raise StoreError(f"DynamoDB table {self.table!r} not ACTIVE after {_TABLE_WAIT_S}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            desc = (await self._call("DescribeTable", {"TableName": self.table}))["Table"]
+
+    async def _create_table(self) -> dict[str, Any]:
+        log.info("creating DynamoDB table %s", self.table)
+        params = {
+            "TableName": self.table,
+            "AttributeDefinitions": [
+                {"AttributeName": "pk", "AttributeType": "S"},
+                {"AttributeName": "sk", "AttributeType": "S"},
+            ],
+            "KeySchema": [
+                {"AttributeName": "pk", "KeyType": "HASH"},
+                {"AttributeName": "sk", "KeyType": "RANGE"},
+            ],
+            "BillingMode": "PAY_PER_REQUEST",
+        }
+        try:
+            return dict((await self._call("CreateTable", params))["TableDescription"])
+        except StoreError as exc:  # another process created it first
+            if _code(exc) != "ResourceInUseException":
+                raise
+            return dict((await self._call("DescribeTable", {"TableName": self.table}))["Table"])
+
+    async def _ensure_ttl(self) -> None:
+        """Enable TTL on `exp`; a backend without TTL only loses the lazy deletion."""
+        try:
+            desc = (await self._call("DescribeTimeToLive", {"TableName": self.table}))
+            ttl = desc.get("TimeToLiveDescription", {})
+            if ttl.get("TimeToLiveStatus") in ("ENABLED", "ENABLING"):
+                if ttl.get("AttributeName") != "exp":
+                    log.warning("DynamoDB table %s has TTL on %r, not 'exp': expired items "
+                                "are hidden on read but not deleted", self.table,
+                                ttl.get("AttributeName"))
+                return
+            await self._call("UpdateTimeToLive", {
+                "TableName": self.table,
+                "TimeToLiveSpecification": {"Enabled": True, "AttributeName": "exp"},
+            })
+        except TransientStoreError:
+            raise
+        except StoreError as exc:
+            if _code(exc) == "ValidationException" and "already enabled" in str(exc).lower():
+                return
+            log.warning("could not enable TTL on DynamoDB table %s (%s): expired items are "
+                        "hidden on read but not deleted", self.table, exc)
+
+    # ------------------------------------------------------------ I/O
+
+    async def _call(self, op: str, params: dict[str, Any]) -> dict[str, Any]:
+        """One request under the concurrency semaphore, errors mapped to StoreError."""
+        client = self._client
+        if client is None:
+            raise StoreError("DynamoStore is not started (call start() or use `async with`)")
+        method = getattr(client, _snake(op))
+        async with self._slots:
+            try:
+                resp: dict[str, Any] = await method(**params)
+            except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
+                raise map_error(exc, op) from exc
+        return resp
+
+    def _group(self, name: str) -> FeatureGroup:
+        try:
+            return self.catalog.group(name)
+        except KeyError:
+            raise ValidationError(f"unknown feature group {name!r}") from None
+
+    async def write(self, items: Sequence[Item]) -> None:
+        series: list[tuple[tuple[str, str], dict[str, Any]]] = []
+        latest: list[Item] = []
+        for item in items:
+            group = self._group(item.group)
+            if group.kind == "timeseries":
+                attrs = item_attrs(group, item)
+                series.append((item_key(group, item), {"PutRequest": {"Item": attrs}}))
+            else:
+                latest.append(item)
+        puts = unique_puts(series)
+        jobs: list[Awaitable[None]] = [
+            batch_write_all(self._call, self.table, list(chunk))
+            for chunk in chunked(puts, WRITE_CHUNK)
+        ]
+        jobs += [self._put_latest(item) for item in newest_per_key(latest)]
+        await _all(jobs)
+
+    async def _put_latest(self, item: Item) -> None:
+        try:
+            await self._call("PutItem", {
+                "TableName": self.table,
+                "Item": item_attrs(self._group(item.group), item),
+                "ConditionExpression": "attribute_not_exists(pk) OR #ver <= :ver",
+                "ExpressionAttributeNames": {"#ver": "ver"},
+                "ExpressionAttributeValues": {":ver": {"S": item.version}},
+            })
+        except StoreError as exc:
+            if _code(exc) != "ConditionalCheckFailedException":
+                raise
+            # an equal or newer value is stored: nothing to do
+
+    async def read(self, queries: Sequence[Query]) -> list[list[Record]]:
+        latest_pks: dict[str, None] = {}
+        series: dict[tuple[str, int, str, str], None] = {}
+        plan: list[tuple[str, Any]] = []
+        for q in queries:
+            group = self._group(q.group)
+            pk = partition_key(q.group, q.id)
+            if group.kind == "latest":
+                latest_pks[pk] = None
+                plan.append(("latest", pk))
+            else:
+                limit, since, until = self.clamp(group, q)
+                lo, hi = version_bounds(since, until)
+                if limit < 1 or lo > hi:  # BETWEEN rejects lo > hi
+                    plan.append(("empty", None))
+                    continue
+                key = (pk, limit, lo, hi)
+                series[key] = None
+                plan.append(("series", key))
+
+        pks = list(latest_pks)
+        series_keys = list(series)
+        jobs: list[Awaitable[Any]] = [
+            batch_get_all(
+                self._call, self.table,
+                [{"pk": {"S": pk}, "sk": {"S": NULL_SK}} for pk in chunk],
+                projection=_LATEST_PROJECTION, names={"#v": "v", "#ts": "ts", "#ver": "ver"},
+                consistent=self.consistent_read,
+            )
+            for chunk in chunked(pks, READ_CHUNK)
+        ]
+        jobs += [self._query(*key) for key in series_keys]
+        results = await _all(jobs)
+
+        n_batches = len(jobs) - len(series_keys)
+        by_pk: dict[str, Record] = {}
+        for found in results[:n_batches]:
+            for attrs in found:
+                by_pk[attrs["pk"]["S"]] = record_of(attrs)
+        by_series = dict(zip(series_keys, results[n_batches:], strict=True))
+
+        out: list[list[Record]] = []
+        for kind, key in plan:
+            if kind == "latest":
+                rec = by_pk.get(key)
+                out.append([rec] if rec is not None else [])
+            elif kind == "series":
+                out.append(list(by_series[key]))
+            else:
+                out.append([])
+        return out
+
+    async def _query(self, pk: str, limit: int, lo: str, hi: str) -> list[Record]:
+        """Newest-first items of one partition with lo <= sk <= hi, at most `limit`."""
+        records: list[Record] = []
+        start: dict[str, Any] | None = None
+        while len(records) < limit:
+            params: dict[str, Any] = {
+                "TableName": self.table,
+                "KeyConditionExpression": "pk = :pk AND #sk BETWEEN :lo AND :hi",
+                "ExpressionAttributeNames": {"#sk": "sk", "#ts": "ts", "#v": "v"},
+                "ExpressionAttributeValues": {":pk": {"S": pk}, ":lo": {"S": lo}, ":hi": {"S": hi}},
+                "ProjectionExpression": _TS_PROJECTION,
+                "ScanIndexForward": False,
+                "Limit": limit - len(records),
+                "ConsistentRead": self.consistent_read,
+            }
+            if start is not None:
+                params["ExclusiveStartKey"] = start
+            resp = await self._call("Query", params)
+            records.extend(record_of(a) for a in resp.get("Items", []))
+            start = resp.get("LastEvaluatedKey")
+            if not start:  # a page stops at 1 MB; continue only when DynamoDB says so
+                break
+        return records
+
+
+def _snake(op: str) -> str:
+    """`BatchWriteItem` -> `batch_write_item` (the client's method name)."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in op).lstrip("_")
+
+
+def _code(exc: BaseException) -> str | None:
+    """The DynamoDB error code behind a StoreError raised by `_call`, if any."""
+    cause = exc.__cause__
+    if isinstance(cause, ClientError):
+        return str(cause.response.get("Error", {}).get("Code", "")) or None
+    return None
