@@ -1,0 +1,359 @@
+"""The Redis backend: the cache tier, which also passes the store contract.
+
+Layout (every key is `prefix + keys.partition_key(group, id)`, UTF-8):
+
+    timeseries  a sorted set; every score is 0 and every member is
+                `version (26 bytes) + value`, so lexicographic order is time
+                order (`keys.version` is fixed-width). Newest first is
+                ZREVRANGEBYLEX; `since`/`until` are the lex bounds of
+                `keys.version_bounds`. The set is capped at the group's
+                `max_items` (the newest kept); with a `retention`, members
+                older than the cutoff are removed on write and the key
+                expires when its newest member does.
+    latest      a string `version (26 bytes) + value`; a write lands only if
+                its version is >= the stored one, so the newest event wins
+                in any arrival order (an equal version is the same event).
+
+Writes run two Lua scripts, one call per key per batch, all in one
+non-transactional pipeline (each script touches one key, so the layout also
+suits Redis Cluster). A replayed event removes its own version first and so
+overwrites itself. Reads are one pipelined round trip of GET and
+ZREVRANGEBYLEX, with `Store.clamp` applied so that expired items are hidden
+before Redis removes them.
+
+Expiry follows the injected clock: a key's TTL is `newest ts + retention -
+clock()`, set with PEXPIRE, which equals PEXPIREAT under the wall clock and
+stays right under a test clock or skew between this host and Redis.
+
+As a cache tier (later, in `serving/`), the same layout is meant to be
+reused under its own prefix: a cached timeseries key never holds more than
+`max_items`, the most any read may ask for, and `ttl.hard` would bound a
+cached key's life. No cache logic lives here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rx
+
+from featureplane.codec import Item, Record
+from featureplane.errors import StoreError, TransientStoreError, ValidationError
+from featureplane.keys import partition_key, version_bounds
+from featureplane.spec import Catalog, FeatureGroup
+from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
+
+__all__ = [
+    "VERSION_LEN",
+    "RedisStore",
+    "key_of",
+    "latest_winner",
+    "lex_range",
+    "member_of",
+    "record_of",
+    "timeseries_members",
+]
+
+VERSION_LEN = 26
+"""Bytes of `keys.version`: 13 digits of ts, `#`, 12 hex digits."""
+
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    rx.ConnectionError,  # includes BusyLoadingError (a replica still loading its data)
+    rx.TimeoutError,
+    rx.TryAgainError,
+    rx.MasterDownError,
+    rx.ReadOnlyError,  # writing to a replica mid-failover
+    OSError,  # sockets and builtin TimeoutError, should one slip past redis-py
+)
+_PERMANENT: tuple[type[BaseException], ...] = (
+    rx.AuthenticationError,  # subclasses of ConnectionError that retrying will not fix
+    rx.AuthorizationError,
+)
+
+# KEYS[1] the set; ARGV[1] max_items; ARGV[2] cutoff lex bound or ""; ARGV[3] now (ms);
+# ARGV[4] retention (ms) or ""; ARGV[5..] members (version .. value), oldest first.
+_TIMESERIES_LUA = """
+local key = KEYS[1]
+for i = 5, #ARGV do
+  local v = string.sub(ARGV[i], 1, 26)
+  redis.call('ZREMRANGEBYLEX', key, '[' .. v, '[' .. v .. '\\255')
+  redis.call('ZADD', key, 0, ARGV[i])
+end
+if ARGV[2] ~= '' then
+  redis.call('ZREMRANGEBYLEX', key, '-', '(' .. ARGV[2])
+end
+redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(ARGV[1]) + 1))
+if ARGV[4] ~= '' then
+  local newest = redis.call('ZREVRANGE', key, 0, 0)[1]
+  if newest then
+    local ttl = tonumber(string.sub(newest, 1, 13)) + tonumber(ARGV[4]) - tonumber(ARGV[3])
+    if ttl > 0 then
+      redis.call('PEXPIRE', key, string.format('%.0f', ttl))
+    else
+      redis.call('DEL', key)
+    end
+  end
+end
+return redis.call('ZCARD', key)
+"""
+
+# KEYS[1] the string; ARGV[1] version .. value. Versions are compared as numbers (ts, then
+# the hex hash), not with Lua's `<`, which follows the server's locale collation.
+_LATEST_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local new = ARGV[1]
+  local cts, nts = tonumber(string.sub(cur, 1, 13)), tonumber(string.sub(new, 1, 13))
+  if cts > nts then return 0 end
+  if cts == nts and tonumber(string.sub(cur, 15, 26), 16) > tonumber(string.sub(new, 15, 26), 16)
+  then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+_TIMESERIES_SHA = hashlib.sha1(_TIMESERIES_LUA.encode(), usedforsecurity=False).hexdigest()
+_LATEST_SHA = hashlib.sha1(_LATEST_LUA.encode(), usedforsecurity=False).hexdigest()
+
+
+# ---------------------------------------------------------------- pure layout
+
+
+def key_of(prefix: str, group: str, entity_id: str) -> bytes:
+    """The Redis key of one (group, id)."""
+    try:
+        return (prefix + partition_key(group, entity_id)).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(f"id {entity_id!r} is not valid unicode text") from None
+
+
+def member_of(item: Item) -> bytes:
+    """The stored bytes of one item: its version, then its value."""
+    ver = item.version.encode("ascii")
+    if len(ver) != VERSION_LEN:
+        raise ValidationError(f"version {item.version!r} is not {VERSION_LEN} characters")
+    return ver + item.value
+
+
+def record_of(stored: bytes) -> Record:
+    """Stored bytes (a set member or a latest value) -> Record."""
+    ver = stored[:VERSION_LEN].decode("ascii")
+    return Record(int(ver[:13]), ver, stored[VERSION_LEN:])
+
+
+def lex_range(since: int | None, until: int | None) -> tuple[bytes, bytes]:
+    """(max, min) inclusive ZREVRANGEBYLEX bounds for since <= ts <= until."""
+    low, high = version_bounds(since, until)
+    return b"[" + high.encode("ascii"), b"[" + low.encode("ascii")
+
+
+def timeseries_members(items: Sequence[Item], max_items: int, cutoff: int | None) -> list[bytes]:
+    """The members one batch adds to a key, oldest first.
+
+    One per version (the last in the batch wins), none older than `cutoff`, and at most
+    `max_items`: older ones could not survive the cap whatever the key already holds.
+    """
+    by_version = {i.version: i for i in items if cutoff is None or i.ts >= cutoff}
+    newest = sorted(by_version)[-max_items:]
+    return [member_of(by_version[v]) for v in newest]
+
+
+def latest_winner(items: Sequence[Item]) -> Item:
+    """The item of a batch that a `latest` key keeps: the greatest version, later on ties."""
+    best = items[0]
+    for item in items[1:]:
+        if item.version >= best.version:
+            best = item
+    return best
+
+
+# ---------------------------------------------------------------- errors
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Redis and socket errors -> StoreError / TransientStoreError."""
+    try:
+        yield
+    except _PERMANENT as exc:
+        raise StoreError(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
+    except _TRANSIENT as exc:
+        raise TransientStoreError(f"redis {what} failed, may succeed if retried: {exc}") from exc
+    except rx.RedisError as exc:
+        raise StoreError(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _first_error(results: Sequence[Any], what: str) -> None:
+    for res in results:
+        if isinstance(res, Exception):
+            with _translated(what):
+                raise res
+
+
+# ---------------------------------------------------------------- the store
+
+
+class RedisStore(Store):
+    """Feature items in Redis, laid out as the module docstring says."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        url: str,
+        *,
+        clock: Clock = wall_clock_ms,
+        prefix: str = "fp:",
+        client: aioredis.Redis | None = None,
+    ) -> None:
+        super().__init__(catalog, clock)
+        self.url = url
+        self.prefix = prefix
+        self._given = client
+        self._client: aioredis.Redis | None = None
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        # Querystring options in `url` (socket_timeout=...) win over these defaults.
+        self._client = self._given or aioredis.Redis.from_url(
+            self.url, decode_responses=False, socket_timeout=5.0, socket_connect_timeout=5.0
+        )
+        try:
+            if self._client.connection_pool.connection_kwargs.get("decode_responses"):
+                raise StoreError("RedisStore needs a client with decode_responses=False")
+            await self._load_scripts()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """Close the client if this store created it; a client passed in stays open."""
+        client, self._client = self._client, None
+        if client is not None and client is not self._given:
+            await client.aclose()
+
+    async def ping(self) -> None:
+        client = self._redis()
+        try:
+            await client.ping()
+        except (rx.RedisError, OSError) as exc:
+            raise TransientStoreError(f"redis at {self._where()} does not answer: {exc}") from exc
+
+    # -- writes
+
+    async def write(self, items: Sequence[Item]) -> None:
+        calls = self._plan(items)
+        if not calls:
+            return
+        client = self._redis()
+        pending = calls
+        for attempt in range(2):
+            pipe = client.pipeline(transaction=False)
+            for sha, key, args in pending:
+                pipe.evalsha(sha, 1, key, *args)
+            with _translated("write"):
+                results = await pipe.execute(raise_on_error=False)
+            # NOSCRIPT after a restart or SCRIPT FLUSH: reload and rerun only those calls,
+            # which is safe because every script call is idempotent.
+            missing = [c for c, r in zip(pending, results, strict=True)
+                       if isinstance(r, rx.NoScriptError)]
+            _first_error([r for r in results if not isinstance(r, rx.NoScriptError)], "write")
+            if not missing:
+                return
+            if attempt == 0:
+                await self._load_scripts()
+                pending = missing
+        raise StoreError("redis write failed: scripts missing on the server after reloading them")
+
+    def _plan(self, items: Sequence[Item]) -> list[tuple[str, bytes, list[bytes | int | str]]]:
+        """One (script sha, key, args) per key of the batch, in first-seen order."""
+        by_key: dict[tuple[str, str], list[Item]] = {}
+        for item in items:
+            by_key.setdefault((item.group, item.id), []).append(item)
+        calls: list[tuple[str, bytes, list[bytes | int | str]]] = []
+        now = self.clock()
+        for (group_name, entity_id), batch in by_key.items():
+            group = self._group(group_name)
+            key = key_of(self.prefix, group_name, entity_id)
+            if group.kind == "latest":
+                calls.append((_LATEST_SHA, key, [member_of(latest_winner(batch))]))
+                continue
+            cutoff = self.cutoff(group)
+            members = timeseries_members(batch, group.max_items, cutoff)
+            if not members:
+                continue
+            low = version_bounds(cutoff, None)[0] if cutoff is not None else ""
+            retention = "" if group.retention is None else group.retention
+            args: list[bytes | int | str] = [group.max_items, low, now, retention]
+            calls.append((_TIMESERIES_SHA, key, [*args, *members]))
+        return calls
+
+    # -- reads
+
+    async def read(self, queries: Sequence[Query]) -> list[list[Record]]:
+        if not queries:
+            return []
+        pipe = self._redis().pipeline(transaction=False)
+        sent: list[bool] = []
+        for q in queries:
+            group = self._group(q.group)
+            key = key_of(self.prefix, q.group, q.id)
+            if group.kind == "latest":
+                pipe.get(key)
+                sent.append(True)
+                continue
+            limit, since, until = self.clamp(group, q)
+            if limit < 1 or (since is not None and until is not None and since > until):
+                sent.append(False)
+                continue
+            high, low = lex_range(since, until)
+            pipe.zrevrangebylex(key, high, low, start=0, num=limit)
+            sent.append(True)
+        results: list[Any] = []
+        if any(sent):
+            with _translated("read"):
+                results = await pipe.execute(raise_on_error=False)
+            _first_error(results, "read")
+        answers = iter(results)
+        out: list[list[Record]] = []
+        for was_sent in sent:
+            res = next(answers) if was_sent else None
+            if res is None:
+                out.append([])
+            elif isinstance(res, bytes):
+                out.append([record_of(res)])
+            else:
+                out.append([record_of(m) for m in res])
+        return out
+
+    # -- helpers
+
+    def _redis(self) -> aioredis.Redis:
+        if self._client is None:
+            raise StoreError("RedisStore is not started: call start() or use `async with`")
+        return self._client
+
+    def _where(self) -> str:
+        kw = self._redis().connection_pool.connection_kwargs
+        return f"{kw.get('host', kw.get('path', '?'))}:{kw.get('port', '')}"
+
+    def _group(self, name: str) -> FeatureGroup:
+        group = self.catalog.groups.get(name)
+        if group is None:
+            raise ValidationError(f"unknown feature group {name!r}")
+        return group
+
+    async def _load_scripts(self) -> None:
+        client = self._redis()
+        with _translated("script load"):
+            for script, sha in ((_TIMESERIES_LUA, _TIMESERIES_SHA), (_LATEST_LUA, _LATEST_SHA)):
+                if str(await client.script_load(script)) != sha:
+                    raise StoreError("redis returned an unexpected SHA1 for a loaded script")

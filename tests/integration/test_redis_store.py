@@ -1,0 +1,182 @@
+"""RedisStore against a real redis-server: the layout, caps, expiry and error mapping."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from featureplane.codec import Item, make_item
+from featureplane.errors import StoreError, TransientStoreError
+from featureplane.services import free_port, start_redis
+from featureplane.spec import load_catalog
+from featureplane.stores.base import Query
+from featureplane.stores.redis import VERSION_LEN, RedisStore, key_of
+
+CATALOG = load_catalog(Path(__file__).parent.parent / "contract" / "catalog.yaml")
+T0 = 1_763_800_000_000
+HOUR = 3_600_000
+
+
+class Clock:
+    def __init__(self, now: int = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def store(redis_url: str, clock: Clock) -> AsyncIterator[RedisStore]:
+    async with RedisStore(CATALOG, redis_url, clock=clock, prefix=f"t{uuid.uuid4().hex[:8]}:") as s:
+        assert isinstance(s, RedisStore)
+        yield s
+
+
+def small(uid: str, ts: int, x: int, event: str | None = None) -> Item:
+    return make_item(CATALOG.group("small"), uid, ts, event or f"e{ts}-{x}", {"x": x})
+
+
+def aged(uid: str, ts: int, x: int) -> Item:
+    return make_item(CATALOG.group("aged"), uid, ts, f"e{ts}", {"x": x})
+
+
+async def test_key_never_holds_more_than_max_items(store: RedisStore, raw: aioredis.Redis) -> None:
+    key = key_of(store.prefix, "small", "u1")
+    for batch in range(6):
+        await store.write([small("u1", T0 + batch * 100 + i, batch * 100 + i) for i in range(7)])
+        assert await raw.zcard(key) == 5
+    members = await raw.zrange(key, 0, -1, withscores=True)
+    assert {score for _, score in members} == {0.0}
+    assert [int(m[:13]) for m, _ in members] == [T0 + 500 + i for i in range(2, 7)]
+
+
+async def test_old_items_written_late_do_not_displace_newer(store: RedisStore) -> None:
+    await store.write([small("u1", T0 + i, i) for i in range(5, 10)])
+    await store.write([small("u1", T0 + i, i) for i in range(5)])
+    got = await store.read([Query("small", "u1", limit=50)])
+    assert [r.ts for r in got[0]] == [T0 + i for i in range(9, 4, -1)]
+
+
+async def test_member_is_version_then_value(store: RedisStore, raw: aioredis.Redis) -> None:
+    item = small("u1", T0, 7, "evt")
+    await store.write([item])
+    [member] = await raw.zrange(key_of(store.prefix, "small", "u1"), 0, -1)
+    assert member == item.version.encode() + item.value
+    assert len(item.version) == VERSION_LEN
+
+
+async def test_replay_with_another_value_overwrites(store: RedisStore, raw: aioredis.Redis) -> None:
+    await store.write([small("u1", T0, 1, "same")])
+    await store.write([small("u1", T0, 2, "same")])
+    assert await raw.zcard(key_of(store.prefix, "small", "u1")) == 1
+    [[record]] = await store.read([Query("small", "u1", limit=5)])
+    assert record.value == b"[2]"
+
+
+async def test_retention_sets_expiry_from_the_injected_clock(
+    store: RedisStore, raw: aioredis.Redis, clock: Clock
+) -> None:
+    key = key_of(store.prefix, "aged", "u1")
+    await store.write([aged("u1", T0 - HOUR // 2, 1)])
+    assert HOUR // 2 - 5_000 < await raw.pttl(key) <= HOUR // 2
+    await store.write([aged("u1", T0 - 2 * HOUR, 0)])  # already expired: never stored
+    await store.write([aged("u1", T0 - HOUR // 4, 2)])  # a newer item pushes expiry out
+    assert 3 * HOUR // 4 - 5_000 < await raw.pttl(key) <= 3 * HOUR // 4
+    assert await raw.zcard(key) == 2
+    clock.now = T0 + 6 * HOUR // 10  # the first item is past retention: this write removes it
+    await store.write([aged("u1", T0, 3)])
+    assert [int(m[:13]) for m in await raw.zrange(key, 0, -1)] == [T0 - HOUR // 4, T0]
+    assert 4 * HOUR // 10 - 5_000 < await raw.pttl(key) <= 4 * HOUR // 10
+
+
+async def test_no_retention_means_no_expiry(store: RedisStore, raw: aioredis.Redis) -> None:
+    await store.write([small("u1", T0, 1), make_item(CATALOG.group("profile"), "u1", T0, "e", {})])
+    assert await raw.pttl(key_of(store.prefix, "small", "u1")) == -1
+    assert await raw.pttl(key_of(store.prefix, "profile", "u1")) == -1
+
+
+async def test_scripts_are_reloaded_after_a_flush(store: RedisStore, raw: aioredis.Redis) -> None:
+    await raw.script_flush()
+    await store.write([small("u1", T0, 1), make_item(CATALOG.group("profile"), "u1", T0, "e", {})])
+    got = await store.read([Query("small", "u1", limit=5), Query("profile", "u1")])
+    assert [len(r) for r in got] == [1, 1]
+
+
+async def test_zero_limit_and_empty_range_read_nothing(store: RedisStore) -> None:
+    await store.write([small("u1", T0, 1)])
+    got = await store.read(
+        [Query("small", "u1", limit=0), Query("small", "u1", limit=5, since=T0 + 1, until=T0),
+         Query("small", "u1", limit=5)]
+    )
+    assert [len(r) for r in got] == [0, 0, 1]
+    assert await store.read([]) == []
+
+
+async def test_a_wrong_type_is_a_store_error_not_transient(
+    store: RedisStore, raw: aioredis.Redis
+) -> None:
+    await raw.set(key_of(store.prefix, "small", "u1"), b"not a set")
+    with pytest.raises(StoreError, match="WRONGTYPE") as info:
+        await store.write([small("u1", T0, 1)])
+    assert not isinstance(info.value, TransientStoreError)
+    with pytest.raises(StoreError, match="WRONGTYPE"):
+        await store.read([Query("small", "u1", limit=5)])
+
+
+async def test_unreachable_redis_is_transient() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0?socket_connect_timeout=0.5"
+    with pytest.raises(TransientStoreError, match="retried"):
+        await RedisStore(CATALOG, url).start()
+
+
+async def test_a_lost_server_is_transient_everywhere() -> None:
+    svc = start_redis()
+    try:
+        async with RedisStore(CATALOG, f"redis://{svc.address}/0?socket_timeout=0.5") as store:
+            await store.ping()
+            svc.kill()
+            with pytest.raises(TransientStoreError, match="does not answer"):
+                await store.ping()
+            with pytest.raises(TransientStoreError):
+                await store.write([small("u1", T0, 1)])
+            with pytest.raises(TransientStoreError):
+                await store.read([Query("small", "u1", limit=5)])
+    finally:
+        svc.cleanup()
+
+
+async def test_not_started_is_a_clear_error() -> None:
+    store = RedisStore(CATALOG, "redis://127.0.0.1:1/0")
+    with pytest.raises(StoreError, match="not started"):
+        await store.read([Query("small", "u1")])
+
+
+async def test_a_client_passed_in_stays_open(redis_url: str, raw: aioredis.Redis) -> None:
+    async with RedisStore(CATALOG, redis_url, client=raw, prefix="keep:") as store:
+        await store.ping()
+    assert await raw.ping()
+
+
+async def test_a_decoding_client_is_refused(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        with pytest.raises(StoreError, match="decode_responses=False"):
+            await RedisStore(CATALOG, redis_url, client=client).start()
+    finally:
+        await client.aclose()

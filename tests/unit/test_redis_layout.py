@@ -1,0 +1,67 @@
+"""The pure layout functions of the Redis store: members, bounds and batch planning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from featureplane.codec import make_item
+from featureplane.errors import ValidationError
+from featureplane.keys import version
+from featureplane.spec import load_catalog
+from featureplane.stores.redis import (
+    VERSION_LEN,
+    key_of,
+    latest_winner,
+    lex_range,
+    member_of,
+    record_of,
+    timeseries_members,
+)
+
+CATALOG = load_catalog(Path(__file__).parent.parent / "contract" / "catalog.yaml")
+SMALL = CATALOG.group("small")
+T0 = 1_763_800_000_000
+
+
+def test_version_length_matches_keys() -> None:
+    assert len(version(0, "")) == len(version(10**13 - 1, "x" * 100)) == VERSION_LEN
+
+
+def test_member_round_trips_to_a_record() -> None:
+    item = make_item(SMALL, "u1", T0, "e", {"x": 3})
+    record = record_of(member_of(item))
+    assert (record.ts, record.version, record.value) == (T0, item.version, b"[3]")
+
+
+def test_keys_are_utf8_and_bad_text_is_rejected() -> None:
+    assert key_of("fp:", "g", "ü#1") == "fp:g#ü#1".encode()
+    with pytest.raises(ValidationError):
+        key_of("fp:", "g", "\ud800")
+
+
+def test_lex_range_is_inclusive_at_both_ends() -> None:
+    high, low = lex_range(T0, T0 + 5)
+    inside = [version(T0, "a").encode() + b"[1]", version(T0 + 5, "b").encode() + b"[1]"]
+    outside = [version(T0 - 1, "a").encode() + b"[1]", version(T0 + 6, "b").encode() + b"[1]"]
+    assert all(low[1:] <= m <= high[1:] for m in inside)
+    assert not any(low[1:] <= m <= high[1:] for m in outside)
+    assert lex_range(None, None) == (b"[9999999999999#~", b"[0000000000000")
+
+
+def test_timeseries_members_dedupe_filter_and_cap() -> None:
+    items = [make_item(SMALL, "u", T0 + i, f"e{i}", {"x": i}) for i in range(10)]
+    replay = make_item(SMALL, "u", T0 + 9, "e9", {"x": 99})
+    got = timeseries_members([*items, replay], max_items=3, cutoff=None)
+    assert [record_of(m).value for m in got] == [b"[7]", b"[8]", b"[99]"]
+    got = timeseries_members(items, max_items=50, cutoff=T0 + 8)
+    assert [record_of(m).ts for m in got] == [T0 + 8, T0 + 9]
+    assert timeseries_members(items, max_items=50, cutoff=T0 + 10) == []
+
+
+def test_latest_winner_is_the_greatest_version_whatever_the_order() -> None:
+    profile = CATALOG.group("profile")
+    items = [make_item(profile, "u", T0 + i % 3, f"e{i}", {"updated_by": str(i)}) for i in range(9)]
+    best = max(items, key=lambda i: i.version)
+    assert latest_winner(items) == best == latest_winner(items[::-1])
