@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "backfill": ("batch.backfill", "reprocess a Kafka topic's time range into the store"),
     "load": ("batch.load", "load a JSONL or Parquet file into a feature group"),
     "validate": ("featureplane.validate", "check spec files and print every problem"),
+    "demo-events": ("featureplane.demo", "feed sample events for the example catalog into Kafka"),
 }
 
 _FLAG_FIELDS = (
