@@ -167,10 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
 def create_topics(bootstrap: str, catalog: Catalog, partitions: int = 4) -> None:
     """Create each spec topic and its .retry and .dlq topics if missing."""
-    from confluent_kafka.admin import (
-        AdminClient,
-        NewTopic,  # type: ignore[attr-defined]
-    )
+    from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
     wanted = [t + suffix for t in catalog.topics for suffix in ("", ".retry", ".dlq")]
