@@ -25,17 +25,38 @@ Expiry follows the injected clock: a key's TTL is `newest ts + retention -
 clock()`, set with PEXPIRE, which equals PEXPIREAT under the wall clock and
 stays right under a test clock or skew between this host and Redis.
 
-As a cache tier (later, in `serving/`), the same layout is meant to be
-reused under its own prefix: a cached timeseries key never holds more than
-`max_items`, the most any read may ask for, and `ttl.hard` would bound a
-cached key's life. No cache logic lives here.
+The cache tier (shared by serving and ingestion's write-through) uses the
+same layout and prefix, with these rules:
+
+    timeseries  a cached key holds exactly the newest min(max_items, total)
+                items of the store, so it is *complete* (holds every item)
+                when it has fewer than `max_items` members. `fill` merges the
+                store's newest `max_items` records into the key; `write_through`
+                appends only to keys that already exist, never creating a
+                partial key. Both cap at `max_items` and trim past retention.
+    latest      newest-wins, as `write`.
+    expiry      every cache write sets PEXPIRE to the group's hard TTL, shortened
+                by up to `ttl.jitter` at random; Redis itself enforces "never
+                past hard". `read_cached` returns PTTL in the same pipeline, so
+                serving knows a value's age (at least `hard - pttl`).
+    negative    `prefix + "neg:" + group#id` marks "the store has nothing for
+                this (group, id)"; it lives for the negative TTL and every
+                `write_through` of that (group, id) deletes it.
+
+Races between write-through and a background fill (which read the store
+earlier) can leave a cached value that misses a newer item; merging in `fill`
+narrows this to a fill that creates a key concurrently with a write-through
+of a key that did not exist. Such staleness lasts at most the key's hard TTL
+(the negative TTL for markers).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -49,11 +70,15 @@ from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
 
 __all__ = [
     "VERSION_LEN",
+    "CacheFill",
+    "Cached",
     "RedisStore",
+    "jittered",
     "key_of",
     "latest_winner",
     "lex_range",
     "member_of",
+    "negative_key_of",
     "record_of",
     "timeseries_members",
 ]
@@ -116,8 +141,84 @@ redis.call('SET', KEYS[1], ARGV[1])
 return 1
 """
 
+# Cache writes. KEYS[1] the set; ARGV[1] max_items; ARGV[2] cutoff lex bound or "";
+# ARGV[3] ttl (ms); ARGV[4] "1" = only if the key exists (write-through), "0" = create (fill);
+# ARGV[5..] members, any order. Returns the set's size, or -1 when nothing was written.
+_CACHE_TIMESERIES_LUA = """
+local key = KEYS[1]
+if ARGV[4] == '1' and redis.call('EXISTS', key) == 0 then return -1 end
+for i = 5, #ARGV do
+  local v = string.sub(ARGV[i], 1, 26)
+  redis.call('ZREMRANGEBYLEX', key, '[' .. v, '[' .. v .. '\\255')
+  redis.call('ZADD', key, 0, ARGV[i])
+end
+if ARGV[2] ~= '' then
+  redis.call('ZREMRANGEBYLEX', key, '-', '(' .. ARGV[2])
+end
+redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(ARGV[1]) + 1))
+if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ARGV[3]) end
+return redis.call('ZCARD', key)
+"""
+
+# KEYS[1] the string; ARGV[1] version .. value; ARGV[2] ttl (ms). Newest wins as in
+# _LATEST_LUA; the expiry is refreshed only when the value was written.
+_CACHE_LATEST_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local new = ARGV[1]
+  local cts, nts = tonumber(string.sub(cur, 1, 13)), tonumber(string.sub(new, 1, 13))
+  if cts > nts then return 0 end
+  if cts == nts and tonumber(string.sub(cur, 15, 26), 16) > tonumber(string.sub(new, 15, 26), 16)
+  then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 _TIMESERIES_SHA = hashlib.sha1(_TIMESERIES_LUA.encode(), usedforsecurity=False).hexdigest()
 _LATEST_SHA = hashlib.sha1(_LATEST_LUA.encode(), usedforsecurity=False).hexdigest()
+_CACHE_TIMESERIES_SHA = hashlib.sha1(
+    _CACHE_TIMESERIES_LUA.encode(), usedforsecurity=False
+).hexdigest()
+_CACHE_LATEST_SHA = hashlib.sha1(_CACHE_LATEST_LUA.encode(), usedforsecurity=False).hexdigest()
+_SCRIPTS = (
+    (_TIMESERIES_LUA, _TIMESERIES_SHA),
+    (_LATEST_LUA, _LATEST_SHA),
+    (_CACHE_TIMESERIES_LUA, _CACHE_TIMESERIES_SHA),
+    (_CACHE_LATEST_LUA, _CACHE_LATEST_SHA),
+)
+
+Rand = Callable[[], float]
+"""Returns a float uniform in [0, 1); injected so jitter is testable."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheFill:
+    """What a lower tier answered for one (group, id), to be written to the cache.
+
+    `records` are the store's newest `max_items` (newest first) for a timeseries, or its
+    one value for a latest group; empty means "the store has nothing": a negative marker
+    with TTL `negative_ttl_ms` is written instead.
+    """
+
+    group: str
+    id: str
+    records: Sequence[Record]
+    negative_ttl_ms: int = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class Cached:
+    """One (group, id) as the cache holds it.
+
+    `records`: every member newest first ([] when the key is missing); `pttl`: the key's
+    remaining life in ms (None when missing); `negative_pttl`: the negative marker's
+    remaining life in ms (None when there is no marker).
+    """
+
+    records: list[Record]
+    pttl: int | None
+    negative_pttl: int | None
 
 
 # ---------------------------------------------------------------- pure layout
@@ -129,6 +230,19 @@ def key_of(prefix: str, group: str, entity_id: str) -> bytes:
         return (prefix + partition_key(group, entity_id)).encode("utf-8")
     except UnicodeEncodeError:
         raise ValidationError(f"id {entity_id!r} is not valid unicode text") from None
+
+
+def negative_key_of(prefix: str, group: str, entity_id: str) -> bytes:
+    """The key of the negative marker of one (group, id).
+
+    Group names never contain ':', so `prefix + "neg:"...` cannot collide with a value key.
+    """
+    return key_of(prefix + "neg:", group, entity_id)
+
+
+def jittered(ms: int, jitter: float, r: float) -> int:
+    """`ms` shortened by up to `jitter` of itself: r in [0, 1) picks how much; at least 1."""
+    return max(1, int(ms * (1.0 - jitter * r)))
 
 
 def member_of(item: Item) -> bytes:
@@ -171,6 +285,10 @@ def latest_winner(items: Sequence[Item]) -> Item:
     return best
 
 
+def _stored(record: Record) -> bytes:
+    return record.version.encode("ascii") + record.value
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -210,8 +328,10 @@ class RedisStore(Store):
         clock: Clock = wall_clock_ms,
         prefix: str = "fp:",
         client: aioredis.Redis | None = None,
+        rand: Rand = random.random,
     ) -> None:
         super().__init__(catalog, clock)
+        self.rand = rand
         self.url = url
         self.prefix = prefix
         self._given = client
@@ -296,6 +416,139 @@ class RedisStore(Store):
             calls.append((_TIMESERIES_SHA, key, [*args, *members]))
         return calls
 
+    # -- cache writes
+
+    async def write_through(self, items: Sequence[Item]) -> None:
+        """Write items to the cache tier (ingestion's write-through).
+
+        latest: newest wins, as `write`. timeseries: appended only to keys that already
+        exist (a cached key holds the store's newest items, so it is never created from a
+        partial batch), capped at `max_items`. Written keys expire after the group's hard
+        TTL (with jitter); every (group, id) loses its negative marker. Groups that are
+        on-demand, not cached in Redis, or `write: around` only lose their markers.
+        """
+        by_key: dict[tuple[str, str], list[Item]] = {}
+        for item in items:
+            by_key.setdefault((item.group, item.id), []).append(item)
+        if not by_key:
+            return
+        calls: list[tuple[str, bytes, list[bytes | int | str]]] = []
+        dels: list[bytes] = []
+        for (group_name, entity_id), batch in by_key.items():
+            group = self._group(group_name)
+            dels.append(negative_key_of(self.prefix, group_name, entity_id))
+            if group.on_demand or group.write == "around" or "redis" not in group.tiers:
+                continue
+            key = key_of(self.prefix, group_name, entity_id)
+            ttl = jittered(group.ttl.hard, group.ttl.jitter, self.rand())
+            if group.kind == "latest":
+                calls.append((_CACHE_LATEST_SHA, key, [member_of(latest_winner(batch)), ttl]))
+                continue
+            cutoff = self.cutoff(group)
+            members = timeseries_members(batch, group.max_items, cutoff)
+            if members:
+                low = version_bounds(cutoff, None)[0] if cutoff is not None else ""
+                calls.append(
+                    (_CACHE_TIMESERIES_SHA, key, [group.max_items, low, ttl, "1", *members])
+                )
+        await self._run_scripts(calls, dels, [])
+
+    async def fill(self, fills: Sequence[CacheFill]) -> None:
+        """Merge what the store answered into the cache (serving's background write-back).
+
+        A timeseries fill must carry the store's newest `max_items` records (fewer only when
+        the store holds fewer), so the key keeps its completeness rule. An empty fill
+        writes a negative marker instead.
+        """
+        calls: list[tuple[str, bytes, list[bytes | int | str]]] = []
+        markers: list[tuple[bytes, int]] = []
+        for f in fills:
+            group = self._group(f.group)
+            if not f.records:
+                markers.append((negative_key_of(self.prefix, f.group, f.id), f.negative_ttl_ms))
+                continue
+            key = key_of(self.prefix, f.group, f.id)
+            ttl = jittered(group.ttl.hard, group.ttl.jitter, self.rand())
+            if group.kind == "latest":
+                best = max(f.records, key=lambda r: r.version)
+                calls.append((_CACHE_LATEST_SHA, key, [_stored(best), ttl]))
+                continue
+            cutoff = self.cutoff(group)
+            low = version_bounds(cutoff, None)[0] if cutoff is not None else ""
+            members = [_stored(r) for r in f.records[: group.max_items]]
+            calls.append((_CACHE_TIMESERIES_SHA, key, [group.max_items, low, ttl, "0", *members]))
+        await self._run_scripts(calls, [], markers)
+
+    async def read_cached(self, keys: Sequence[tuple[str, str]]) -> list[Cached]:
+        """Every cached member, PTTL and negative marker of each (group, id): one round trip."""
+        if not keys:
+            return []
+        pipe = self._redis().pipeline(transaction=False)
+        for group_name, entity_id in keys:
+            group = self._group(group_name)
+            key = key_of(self.prefix, group_name, entity_id)
+            if group.kind == "latest":
+                pipe.get(key)
+            else:
+                pipe.zrevrange(key, 0, -1)
+            pipe.pttl(key)
+            pipe.pttl(negative_key_of(self.prefix, group_name, entity_id))
+        with _translated("cache read"):
+            results = await pipe.execute(raise_on_error=False)
+        _first_error(results, "cache read")
+        out: list[Cached] = []
+        for i in range(0, len(results), 3):
+            value, pttl, neg = results[i : i + 3]
+            if value is None:
+                records = []
+            elif isinstance(value, bytes):
+                records = [record_of(value)]
+            else:
+                records = [record_of(m) for m in value]
+            out.append(
+                Cached(
+                    records,
+                    int(pttl) if records and pttl >= 0 else None,
+                    int(neg) if neg >= 0 else None,
+                )
+            )
+        return out
+
+    async def _run_scripts(
+        self,
+        calls: list[tuple[str, bytes, list[bytes | int | str]]],
+        dels: list[bytes],
+        markers: list[tuple[bytes, int]],
+    ) -> None:
+        """Script calls, DELs and negative markers in one pipeline; reload scripts once."""
+        if not calls and not dels and not markers:
+            return
+        client = self._redis()
+        pending = calls
+        extra = True
+        for attempt in range(2):
+            pipe = client.pipeline(transaction=False)
+            for sha, key, args in pending:
+                pipe.evalsha(sha, 1, key, *args)
+            if extra:
+                for key in dels:
+                    pipe.delete(key)
+                for key, ttl in markers:
+                    pipe.set(key, b"", px=max(1, ttl))
+            with _translated("cache write"):
+                results = await pipe.execute(raise_on_error=False)
+            mine = results[: len(pending)]
+            missing = [c for c, r in zip(pending, mine, strict=True)
+                       if isinstance(r, rx.NoScriptError)]
+            _first_error([r for r in results if not isinstance(r, rx.NoScriptError)],
+                         "cache write")
+            if not missing:
+                return
+            if attempt == 0:
+                await self._load_scripts()
+                pending, extra = missing, False
+        raise StoreError("redis cache write failed: scripts missing after reloading them")
+
     # -- reads
 
     async def read(self, queries: Sequence[Query]) -> list[list[Record]]:
@@ -354,6 +607,6 @@ class RedisStore(Store):
     async def _load_scripts(self) -> None:
         client = self._redis()
         with _translated("script load"):
-            for script, sha in ((_TIMESERIES_LUA, _TIMESERIES_SHA), (_LATEST_LUA, _LATEST_SHA)):
+            for script, sha in _SCRIPTS:
                 if str(await client.script_load(script)) != sha:
                     raise StoreError("redis returned an unexpected SHA1 for a loaded script")
