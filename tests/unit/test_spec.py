@@ -1,0 +1,181 @@
+"""The spec model and `featureplane validate`: good catalogs load, bad ones name file:line: field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from featureplane.cli import main
+from featureplane.errors import SpecError
+from featureplane.spec import load_catalog, parse_duration
+from featureplane.types import parse_type
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+BAD = """\
+feature_groups:
+  - name: clicks
+    entity: user
+    kind: timeseries
+    features:
+      - {name: a, type: strin}
+      - {name: a, type: int}
+    max_items: 0
+    ttl: {soft: 10m, hard: 1m}
+    retention: 30 days
+  - name: ok_group
+    entity: user
+    kind: latest
+    features:
+      - {name: x, type: "set<list<int>>"}
+    colour: red
+ingestion:
+  - name: r1
+    topic: t
+    event_type: click
+    group: nope
+    id: user_id
+    features: {a: a}
+  - name: r2
+    topic: t
+    event_type: click
+    group: clicks
+    id: user_id
+    features: {zz: a}
+"""
+
+
+def test_examples_load() -> None:
+    catalog = load_catalog(EXAMPLES)
+    assert "recent_user_clicked_fleaMarketArticles" in catalog.groups
+    assert catalog.topics == ("article-updates", "user-actions", "user-updates")
+    group = catalog.group("article_embeddings")
+    assert str(group.features[0].type) == "vector<float,64>"
+    defaults = catalog.group("article_stats")
+    assert defaults.max_items == 50 and defaults.tiers == ("local", "redis", "store")
+    assert (defaults.ttl.soft, defaults.ttl.hard, defaults.ttl.jitter) == (30_000, 300_000, 0.1)
+    assert defaults.write == "through" and defaults.retention is None
+
+
+def test_every_problem_is_located(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(BAD)
+    with pytest.raises(SpecError) as err:
+        load_catalog(spec)
+    lines = [str(p) for p in err.value.problems]
+    f = str(spec)
+    assert f"{f}:6: feature_groups[0].features[0].type: unknown type 'strin'" in lines[0]
+    expected = [
+        f"{f}:7: feature_groups[0].features[1].name: duplicate feature name 'a'",
+        f"{f}:8: feature_groups[0].max_items:",
+        f"{f}:9: feature_groups[0].ttl: soft (600000 ms) must not exceed hard (60000 ms)",
+        f"{f}:10: feature_groups[0].retention: bad duration '30 days'",
+        f"{f}:15: feature_groups[1].features[0].type: set elements must be a scalar type",
+        f"{f}:16: feature_groups[1].colour: unknown field",
+        f"{f}:21: ingestion[0].group: unknown group 'nope'",
+    ]
+    for want in expected:
+        assert any(line.startswith(want) for line in lines), (want, lines)
+    # r2 points at a group that failed to parse: no misleading second error about it
+    assert not any("ingestion[1]" in line for line in lines)
+
+
+def test_rule_feature_must_exist(tmp_path: Path) -> None:
+    (tmp_path / "g.yaml").write_text(
+        "feature_groups:\n  - {name: g, entity: u, kind: latest, features: [{name: a, type: int}]}\n"
+    )
+    (tmp_path / "r.yaml").write_text(
+        "ingestion:\n  - name: r\n    topic: t\n    event_type: e\n    group: g\n"
+        "    id: uid\n    features:\n      zz: a\n"
+    )
+    with pytest.raises(SpecError) as err:
+        load_catalog(tmp_path)
+    assert [str(p) for p in err.value.problems] == [
+        f"{tmp_path / 'r.yaml'}:8: ingestion[0].features.zz: group 'g' has no feature 'zz'"
+    ]
+
+
+def test_duplicate_groups_across_files(tmp_path: Path) -> None:
+    group = "feature_groups:\n  - {name: g, entity: u, kind: latest, features: [{name: a, type: int}]}\n"
+    (tmp_path / "a.yaml").write_text(group)
+    (tmp_path / "b.yaml").write_text(group)
+    with pytest.raises(SpecError, match=r"b.yaml:2: feature_groups\[0\].name: duplicate group 'g'"):
+        load_catalog(tmp_path)
+
+
+def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
+    (tmp_path / "x.yaml").write_text("feature_groups:\n  - name: x\n    kind: [\n")
+    with pytest.raises(SpecError, match=r"x.yaml:4: -: not valid YAML"):
+        load_catalog(tmp_path / "x.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "ms"),
+    [("500ms", 500), ("30s", 30_000), ("5m", 300_000), ("2h", 7_200_000), ("30d", 2_592_000_000)],
+)
+def test_durations(text: str, ms: int) -> None:
+    assert parse_duration(text) == ms
+
+
+@pytest.mark.parametrize("bad", ["30", "1w", "-5s", "5 m", 30, None])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError, match="bad duration"):
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "string",
+        "int",
+        "float",
+        "bool",
+        "bytes",
+        "list<string>",
+        "set<int>",
+        "map<string,int>",
+        "vector<float,64>",
+        "map<string,list<float>>",
+        "list<map<string,bytes>>",
+    ],
+)
+def test_types_parse_and_print(text: str) -> None:
+    assert str(parse_type(text)) == text
+
+
+@pytest.mark.parametrize(
+    "bad", ["str", "set<list<int>>", "vector<float,0>", "map<int,int>", "list<>"]
+)
+def test_bad_types(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_type(bad)
+
+
+def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(EXAMPLES)]) == 0
+    assert "6 feature groups" in capsys.readouterr().out
+    (tmp_path / "bad.yaml").write_text(BAD)
+    assert main(["validate", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'bad.yaml'}:21: ingestion[0].group: unknown group 'nope'" in out
+
+
+def test_every_command_has_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "featureplane.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    commands = ["up", "serve", "ingest", "retry", "validate", "demo-events"]
+    for command in commands:
+        assert command in out
+        sub = subprocess.run(
+            [sys.executable, "-m", "featureplane.cli", command, "--help"],
+            capture_output=True,
+            text=True,
+        )
+        assert sub.returncode == 0 and "usage: featureplane" in sub.stdout, sub.stderr
