@@ -1,0 +1,123 @@
+"""`featureplane up --demo` as a new user runs it: ready, features grow, SIGTERM leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from featureplane.services import free_port
+
+GROUP = "recent_user_clicked_fleaMarketArticles"
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (children, grandchildren, ...)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_up_demo_serves_growing_features_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEATUREPLANE_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "featureplane.cli",
+            "up",
+            "--demo",
+            "--rate",
+            "200",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if _get(f"{base}/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "up never became ready"
+            time.sleep(0.5)
+
+        counts = []
+        deadline = time.monotonic() + 60
+        while len(counts) < 2 or counts[-1] <= counts[0]:
+            status, body = _get(f"{base}/v1/features/{GROUP}/user-1?limit=50")
+            assert status == 200, body
+            if body["found"]:
+                counts.append(len(body["items"]))
+                item = body["items"][0]
+                assert set(item["features"]) == {"article_id", "session_id", "category"}
+            assert time.monotonic() < deadline, f"features did not grow: {counts}"
+            time.sleep(1)
+        status, body = _get(f"{base}/v1/groups")
+        assert status == 200
+        children = _descendants(proc.pid)
+        assert len(children) >= 4  # broker, ingest, retry, serve, demo feeder
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, out
+    assert "featureplane is up" in out and "curl" in out
+    time.sleep(0.5)
+    left = [p for p in children if _alive(p)]
+    assert not left, f"processes left behind: {left}"
+
+
+def test_up_help_explains() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "featureplane.cli", "up", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--demo" in out and "FEATUREPLANE_DATA_DIR" in out
