@@ -1,0 +1,168 @@
+"""Request parsing and answer shaping for CONTRACT section 3; every bad input -> ApiError.
+
+HTTP status codes of featureplane are decided here and in `serving.app`, nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from featureplane.codec import Record, decode, project
+from featureplane.errors import FeatureplaneError, ValidationError
+from featureplane.keys import MAX_TS, check_id
+from featureplane.spec import Catalog, FeatureGroup
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "MAX_PAIRS",
+    "ApiError",
+    "FeatureRequest",
+    "parse_body",
+    "parse_query",
+    "render",
+]
+
+DEFAULT_LIMIT = 30
+MAX_PAIRS = 1_000
+_FIELDS = frozenset({"group", "ids", "limit", "since", "until", "features"})
+
+
+class ApiError(FeatureplaneError):
+    """An error answered as `{"error": {"code", "message"}}` with `status`."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error": {"code": self.code, "message": self.message}})
+
+
+def _bad(code: str, message: str) -> ApiError:
+    return ApiError(400, code, message)
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureRequest:
+    """One entry of `requests`: a group, its ids and the per-request query."""
+
+    group: FeatureGroup
+    ids: tuple[str, ...]
+    limit: int
+    since: int | None
+    until: int | None
+    features: tuple[str, ...] | None
+
+
+def parse_body(catalog: Catalog, body: bytes) -> list[FeatureRequest]:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise _bad("bad_request", "body is not valid JSON") from None
+    if not isinstance(doc, dict) or set(doc) != {"requests"}:
+        raise _bad("bad_request", 'body must be an object with one field, "requests"')
+    reqs = doc["requests"]
+    if not isinstance(reqs, list):
+        raise _bad("bad_request", '"requests" must be a list')
+    out: list[FeatureRequest] = []
+    pairs = 0
+    for n, raw in enumerate(reqs):
+        if not isinstance(raw, dict):
+            raise _bad("bad_request", f"requests[{n}] must be an object")
+        if extra := set(raw) - _FIELDS:
+            raise _bad("bad_request", f"requests[{n}] has unknown fields {sorted(extra)}")
+        ids = raw.get("ids")
+        if not isinstance(ids, list):
+            raise _bad("bad_request", f"requests[{n}].ids must be a list of strings")
+        pairs += len(ids)
+        if pairs > MAX_PAIRS:
+            raise _bad("too_many_ids", f"at most {MAX_PAIRS} (group, id) pairs a request")
+        out.append(
+            _request(catalog, raw.get("group"), ids, raw.get("limit"), raw.get("since"),
+                     raw.get("until"), raw.get("features"), f"requests[{n}].")
+        )
+    return out
+
+
+def parse_query(
+    catalog: Catalog, group: str, entity_id: str, query: Mapping[str, str]
+) -> FeatureRequest:
+    """The GET form: `?limit=&since=&until=&features=a,b`."""
+    if extra := set(query) - {"limit", "since", "until", "features"}:
+        raise _bad("bad_request", f"unknown query parameters {sorted(extra)}")
+    nums: dict[str, int | None] = {}
+    for name in ("limit", "since", "until"):
+        text = query.get(name)
+        if text is None or text == "":
+            nums[name] = None
+            continue
+        try:
+            nums[name] = int(text)
+        except ValueError:
+            raise _bad("bad_limit" if name == "limit" else "bad_range",
+                       f"{name} must be an integer, got {text!r}") from None
+    features = query.get("features")
+    names = None if features is None else [f for f in features.split(",") if f]
+    return _request(catalog, group, [entity_id], nums["limit"], nums["since"], nums["until"],
+                    names, "")
+
+
+def _request(
+    catalog: Catalog, group_name: Any, ids: list[Any], limit: Any, since: Any, until: Any,
+    features: Any, where: str,
+) -> FeatureRequest:
+    if not isinstance(group_name, str):
+        raise _bad("bad_request", f"{where}group must be a string")
+    group = catalog.groups.get(group_name)
+    if group is None:
+        raise _bad("unknown_group", f"unknown feature group {group_name!r}")
+    for entity_id in ids:
+        if not isinstance(entity_id, str):
+            raise _bad("bad_request", f"{where}ids must be strings, got {entity_id!r}")
+        try:
+            check_id(entity_id)
+        except ValidationError as exc:
+            raise _bad("bad_request", str(exc)) from None
+    if limit is None:
+        limit = min(DEFAULT_LIMIT, group.max_items)
+    elif not _is_int(limit) or not 1 <= limit <= group.max_items:
+        raise _bad("bad_limit", f"{where}limit must be an integer from 1 to the group's "
+                   f"max_items ({group.max_items}), got {limit!r}")
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and (not _is_int(value) or not 0 <= value <= MAX_TS):
+            raise _bad("bad_range", f"{where}{name} must be epoch milliseconds, got {value!r}")
+    if since is not None and until is not None and since > until:
+        raise _bad("bad_range", f"{where}since ({since}) is after until ({until})")
+    names: tuple[str, ...] | None = None
+    if features is not None:
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise _bad("bad_request", f"{where}features must be a list of feature names")
+        unknown = [f for f in features if f not in group.index]
+        if unknown:
+            raise _bad("unknown_feature", f"group {group.name!r} has no feature {unknown[0]!r}")
+        names = tuple(dict.fromkeys(features))
+    if group.kind == "latest":  # limit, since and until are for timeseries; ignored here
+        limit, since, until = 1, None, None
+    return FeatureRequest(group, tuple(ids), limit, since, until, names)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def render(req: FeatureRequest, entity_id: str, records: Sequence[Record]) -> dict[str, Any]:
+    """One result object of the answer."""
+    group = req.group
+    if group.kind == "latest":
+        if not records:
+            return {"group": group.name, "id": entity_id, "found": False}
+        r = records[0]
+        return {"group": group.name, "id": entity_id, "found": True, "ts": r.ts,
+                "features": project(group, decode(group, r.value), req.features)}
+    items = [{"ts": r.ts, "features": project(group, decode(group, r.value), req.features)}
+             for r in records]
+    return {"group": group.name, "id": entity_id, "found": bool(items), "items": items}

@@ -1,0 +1,223 @@
+"""The aiohttp application: routes of CONTRACT section 3, auth, errors, lifecycle.
+
+`create_app` takes unstarted tiers; the app starts them in its cleanup context and
+closes them at shutdown, so one object owns each client's life (STYLE 8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from featureplane.codec import Record
+from featureplane.stores.base import Clock, Store, wall_clock_ms
+from featureplane.stores.redis import RedisStore
+from serving.api import ApiError, FeatureRequest, parse_body, parse_query, render
+from serving.config import ServeConfig
+from serving.local import LocalCache
+from serving.metrics import CONTENT_TYPE, Metrics
+from serving.ondemand import OnDemandError, OnDemandFn, compute, load_functions
+from serving.openapi import openapi
+from serving.tiers import Lookup, ReaderConfig, TieredReader
+
+__all__ = ["MAX_BODY", "METRICS", "READER", "create_app"]
+
+log = logging.getLogger(__name__)
+MAX_BODY = 1024 * 1024
+
+READER = web.AppKey("reader", TieredReader)
+METRICS = web.AppKey("metrics", Metrics)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_JSON = "application/json"
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, content_type=_JSON)
+
+
+def _error(exc: ApiError) -> web.Response:
+    return web.Response(body=exc.body(), status=exc.status, content_type=_JSON)
+
+
+_HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "body_too_large"}
+
+
+class _Service:
+    """What the handlers share: the catalog, the tiers and the on-demand functions."""
+
+    def __init__(self, reader: TieredReader, functions: dict[str, OnDemandFn], clock: Clock,
+                 token: str | None, store: Store | None, redis: RedisStore | None) -> None:
+        self.reader, self.functions, self.clock = reader, functions, clock
+        self.auth = None if token is None else b"Bearer " + token.encode()
+        self.store, self.redis = store, redis
+
+    async def results(self, reqs: list[FeatureRequest]) -> list[dict[str, Any]]:
+        lookups: list[Lookup] = []
+        computed: list[Awaitable[list[list[Record]]]] = []
+        for req in reqs:
+            fn = self.functions.get(req.group.name)
+            if fn is not None:
+                computed.append(compute(req.group, fn, req.ids, self.clock()))
+                continue
+            lookups.extend(Lookup(req.group, i, req.limit, req.since, req.until)
+                           for i in req.ids)
+        try:
+            got = await self.reader.read(lookups) if lookups else []
+            on_demand = list(await asyncio.gather(*computed)) if computed else []
+        except OnDemandError as exc:
+            self.reader.metrics.on_demand_errors.labels(str(exc).split("'")[1]).inc()
+            raise ApiError(503, "on_demand_failed", str(exc)) from None
+        out: list[dict[str, Any]] = []
+        found, computed_rows = iter(got), iter(on_demand)
+        for req in reqs:
+            rows: Any = next(computed_rows) if req.group.name in self.functions else None
+            for n, entity_id in enumerate(req.ids):
+                records = rows[n] if rows is not None else next(found)
+                if records is None:
+                    raise ApiError(503, "unavailable", f"no tier can answer {req.group.name!r} "
+                                   f"for id {entity_id!r} now")
+                out.append(render(req, entity_id, records))
+        return out
+
+
+_SERVICE = web.AppKey("service", _Service)
+
+
+@web.middleware
+async def _middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    start = time.perf_counter()
+    svc = request.app[_SERVICE]
+    try:
+        if svc.auth is not None and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(given, svc.auth):
+                raise ApiError(401, "unauthorized", "missing or wrong Authorization: Bearer token")
+        resp = await handler(request)
+    except ApiError as exc:
+        resp = _error(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "error")
+        resp = _error(ApiError(exc.status, code, exc.reason))
+    except Exception:  # a bug: answer JSON, log it, never leak a traceback
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        resp = _error(ApiError(500, "internal", "internal error"))
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    request.app[METRICS].observe(name, resp.status, time.perf_counter() - start)
+    return resp
+
+
+async def _post_features(request: web.Request) -> web.Response:
+    svc = request.app[_SERVICE]
+    body = await request.read()
+    reqs = parse_body(svc.reader.catalog, body)
+    return _json({"results": await svc.results(reqs)})
+
+
+async def _get_feature(request: web.Request) -> web.Response:
+    svc = request.app[_SERVICE]
+    req = parse_query(svc.reader.catalog, request.match_info["group"],
+                      request.match_info["id"], request.query)
+    return _json((await svc.results([req]))[0])
+
+
+async def _groups(request: web.Request) -> web.Response:
+    catalog = request.app[_SERVICE].reader.catalog
+    return _json({"groups": [g.model_dump(mode="json") for g in catalog.groups.values()]})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    svc = request.app[_SERVICE]
+    tiers = {"store": svc.store, "redis": svc.redis}
+
+    async def ping(tier: Store) -> bool:
+        try:
+            async with asyncio.timeout(1.0):
+                await tier.ping()
+        except Exception:
+            return False
+        return True
+
+    names = [n for n, t in tiers.items() if t is not None]
+    ok = await asyncio.gather(*(ping(t) for t in tiers.values() if t is not None))
+    status = dict(zip(names, ok, strict=True))
+    ready = all(ok)
+    return _json({"ready": ready, "tiers": status}, 200 if ready else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def create_app(
+    catalog: Any,
+    *,
+    store: Store | None,
+    redis: RedisStore | None = None,
+    config: ServeConfig | None = None,
+    token: str | None = None,
+    clock: Clock = wall_clock_ms,
+    rand: Callable[[], float] = random.random,
+) -> web.Application:
+    """The server over these (unstarted) tiers; on-demand functions are imported here."""
+    config = config or ServeConfig()
+    functions = load_functions(catalog)
+    metrics = Metrics()
+    local = LocalCache(config.local_cache_mb * 1024 * 1024) if config.local_cache_mb else None
+    reader = TieredReader(
+        catalog=catalog, store=store, redis=redis, local=local, metrics=metrics, clock=clock,
+        rand=rand, config=ReaderConfig(
+            negative_ttl_ms=config.negative_ttl, redis_timeout_ms=config.redis_timeout,
+            store_timeout_ms=config.store_timeout, breaker_failures=config.breaker_failures,
+            breaker_cooldown_ms=config.breaker_cooldown, xfetch_beta=config.xfetch_beta,
+        ),
+    )
+    app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY)
+    app[METRICS] = metrics
+    app[READER] = reader
+    app[_SERVICE] = _Service(reader, functions, clock, token, store, redis)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        started: list[Store] = []
+        try:
+            for tier in (store, redis):
+                if tier is not None:
+                    await tier.start()
+                    started.append(tier)
+            await reader.start()
+            yield
+        finally:
+            await reader.aclose()
+            for tier in reversed(started):
+                await tier.aclose()
+
+    app.cleanup_ctx.append(lifecycle)
+    spec = orjson.dumps(openapi(catalog))
+    app.router.add_post("/v1/features", _post_features)
+    app.router.add_get("/v1/features/{group}/{id:.+}", _get_feature)
+    app.router.add_get("/v1/groups", _groups)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+
+    async def _openapi(request: web.Request) -> web.Response:
+        return web.Response(body=spec, content_type=_JSON)
+
+    app.router.add_get("/openapi.json", _openapi)
+    return app

@@ -1,0 +1,47 @@
+"""Settings of the HTTP server beyond the shared `Settings` (FEATUREPLANE_SERVE_*)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from featureplane.spec import parse_duration
+
+
+def _ms(value: Any) -> Any:
+    return parse_duration(value) if isinstance(value, str) and not value.isdigit() else value
+
+
+Duration = Annotated[int, BeforeValidator(_ms), Field(ge=0)]
+"""Milliseconds, given as a number or as `500ms`, `30s`, `5m`..."""
+
+__all__ = ["ServeConfig"]
+
+
+class ServeConfig(BaseSettings):
+    """Cache sizes, timeouts and breaker of `featureplane serve`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FEATUREPLANE_SERVE_", extra="forbid", frozen=True
+    )
+
+    local_cache_mb: int = Field(64, ge=0)
+    """Bytes of the in-process tier, in MiB; 0 turns the tier off."""
+    negative_ttl: Duration = 5_000
+    """How long a (group, id) the store lacks is remembered as missing (ms)."""
+    redis_timeout: Duration = 100
+    """Timeout of one Redis round trip (ms)."""
+    store_timeout: Duration = 1_000
+    """Timeout of one store read (ms)."""
+    breaker_failures: int = Field(5, ge=1)
+    """Consecutive failures of a tier that open its circuit breaker."""
+    breaker_cooldown: Duration = 2_000
+    """How long an open breaker skips its tier before one trial call (ms)."""
+    xfetch_beta: float = Field(1.0, ge=0)
+    """XFetch beta: > 1 refreshes earlier, 0 turns early refresh off."""
+    shutdown_timeout: float = Field(10.0, ge=0)
+    """Seconds to finish in-flight requests after SIGTERM."""
+    uvloop: bool = False
+    """Run on uvloop instead of asyncio's default loop."""
