@@ -1,17 +1,58 @@
-"""Not built yet: see the open issues (issues list)."""
+"""Stream ingestion: read the event topics that the spec's ingestion rules name,
+from the consumer group's committed offsets, and write every feature group
+they feed.
+
+Each record is decoded and validated, dispatched to every rule it matches
+(event_type and `where`), turned into items by the rule's group, and
+written to the store (and, for `write: through` groups, the Redis tier)
+batch by batch with concurrent I/O. Offsets are committed only when a
+record's items are written, or the record is confirmed delivered to
+<topic>.dlq (malformed: bad JSON, missing field, wrong type, over 8 KiB)
+or <topic>.retry (transient store failure; see `featureplane retry`). The
+retry and DLQ topics (and missing event topics) are created at start.
+SIGTERM stops reading, finishes writes in flight, commits and exits 0.
+Metrics are served on FEATUREPLANE_METRICS_PORT (0 picks a free port).
+
+Cluster mode: python -m bytewax.run flows.ingest:flow -w WORKERS [-i ID -a ADDRS]
+reads the same FEATUREPLANE_* variables.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import Any
+
+from featureplane.cli import (
+    add_kafka_options,
+    add_spec_option,
+    add_store_options,
+    load_spec,
+    settings_from,
+)
+from flows import dataflow
+from flows.options import add_flow_options, options_from
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    del p
+    add_spec_option(p)
+    add_kafka_options(p)
+    add_store_options(p)
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus port; 0 picks a free one [FEATUREPLANE_METRICS_PORT, 9100]",
+    )
+    add_flow_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    print("featureplane: this command is not built yet", file=sys.stderr)
-    return 2
+    settings = settings_from(args)
+    return dataflow.run("ingest", settings, load_spec(settings), options_from(args))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "flow":
+        return dataflow.module_flow("ingest")
+    raise AttributeError(name)

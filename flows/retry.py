@@ -1,17 +1,55 @@
-"""Not built yet: see the open issues (issues list)."""
+"""The retry dataflow: reprocess records that failed for a transient reason.
+
+Reads <topic>.retry for every event topic of the spec (its own consumer
+group, FEATUREPLANE_RETRY_GROUP, default <kafka group>-retry). A record with
+header attempt=n waits a random backoff of up to
+min(cap, base * 2**(n-1)) from when it was handed over, without holding
+back other records, then goes through the same decode, dispatch, aggregate
+and write steps as in `featureplane ingest`. If it fails again it goes back
+to <topic>.retry as attempt n+1, or after --max-attempts retries to
+<topic>.dlq with the reason. Offsets are committed only once a record is
+written or handed over with delivery confirmed. SIGTERM stops gracefully.
+
+Cluster mode: python -m bytewax.run flows.retry:flow reads the same variables.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import Any
+
+from featureplane.cli import (
+    add_kafka_options,
+    add_spec_option,
+    add_store_options,
+    load_spec,
+    settings_from,
+)
+from flows import dataflow
+from flows.options import add_flow_options, add_retry_options, options_from
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    del p
+    add_spec_option(p)
+    add_kafka_options(p)
+    add_store_options(p)
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus port; 0 picks a free one [FEATUREPLANE_METRICS_PORT, 9100]",
+    )
+    add_flow_options(p)
+    add_retry_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    print("featureplane: this command is not built yet", file=sys.stderr)
-    return 2
+    settings = settings_from(args)
+    return dataflow.run("retry", settings, load_spec(settings), options_from(args))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "flow":
+        return dataflow.module_flow("retry")
+    raise AttributeError(name)

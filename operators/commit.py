@@ -1,0 +1,64 @@
+"""Per topic-partition offset tracking for manual commits (Karrot's contiguous commit).
+
+Offsets are tracked in the order they are read and acknowledged in any
+order; the committable position is the highest offset such that it and
+every offset read before it are done, plus one (Kafka's "next offset to
+read"). One slow record holds the commit back, never the stream.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+__all__ = ["OffsetTracker"]
+
+
+class OffsetTracker:
+    """Tracks the read and acknowledged offsets of one topic-partition."""
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self._read: deque[int] = deque()
+        self._done: set[int] = set()
+        self._position: int | None = None
+        self._committed: int | None = None
+        self._lock = threading.Lock()
+
+    def track(self, offset: int) -> None:
+        """Record that `offset` was read; offsets must be read in increasing order."""
+        with self._lock:
+            if self._read and offset <= self._read[-1]:
+                raise ValueError(f"offset {offset} read after {self._read[-1]}")
+            self._read.append(offset)
+
+    def ack(self, offset: int) -> None:
+        """Mark `offset` done and advance the committable position."""
+        with self._lock:
+            self._done.add(offset)
+            read, done = self._read, self._done
+            while read and read[0] in done:
+                first = read.popleft()
+                done.discard(first)
+                self._position = first + 1
+
+    @property
+    def position(self) -> int | None:
+        """The offset to commit (last contiguous done + 1), or None before any is done."""
+        return self._position
+
+    @property
+    def in_flight(self) -> int:
+        """Offsets read and not yet committable."""
+        with self._lock:
+            return len(self._read)
+
+    def to_commit(self) -> int | None:
+        """The position if it moved since `committed()` was last called with it."""
+        pos = self._position
+        return None if pos is None or pos == self._committed else pos
+
+    def committed(self, position: int) -> None:
+        """Record that `position` was committed."""
+        self._committed = position

@@ -1,0 +1,62 @@
+"""Decode and validate Kafka record values into events (CONTRACT section 1).
+
+A value that is not a UTF-8 JSON object with a string `event_id`, a string
+`event_type` and an integer `ts` (epoch ms) makes the record malformed: the
+`Work` comes back with status `malformed` and a reason, never an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+import orjson
+
+from featureplane.keys import MAX_TS
+from operators.records import Event, Work
+
+__all__ = ["MalformedError", "decode_event", "decode_works"]
+
+
+class MalformedError(ValueError):
+    """A record value that is not a valid event; the message is the DLQ reason."""
+
+
+def decode_event(value: bytes | None) -> Event:
+    """Bytes -> Event, or raise `MalformedError` saying what is wrong."""
+    if value is None:
+        raise MalformedError("empty record value")
+    try:
+        body: Any = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedError(f"not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise MalformedError(f"not a JSON object but {type(body).__name__}")
+    event_id = _text("event_id", body.get("event_id"))
+    event_type = _text("event_type", body.get("event_type"))
+    ts = body.get("ts")
+    if ts is None:
+        raise MalformedError("missing field ts")
+    if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= MAX_TS:
+        raise MalformedError(f"ts must be an integer of epoch milliseconds, got {ts!r:.80}")
+    return Event(event_id, event_type, ts, body)
+
+
+def _text(name: str, val: Any) -> str:
+    if val is None:
+        raise MalformedError(f"missing field {name}")
+    if not isinstance(val, str) or not val:
+        raise MalformedError(f"{name} must be a non-empty string, got {val!r:.80}")
+    return val
+
+
+def decode_works(works: Iterable[Work]) -> list[Work]:
+    """Decode each pending work's message; malformed ones get status and reason."""
+    out: list[Work] = []
+    for work in works:
+        try:
+            out.append(replace(work, event=decode_event(work.message.value)))
+        except MalformedError as exc:
+            out.append(replace(work, status="malformed", reason=str(exc)))
+    return out

@@ -1,0 +1,257 @@
+"""Kafka I/O with confluent-kafka: a consumer-group reader with manual commits,
+a producer that confirms delivery, and topic creation.
+
+`GroupConsumer` subscribes (so several workers or processes share the
+partitions), never auto-commits and never auto-stores offsets; every record
+read is tracked by its partition's `OffsetTracker`, and `commit()` commits
+each partition's contiguous acknowledged position. On a rebalance the
+revoked partitions are committed first; on a lost assignment nothing is
+committed (another member owns them now). `Deliverer.deliver` produces and
+waits for the broker's acknowledgement of every record (acks=all).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Message as KafkaMessage
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from operators import metrics
+from operators.commit import OffsetTracker
+from operators.records import Message
+from operators.route import Outgoing
+
+__all__ = ["Deliverer", "GroupConsumer", "ensure_topics", "topic_partitions"]
+
+log = logging.getLogger(__name__)
+
+Convert = Callable[[KafkaMessage, OffsetTracker], Message]
+_UNCONFIRMED = "delivery not confirmed in time"
+
+
+class GroupConsumer:
+    """A subscribed consumer whose offsets are committed only once acknowledged."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        group: str,
+        topics: Sequence[str],
+        convert: Convert,
+        *,
+        flow: str,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.flow = flow
+        self.convert = convert
+        self.trackers: dict[tuple[str, int], OffsetTracker] = {}
+        self._paused = False
+        conf: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+            "error_cb": _log_error,
+            **(config or {}),
+        }
+        self._consumer = Consumer(conf)
+        self._consumer.subscribe(
+            list(topics),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+
+    # -- rebalance callbacks (run inside poll/consume, on the caller's thread)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.trackers[(tp.topic, tp.partition)] = OffsetTracker(tp.topic, tp.partition)
+        log.info("%s: assigned %s", self.flow, _names(partitions))
+        if self._paused and partitions:
+            consumer.pause(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self._commit([self.trackers[k] for k in keys if k in self.trackers])
+        for k in keys:
+            self.trackers.pop(k, None)
+        log.info("%s: revoked %s (acknowledged offsets committed)", self.flow, _names(partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.trackers.pop((tp.topic, tp.partition), None)
+        log.warning("%s: lost %s without committing", self.flow, _names(partitions))
+
+    # -- reading
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Message]:
+        """Up to `max_records` records, each tracked before it is returned."""
+        out: list[Message] = []
+        for m in self._consumer.consume(max_records, timeout_s):
+            err = m.error()
+            if err is not None:
+                if err.fatal():
+                    raise KafkaException(err)
+                log.warning("%s: consumer error: %s", self.flow, err)
+                continue
+            topic, partition, offset = m.topic(), m.partition(), m.offset()
+            assert topic is not None and partition is not None and offset is not None
+            tracker = self.trackers.get((topic, partition))
+            if tracker is None:  # assigned outside the callback (should not happen)
+                tracker = self.trackers[(topic, partition)] = OffsetTracker(topic, partition)
+            tracker.track(offset)
+            metrics.RECORDS_IN.labels(self.flow, topic).inc()
+            out.append(self.convert(m, tracker))
+        return out
+
+    def in_flight(self) -> int:
+        return sum(t.in_flight for t in self.trackers.values())
+
+    def pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._consumer.pause(self._consumer.assignment())
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._consumer.resume(self._consumer.assignment())
+
+    # -- committing
+
+    def commit(self) -> None:
+        """Commit every partition whose acknowledged position moved."""
+        self._commit(list(self.trackers.values()))
+
+    def _commit(self, trackers: Sequence[OffsetTracker]) -> None:
+        moved = [(t, p) for t in trackers if (p := t.to_commit()) is not None]
+        if not moved:
+            return
+        offsets = [TopicPartition(t.topic, t.partition, p) for t, p in moved]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            log.warning("%s: commit failed, will retry: %s", self.flow, exc)
+            return
+        for t, p in moved:
+            t.committed(p)
+            part = str(t.partition)
+            metrics.COMMITTED_OFFSET.labels(self.flow, t.topic, part).set(p)
+            try:
+                _, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(t.topic, t.partition), cached=True
+                )
+            except KafkaException:
+                continue
+            if high is not None and high >= 0:
+                metrics.LAG.labels(self.flow, t.topic, part).set(max(0, high - p))
+
+    def close(self) -> None:
+        """Commit what is acknowledged and leave the group."""
+        try:
+            self.commit()
+        finally:
+            self._consumer.close()
+
+
+class Deliverer:
+    """Produces records and waits until the broker confirms each one."""
+
+    def __init__(self, bootstrap: str, config: Mapping[str, Any] | None = None) -> None:
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "acks": "all",
+                "linger.ms": 5,
+                "error_cb": _log_error,
+                **(config or {}),
+            }
+        )
+
+    def deliver(
+        self, records: Sequence[Outgoing], timeout_s: float = 30.0, rounds: int = 3
+    ) -> list[str | None]:
+        """Produce all; one entry per record: None when delivered, else the error."""
+        results: list[str | None] = [_UNCONFIRMED] * len(records)
+        todo = list(range(len(records)))
+        for _ in range(rounds):
+            if not todo:
+                break
+            for i in todo:
+                results[i] = _UNCONFIRMED
+                self._produce(records[i], results, i)
+            deadline = time.monotonic() + timeout_s
+            while any(results[i] is _UNCONFIRMED for i in todo):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._producer.flush(min(left, 1.0))
+            todo = [i for i in todo if results[i] is not None]
+        return results
+
+    def _produce(self, rec: Outgoing, results: list[str | None], i: int) -> None:
+        def done(err: KafkaError | None, _msg: KafkaMessage) -> None:
+            results[i] = None if err is None else str(err)
+
+        while True:
+            try:
+                self._producer.produce(
+                    rec.topic, rec.value, rec.key, headers=list(rec.headers), on_delivery=done
+                )
+                return
+            except BufferError:  # local queue full: serve callbacks, then try again
+                self._producer.poll(0.1)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._producer.flush(timeout_s)
+
+
+def topic_partitions(bootstrap: str, timeout_s: float = 10.0) -> dict[str, int]:
+    """Existing topics and their partition counts."""
+    admin = AdminClient(_admin_conf(bootstrap))
+    md = admin.list_topics(timeout=timeout_s)
+    return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
+
+
+def ensure_topics(bootstrap: str, wanted: Mapping[str, int], timeout_s: float = 30.0) -> list[str]:
+    """Create the topics of `wanted` (name -> partitions) that are missing; return them."""
+    existing = topic_partitions(bootstrap, timeout_s)
+    missing = sorted(t for t in wanted if t not in existing)
+    if not missing:
+        return []
+    admin = AdminClient(_admin_conf(bootstrap))
+    futures = admin.create_topics(
+        [NewTopic(t, num_partitions=wanted[t], replication_factor=-1) for t in missing],
+        operation_timeout=timeout_s,
+        request_timeout=timeout_s,
+    )
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout_s)
+            log.info("created topic %s (%d partitions)", name, wanted[name])
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            raise
+    return missing
+
+
+def _admin_conf(bootstrap: str) -> dict[str, Any]:
+    return {"bootstrap.servers": bootstrap, "error_cb": _log_error}
+
+
+def _names(partitions: Sequence[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
+
+
+def _log_error(err: KafkaError) -> None:
+    log.warning("kafka: %s", err)

@@ -1,0 +1,80 @@
+"""Prometheus metrics of the ingest and retry dataflows.
+
+Every metric has a `flow` label (`ingest` or `retry`). Served by
+`serve_metrics(port)` on `FEATUREPLANE_METRICS_PORT` (0 picks a free port).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+__all__ = [
+    "BATCH_WRITE_SECONDS",
+    "COMMITTED_OFFSET",
+    "DLQ",
+    "FAILURES",
+    "FRESHNESS_SECONDS",
+    "ITEMS_WRITTEN",
+    "LAG",
+    "RECORDS_IN",
+    "RETRIES",
+    "serve_metrics",
+]
+
+log = logging.getLogger(__name__)
+
+RECORDS_IN = Counter(
+    "featureplane_ingest_records", "Kafka records read, by topic", ["flow", "topic"]
+)
+ITEMS_WRITTEN = Counter(
+    "featureplane_ingest_items_written",
+    "Items written, by feature group and tier (store, redis)",
+    ["flow", "group", "tier"],
+)
+FAILURES = Counter(
+    "featureplane_ingest_failures",
+    "Records that failed, by reason class (malformed, transient, store_error, timeout, delivery)",
+    ["flow", "reason"],
+)
+RETRIES = Counter(
+    "featureplane_ingest_retry", "Records sent to <topic>.retry, by event topic", ["flow", "topic"]
+)
+DLQ = Counter(
+    "featureplane_ingest_dlq", "Records sent to <topic>.dlq, by event topic", ["flow", "topic"]
+)
+COMMITTED_OFFSET = Gauge(
+    "featureplane_ingest_committed_offset",
+    "Last committed offset (next to read), by topic-partition",
+    ["flow", "topic", "partition"],
+)
+LAG = Gauge(
+    "featureplane_ingest_lag",
+    "High watermark minus committed offset, by topic-partition",
+    ["flow", "topic", "partition"],
+)
+BATCH_WRITE_SECONDS = Histogram(
+    "featureplane_ingest_batch_write_seconds",
+    "Wall time of one batch's concurrent writes",
+    ["flow"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+FRESHNESS_SECONDS = Histogram(
+    "featureplane_ingest_freshness_seconds",
+    "Write time minus event ts, by feature group",
+    ["flow", "group"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+)
+
+
+def serve_metrics(port: int) -> int | None:
+    """Serve /metrics on `port` (0: a free one); returns the port, None if it is taken."""
+    try:
+        server, _ = start_http_server(port, addr="0.0.0.0")  # noqa: S104 - scraped by Prometheus
+    except OSError as exc:
+        log.warning("metrics: cannot listen on port %d (%s); metrics are not served", port, exc)
+        return None
+    bound = int(server.server_port)
+    log.info("metrics: serving Prometheus metrics on :%d/metrics", bound)
+    return bound

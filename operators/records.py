@@ -1,0 +1,79 @@
+"""Frozen records passed between the ingestion steps.
+
+A `Message` is one Kafka record as read, carrying its `OffsetTracker` so a
+later step on the same worker can acknowledge it. A `Work` follows one
+message through decode, dispatch, aggregate, write and route; each step
+returns a new `Work` (via `dataclasses.replace`), never mutating one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from featureplane.codec import Item
+from featureplane.spec import IngestionRule
+from operators.commit import OffsetTracker
+
+__all__ = ["Event", "Message", "Origin", "Status", "Work"]
+
+Status = Literal["pending", "done", "malformed", "transient", "routed", "stuck"]
+"""pending: in progress; done: written (or matched nothing); malformed: goes to the DLQ;
+transient: goes to the retry topic; routed: delivered to retry/DLQ; stuck: delivery failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where an event was first read: kept across retries for the headers."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One Kafka record as read by a source."""
+
+    topic: str
+    """The event's topic: the one read, or for a retried record its original topic."""
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    origin: Origin
+    attempt: int = 0
+    """0 when read from the event topic; n when read from the retry topic for the nth time."""
+    first_failure_ms: int | None = None
+    produced_ms: int = 0
+    """The record's Kafka timestamp (epoch ms); for a retry record, when it was handed over."""
+    tracker: OffsetTracker | None = field(default=None, compare=False, repr=False)
+
+    def ack(self) -> None:
+        """Tell the source this offset is done (written, or handed to retry/DLQ)."""
+        if self.tracker is not None:
+            self.tracker.ack(self.offset)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A decoded event (CONTRACT section 1): required fields and the whole object."""
+
+    event_id: str
+    event_type: str
+    ts: int
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """One message on its way through the steps."""
+
+    message: Message
+    event: Event | None = None
+    rules: tuple[IngestionRule, ...] = ()
+    items: tuple[Item, ...] = ()
+    status: Status = "pending"
+    reason: str | None = None
+    """Why the record is malformed or failed; sent as the `reason` header."""

@@ -1,0 +1,153 @@
+"""Writers: a batch's items to the durable store and, write-through, the Redis tier.
+
+A batch is cut into chunks of whole records; every chunk's store write and
+cache write run concurrently on the worker's event loop and the batch
+waits for all of them. A record is `done` only when every chunk holding its
+items succeeded; otherwise it is marked for the retry topic (transient
+failures, timeouts, other store errors) or the DLQ (`ValidationError`),
+with the reason. Store writes are idempotent, so rewriting the items of a
+partly failed chunk on retry duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from featureplane.codec import Item
+from featureplane.errors import TransientStoreError, ValidationError
+from featureplane.spec import Catalog
+from featureplane.stores.base import Store
+from operators import metrics
+from operators.records import Status, Work
+
+__all__ = ["CacheWriter", "Failure", "Writer", "classify"]
+
+log = logging.getLogger(__name__)
+
+
+class CacheWriter(Protocol):
+    """The Redis tier as ingestion sees it: cache semantics (`RedisStore.write_through`)."""
+
+    async def write_through(self, items: Sequence[Item]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why a chunk failed: `kind` is the metric label, `reason` the header."""
+
+    kind: str
+    reason: str
+    malformed: bool = False
+
+
+def classify(exc: BaseException, tier: str) -> Failure:
+    """Exception of a write -> Failure (malformed goes to the DLQ, the rest to retry)."""
+    text = f"{tier}: {type(exc).__name__}: {exc}"[:500]
+    if isinstance(exc, ValidationError):
+        return Failure("malformed", text, malformed=True)
+    if isinstance(exc, TimeoutError):
+        return Failure("timeout", f"{tier}: write timed out")
+    if isinstance(exc, TransientStoreError):
+        return Failure("transient", text)
+    return Failure("store_error", text)
+
+
+class Writer:
+    """Writes works' items; one per worker thread (it runs on that thread's loop)."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        store: Store | None,
+        cache: CacheWriter | None,
+        *,
+        flow: str = "ingest",
+        chunk_items: int = 500,
+        timeout_s: float = 10.0,
+        clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.cache = cache
+        self.flow = flow
+        self.chunk_items = chunk_items
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self._to_store = {n for n, g in catalog.groups.items() if "store" in g.tiers}
+        self._to_cache = {
+            n for n, g in catalog.groups.items() if g.write == "through" and "redis" in g.tiers
+        }
+
+    async def write(self, works: Sequence[Work]) -> list[Work]:
+        """Write every pending work's items; return the works with their outcome."""
+        pending = [i for i, w in enumerate(works) if w.status == "pending"]
+        chunks: list[list[int]] = []
+        size = 0
+        for i in pending:
+            if not chunks or size + len(works[i].items) > self.chunk_items:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(i)
+            size += len(works[i].items)
+        started = time.perf_counter()
+        failures = await asyncio.gather(*(self._chunk([works[i] for i in c]) for c in chunks))
+        metrics.BATCH_WRITE_SECONDS.labels(self.flow).observe(time.perf_counter() - started)
+        out = list(works)
+        now = self.clock()
+        for chunk, failure in zip(chunks, failures, strict=True):
+            for i in chunk:
+                work = works[i]
+                if failure is None:
+                    out[i] = replace(work, status="done")
+                    for item in work.items:
+                        group = item.group
+                        metrics.FRESHNESS_SECONDS.labels(self.flow, group).observe(
+                            max(0, now - item.ts) / 1000
+                        )
+                else:
+                    status: Status = "malformed" if failure.malformed else "transient"
+                    out[i] = replace(work, status=status, reason=failure.reason)
+                    metrics.FAILURES.labels(self.flow, failure.kind).inc()
+        return out
+
+    async def _chunk(self, works: Sequence[Work]) -> Failure | None:
+        items = [it for w in works for it in w.items]
+        store_items = [it for it in items if it.group in self._to_store]
+        cache_items = [it for it in items if it.group in self._to_cache]
+        calls: list[tuple[str, list[Item]]] = []
+        if store_items and self.store is not None:
+            calls.append(("store", store_items))
+        if cache_items and self.cache is not None:
+            calls.append(("redis", cache_items))
+        results = await asyncio.gather(
+            *(self._call(tier, its) for tier, its in calls), return_exceptions=True
+        )
+        for (tier, its), res in zip(calls, results, strict=True):
+            if isinstance(res, BaseException):
+                if not isinstance(res, Exception):
+                    raise res
+                return classify(res, tier)
+            for group, n in _count(its).items():
+                metrics.ITEMS_WRITTEN.labels(self.flow, group, tier).inc(n)
+        return None
+
+    async def _call(self, tier: str, items: list[Item]) -> None:
+        async with asyncio.timeout(self.timeout_s):
+            if tier == "store":
+                assert self.store is not None
+                await self.store.write(items)
+            else:
+                assert self.cache is not None
+                await self.cache.write_through(items)
+
+
+def _count(items: Sequence[Item]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for it in items:
+        out[it.group] = out.get(it.group, 0) + 1
+    return out
