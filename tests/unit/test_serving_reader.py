@@ -1,0 +1,175 @@
+"""TieredReader and the app over a fake store: single-flight, negative caching, stale
+serving with background refresh, store outages -> 503, on-demand groups."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from featureplane.codec import Item, Record, make_item
+from featureplane.errors import TransientStoreError
+from featureplane.spec import Catalog, FeatureGroup
+from featureplane.stores.base import Query, Store
+from serving.app import READER, create_app
+from serving.config import ServeConfig
+from serving.local import LocalCache
+from serving.metrics import Metrics
+from serving.tiers import Lookup, ReaderConfig, TieredReader
+
+T0 = 1_763_800_000_000
+
+
+def _group(**kw: Any) -> FeatureGroup:
+    base = {"entity": "u", "features": [{"name": "x", "type": "int"}],
+            "ttl": {"soft": "10s", "hard": "60s", "jitter": 0}}
+    return FeatureGroup.model_validate({**base, **kw})
+
+
+CATALOG = Catalog(groups={
+    "last": _group(name="last", kind="latest", tiers=["local", "store"]),
+    "recent": _group(name="recent", kind="timeseries", max_items=5, tiers=["local", "store"]),
+    "computed": _group(name="computed", kind="latest",
+                       on_demand="test_serving_reader:compute_x"),
+    "broken": _group(name="broken", kind="latest", on_demand="test_serving_reader:explode"),
+})
+
+
+def compute_x(entity_id: str) -> dict[str, int] | None:
+    return None if entity_id == "nobody" else {"x": len(entity_id)}
+
+
+async def explode(entity_id: str) -> dict[str, int]:
+    raise RuntimeError("boom")
+
+
+class FakeStore(Store):
+    """In-memory store counting reads; `down` makes it fail, `delay` slows it."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        super().__init__(catalog, lambda: T0)
+        self.items: dict[tuple[str, str], list[Item]] = {}
+        self.reads = 0
+        self.down = False
+        self.delay = 0.0
+
+    async def write(self, items: Sequence[Item]) -> None:
+        for it in items:
+            self.items.setdefault((it.group, it.id), []).append(it)
+
+    async def read(self, queries: Sequence[Query]) -> list[list[Record]]:
+        self.reads += 1
+        await asyncio.sleep(self.delay)
+        if self.down:
+            raise TransientStoreError("store is down")
+        out = []
+        for q in queries:
+            limit, since, until = self.clamp(self.catalog.group(q.group), q)
+            its = sorted(self.items.get((q.group, q.id), []), key=lambda i: i.version,
+                         reverse=True)
+            its = [i for i in its if (since is None or i.ts >= since)
+                   and (until is None or i.ts <= until)][:limit]
+            out.append([Record(i.ts, i.version, i.value) for i in its])
+        return out
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def reader(store: FakeStore, clock: Clock, rand: float = 0.5) -> TieredReader:
+    return TieredReader(catalog=CATALOG, store=store, redis=None, local=LocalCache(1 << 20),
+                        metrics=Metrics(), clock=clock, rand=lambda: rand,
+                        config=ReaderConfig(negative_ttl_ms=2_000, xfetch_beta=0.0))
+
+
+async def test_single_flight_100_concurrent_misses_one_store_read() -> None:
+    store, clock = FakeStore(CATALOG), Clock()
+    await store.write([make_item(CATALOG.group("last"), "u1", T0, "e", {"x": 1})])
+    store.delay = 0.05
+    r = reader(store, clock)
+    got = await asyncio.gather(*(r.read([Lookup(CATALOG.group("last"), "u1")])
+                                 for _ in range(100)))
+    assert store.reads == 1
+    assert all(g[0] is not None and g[0][0].ts == T0 for g in got)
+    await r.read([Lookup(CATALOG.group("last"), "u1")])
+    assert store.reads == 1  # now a local hit
+
+
+async def test_negative_caching_with_its_own_ttl() -> None:
+    store, clock = FakeStore(CATALOG), Clock()
+    r = reader(store, clock)
+    last = CATALOG.group("last")
+    assert await r.read([Lookup(last, "ghost")]) == [[]]
+    assert await r.read([Lookup(last, "ghost")]) == [[]]
+    assert store.reads == 1
+    clock.now += 2_000  # negative TTL over
+    assert await r.read([Lookup(last, "ghost")]) == [[]]
+    assert store.reads == 2
+    events = r.metrics.cache.labels("local", "last", "negative_hit")._value.get()
+    assert events == 1
+
+
+async def test_stale_value_is_served_and_refreshed_in_background_never_past_hard() -> None:
+    store, clock = FakeStore(CATALOG), Clock()
+    last = CATALOG.group("last")
+    await store.write([make_item(last, "u", T0, "a", {"x": 1})])
+    r = reader(store, clock)
+    assert (await r.read([Lookup(last, "u")]))[0][0].ts == T0  # type: ignore[index]
+    await store.write([make_item(last, "u", T0 + 1, "b", {"x": 2})])
+    clock.now += 10_000  # past soft: the old value, and a refresh behind it
+    assert (await r.read([Lookup(last, "u")]))[0][0].ts == T0  # type: ignore[index]
+    await r.idle()
+    assert store.reads == 2
+    assert (await r.read([Lookup(last, "u")]))[0][0].ts == T0 + 1  # type: ignore[index]
+    # the refreshed entry counts from its own store read: past ITS hard, never served
+    store.down = True
+    clock.now += 59_999
+    assert (await r.read([Lookup(last, "u")]))[0] is not None
+    clock.now += 1
+    assert (await r.read([Lookup(last, "u")]))[0] is None
+
+
+async def test_timeseries_range_beyond_the_cache_goes_to_the_store() -> None:
+    store, clock = FakeStore(CATALOG), Clock()
+    recent = CATALOG.group("recent")
+    await store.write([make_item(recent, "u", T0 - i, f"e{i}", {"x": i}) for i in range(8)])
+    r = reader(store, clock)
+    newest = await r.read([Lookup(recent, "u", limit=3)])
+    assert [x.ts for x in newest[0] or []] == [T0, T0 - 1, T0 - 2]
+    old = await r.read([Lookup(recent, "u", limit=2, until=T0 - 5)])
+    assert [x.ts for x in old[0] or []] == [T0 - 5, T0 - 6]
+    assert store.reads == 2  # the cache holds 5 newest; the range needed the store
+
+
+def _app(store: FakeStore, **kw: Any) -> Any:
+    return create_app(CATALOG, store=store, config=ServeConfig(**kw), clock=lambda: T0)
+
+
+async def test_app_503_when_store_down_and_nothing_cached_and_on_demand() -> None:
+    store = FakeStore(CATALOG)
+    await store.write([make_item(CATALOG.group("last"), "u", T0, "a", {"x": 7})])
+    async with TestClient(TestServer(_app(store))) as client:
+        ok = await client.post("/v1/features", json={"requests": [
+            {"group": "last", "ids": ["u"]}, {"group": "computed", "ids": ["abc", "nobody"]}]})
+        assert ok.status == 200
+        assert (await ok.json())["results"] == [
+            {"group": "last", "id": "u", "found": True, "ts": T0, "features": {"x": 7}},
+            {"group": "computed", "id": "abc", "found": True, "ts": T0, "features": {"x": 3}},
+            {"group": "computed", "id": "nobody", "found": False},
+        ]
+        store.down = True
+        cached = await client.get("/v1/features/last/u")
+        assert cached.status == 200
+        resp = await client.get("/v1/features/last/other")
+        assert resp.status == 503
+        assert (await resp.json())["error"]["code"] == "unavailable"
+        bad = await client.get("/v1/features/broken/x")
+        assert bad.status == 503 and (await bad.json())["error"]["code"] == "on_demand_failed"
+        assert client.app is not None and client.app[READER].breakers["store"] is not None
