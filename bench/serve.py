@@ -1,0 +1,266 @@
+"""Benchmark of `featureplane serve` against a bare aiohttp ceiling (issue 4).
+
+    python bench/serve.py [--duration 20] [--ids 100000] [--profile] [--uvloop]
+
+Load: wrk (`apt-get install -y wrk`) in its own process, one thread, 32 connections,
+POST bodies from a Lua script with a random id of `--ids` per request, after a warm-up.
+Scenarios:
+  (a) one latest group, one id, from the local tier (warmed: every id cached);
+  (b) three groups (one timeseries of 30 items) for one id from Redis, local tier off;
+  (c) the same from the embedded store (a server without Redis, local tier off).
+Ceiling: a bare aiohttp handler in its own process returning a fixed JSON body of the
+scenario's response size, measured in the same run. `--profile` samples the server
+with py-spy during each scenario and prints its hottest functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from featureplane.codec import Record, make_item  # noqa: E402
+from featureplane.services import free_port, start_redis  # noqa: E402
+from featureplane.spec import load_catalog  # noqa: E402
+from featureplane.stores.embedded import EmbeddedStore  # noqa: E402
+from featureplane.stores.redis import CacheFill, RedisStore  # noqa: E402
+
+SPEC = """
+feature_groups:
+  - {name: last_click, entity: user, kind: latest, tiers: [local, store],
+     ttl: {soft: 10m, hard: 1h},
+     features: [{name: article_id, type: string}, {name: category, type: string}]}
+  - {name: keywords, entity: user, kind: latest, tiers: [redis, store],
+     ttl: {soft: 10m, hard: 1h},
+     features: [{name: keywords, type: "set<string>"}, {name: updated_by, type: string}]}
+  - {name: stats, entity: user, kind: latest, tiers: [redis, store], ttl: {soft: 10m, hard: 1h},
+     features: [{name: clicks, type: int}, {name: score, type: float}]}
+  - {name: recent, entity: user, kind: timeseries, max_items: 30, tiers: [redis, store],
+     ttl: {soft: 10m, hard: 1h},
+     features: [{name: article_id, type: string}, {name: category, type: string}]}
+"""
+BODY_A = '{"requests":[{"group":"last_click","ids":["%d"]}]}'
+BODY_B = ('{"requests":[{"group":"keywords","ids":["%d"]},{"group":"stats","ids":["%d"]},'
+          '{"group":"recent","ids":["%d"]}]}')
+CEILING = '''
+import sys
+from aiohttp import web
+body = open(sys.argv[2], "rb").read()
+async def handler(request):
+    await request.read()
+    return web.Response(body=body, content_type="application/json")
+app = web.Application()
+app.router.add_post("/v1/features", handler)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+'''
+LUA = '''
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local n = %d
+local template = '%s'
+request = function()
+  local id = math.random(0, n - 1)
+  return wrk.format(nil, "/v1/features", nil, string.format(template, id, id, id))
+end
+'''
+
+
+async def load_data(catalog: Any, data_dir: Path, redis_url: str, n: int) -> None:
+    now = int(time.time() * 1000)
+    groups = {g: catalog.group(g) for g in ("last_click", "keywords", "stats", "recent")}
+    async with EmbeddedStore(catalog, data_dir) as store, RedisStore(catalog, redis_url) as redis:
+        step = 2_000
+        for lo in range(0, n, step):
+            items, fills = [], []
+            for i in range(lo, min(lo + step, n)):
+                uid = str(i)
+                one = [make_item(groups["last_click"], uid, now, f"c{i}",
+                                 {"article_id": f"a{i}", "category": "bike"}),
+                       make_item(groups["keywords"], uid, now, f"k{i}",
+                                 {"keywords": {"bike", "desk", f"k{i % 97}"}, "updated_by": "app"}),
+                       make_item(groups["stats"], uid, now, f"s{i}",
+                                 {"clicks": i, "score": i / 7})]
+                recent = [make_item(groups["recent"], uid, now - j * 1000, f"r{i}-{j}",
+                                    {"article_id": f"a{(i + j) % 5000}", "category": "bike"})
+                          for j in range(30)]
+                items += one + recent
+                for it in one[1:]:
+                    fills.append(CacheFill(it.group, uid, [Record(it.ts, it.version, it.value)]))
+                fills.append(CacheFill("recent", uid, [Record(r.ts, r.version, r.value)
+                                                       for r in recent]))
+            await store.write(items)
+            await redis.fill(fills)
+
+
+def serve(port: int, env: dict[str, str], uvloop: bool) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "featureplane.cli", "serve", "--port", str(port)]
+    if uvloop:
+        argv.append("--uvloop")
+    return subprocess.Popen(argv, env={**os.environ, **env}, cwd=REPO)
+
+
+def wait_up(port: int, path: str = "/healthz") -> None:
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1)
+            return
+        except OSError as exc:
+            if getattr(exc, "code", None):
+                return  # any HTTP answer means it is up
+            time.sleep(0.05)
+    raise SystemExit(f"server on {port} did not start")
+
+
+async def warm_local(port: int, n: int) -> None:
+    async with aiohttp.ClientSession() as s:
+        for lo in range(0, n, 1000):
+            ids = [str(i) for i in range(lo, min(lo + 1000, n))]
+            async with s.post(f"http://127.0.0.1:{port}/v1/features",
+                              json={"requests": [{"group": "last_click", "ids": ids}]}) as r:
+                assert r.status == 200, await r.text()
+
+
+def response_size(port: int, body: str) -> bytes:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/features", data=body.encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as resp:
+        return bytes(resp.read())
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(port: int, lua: Path, duration: float, pid: int | None, profile: Path | None
+        ) -> dict[str, float]:
+    subprocess.run(["wrk", "-t1", "-c32", "-d3s", "-s", str(lua), f"http://127.0.0.1:{port}"],
+                   capture_output=True, check=True)  # warm-up
+    spy = None
+    if profile is not None and pid is not None:
+        spy = subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(int(duration)),
+                                "-f", "raw", "-o", str(profile), "-r", "200"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{int(duration)}s", "--latency", "-s",
+                          str(lua), f"http://127.0.0.1:{port}"],
+                         capture_output=True, text=True, check=True).stdout
+    if spy is not None:
+        spy.wait(timeout=60)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    lat = {p: float(v) * _UNITS[u] for p, v, u in
+           re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out, re.M)}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50": lat["50"], "p99": lat["99"],
+            "non2xx": float(errors.group(1)) if errors else 0.0}
+
+
+def hottest(profile: Path, top: int = 8) -> list[str]:
+    """Self time by function from py-spy's collapsed stacks."""
+    if not profile.exists():
+        return ["(no profile: is py-spy installed and allowed to ptrace?)"]
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in profile.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        leaf = stack.split(";")[-1]
+        own[re.sub(r"\s*\(.*/", " (", leaf)] += int(count)
+        total += int(count)
+    return [f"{100 * c / total:5.1f}%  {f}" for f, c in own.most_common(top)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds per measurement")
+    ap.add_argument("--ids", type=int, default=100_000, help="distinct entity ids")
+    ap.add_argument("--profile", action="store_true", help="py-spy the server per scenario")
+    ap.add_argument("--uvloop", action="store_true", help="run the servers on uvloop")
+    ap.add_argument("--only", default="abc", help="scenarios to run, e.g. ab")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="fp-bench-serve-"))
+    (tmp / "spec.yaml").write_text(SPEC)
+    catalog = load_catalog(tmp / "spec.yaml")
+    redis = start_redis(workdir=tmp / "redis")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        url = f"redis://{redis.address}/0"
+        t = time.time()
+        asyncio.run(load_data(catalog, tmp / "data", url, args.ids))
+        print(f"loaded {args.ids} ids x (3 latest + 30 timeseries items) in "
+              f"{time.time() - t:.0f} s", file=sys.stderr)
+        env = {"FEATUREPLANE_SPEC": str(tmp / "spec.yaml"), "FEATUREPLANE_DATA_DIR":
+               str(tmp / "data"), "FEATUREPLANE_REDIS_URL": url}
+        with_redis, without = free_port(), free_port()
+        procs.append(serve(with_redis, env, args.uvloop))
+        no_redis_env = {k: v for k, v in env.items() if k != "FEATUREPLANE_REDIS_URL"}
+        procs.append(serve(without, {**no_redis_env, "FEATUREPLANE_SERVE_LOCAL_CACHE_MB": "0"},
+                           args.uvloop))
+        wait_up(with_redis)
+        wait_up(without)
+        asyncio.run(warm_local(with_redis, args.ids))
+        scenarios = {
+            "a": ("(a) 1 latest group, local tier", with_redis, BODY_A),
+            "b": ("(b) 3 groups incl. 30-item timeseries, Redis", with_redis, BODY_B),
+            "c": ("(c) 3 groups incl. 30-item timeseries, store", without, BODY_B),
+        }
+        rows = []
+        ceilings: dict[int, dict[str, float]] = {}
+        for key in args.only:
+            title, port, body = scenarios[key]
+            sample = response_size(port, body % ((7,) * body.count("%d")))
+            size = len(sample)
+            lua = tmp / f"{key}.lua"
+            lua.write_text(LUA % (args.ids, body))
+            if size not in ceilings:
+                (tmp / "fixed.json").write_bytes(sample)
+                cport = free_port()
+                cargv = [sys.executable, "-c", CEILING, str(cport), str(tmp / "fixed.json")]
+                if args.uvloop:
+                    cargv = [sys.executable, "-c", "import uvloop; uvloop.install()\n" + CEILING,
+                             str(cport), str(tmp / "fixed.json")]
+                ceiling = subprocess.Popen(cargv)
+                wait_up(cport, "/")
+                ceilings[size] = wrk(cport, lua, args.duration, None, None)
+                ceiling.terminate()
+                ceiling.wait()
+                rows.append((f"ceiling: bare aiohttp, {size} B", ceilings[size], None))
+            pid = procs[0].pid if port == with_redis else procs[1].pid
+            prof = tmp / f"{key}.prof" if args.profile else None
+            res = wrk(port, lua, args.duration, pid, prof)
+            rows.append((f"{title}, {size} B", res, ceilings[size]))
+            if prof is not None:
+                print(f"\n{title}: hottest functions (self time)", file=sys.stderr)
+                for line in hottest(prof):
+                    print("   ", line, file=sys.stderr)
+        print(f"\nwrk -t1 -c32, {args.duration:.0f} s after a 3 s warm-up, {args.ids} ids, "
+              f"{'uvloop' if args.uvloop else 'asyncio'} loop, {os.cpu_count()} cores")
+        print(f"{'scenario':58} {'RPS':>8} {'p50 ms':>7} {'p99 ms':>7} {'RPS/ceil':>8} "
+              f"{'non-2xx':>7}")
+        for name, r, c in rows:
+            ratio = f"{r['rps'] / c['rps']:.0%}" if c else "-"
+            print(f"{name:58} {r['rps']:8.0f} {r['p50']:7.2f} {r['p99']:7.2f} {ratio:>8} "
+                  f"{r['non2xx']:7.0f}")
+        print(json.dumps({n: r for n, r, _ in rows}), file=sys.stderr)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=20)
+        redis.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
