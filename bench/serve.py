@@ -254,6 +254,11 @@ def main() -> int:
             print(f"{name:58} {r['rps']:8.0f} {r['p50']:7.2f} {r['p99']:7.2f} {ratio:>8} "
                   f"{r['non2xx']:7.0f}")
         print(json.dumps({n: r for n, r, _ in rows}), file=sys.stderr)
+        for port in (with_redis, without):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            for line in text.splitlines():
+                if line.startswith(("featureplane_cache_events_total", "featureplane_tier_err")):
+                    print(f"  :{port} {line}", file=sys.stderr)
     finally:
         for p in procs:
             p.terminate()

@@ -175,13 +175,32 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
+# Cache reads, one call a batch. KEYS: value key, negative key, ... ; ARGV[i]: "l" (latest)
+# or "t" (timeseries) of the i-th pair. Returns value, PTTL, negative PTTL per pair.
+_CACHE_READ_LUA = """
+local out = {}
+for i = 1, #ARGV do
+  local k = KEYS[2 * i - 1]
+  if ARGV[i] == 'l' then
+    out[#out + 1] = redis.call('GET', k)
+  else
+    out[#out + 1] = redis.call('ZREVRANGE', k, 0, -1)
+  end
+  out[#out + 1] = redis.call('PTTL', k)
+  out[#out + 1] = redis.call('PTTL', KEYS[2 * i])
+end
+return out
+"""
+
 _TIMESERIES_SHA = hashlib.sha1(_TIMESERIES_LUA.encode(), usedforsecurity=False).hexdigest()
 _LATEST_SHA = hashlib.sha1(_LATEST_LUA.encode(), usedforsecurity=False).hexdigest()
 _CACHE_TIMESERIES_SHA = hashlib.sha1(
     _CACHE_TIMESERIES_LUA.encode(), usedforsecurity=False
 ).hexdigest()
 _CACHE_LATEST_SHA = hashlib.sha1(_CACHE_LATEST_LUA.encode(), usedforsecurity=False).hexdigest()
+_CACHE_READ_SHA = hashlib.sha1(_CACHE_READ_LUA.encode(), usedforsecurity=False).hexdigest()
 _SCRIPTS = (
+    (_CACHE_READ_LUA, _CACHE_READ_SHA),
     (_TIMESERIES_LUA, _TIMESERIES_SHA),
     (_LATEST_LUA, _LATEST_SHA),
     (_CACHE_TIMESERIES_LUA, _CACHE_TIMESERIES_SHA),
@@ -480,26 +499,32 @@ class RedisStore(Store):
         await self._run_scripts(calls, [], markers)
 
     async def read_cached(self, keys: Sequence[tuple[str, str]]) -> list[Cached]:
-        """Every cached member, PTTL and negative marker of each (group, id): one round trip."""
+        """Every cached member, PTTL and negative marker of each (group, id): one round trip.
+
+        One script call reads the whole batch: redis-py spends far more CPU per command
+        than Redis does, so 1 command beats a pipeline of 3 a pair. It is a multi-key
+        script; under Redis Cluster the batch would have to be split by hash slot.
+        """
         if not keys:
             return []
-        pipe = self._redis().pipeline(transaction=False)
+        names: list[bytes] = []
+        kinds: list[str] = []
         for group_name, entity_id in keys:
             group = self._group(group_name)
-            key = key_of(self.prefix, group_name, entity_id)
-            if group.kind == "latest":
-                pipe.get(key)
-            else:
-                pipe.zrevrange(key, 0, -1)
-            pipe.pttl(key)
-            pipe.pttl(negative_key_of(self.prefix, group_name, entity_id))
+            names.append(key_of(self.prefix, group_name, entity_id))
+            names.append(negative_key_of(self.prefix, group_name, entity_id))
+            kinds.append("l" if group.kind == "latest" else "t")
+        client = self._redis()
         with _translated("cache read"):
-            results = await pipe.execute(raise_on_error=False)
-        _first_error(results, "cache read")
+            try:
+                results = await client.evalsha(_CACHE_READ_SHA, len(names), *names, *kinds)
+            except rx.NoScriptError:
+                await self._load_scripts()
+                results = await client.evalsha(_CACHE_READ_SHA, len(names), *names, *kinds)
         out: list[Cached] = []
         for i in range(0, len(results), 3):
             value, pttl, neg = results[i : i + 3]
-            if value is None:
+            if value is None or value == []:
                 records = []
             elif isinstance(value, bytes):
                 records = [record_of(value)]
