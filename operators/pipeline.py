@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, cast
+from typing import Literal
 
 from featureplane.codec import Item
 from featureplane.settings import Settings
@@ -30,7 +30,7 @@ from operators.dispatch import Dispatcher
 from operators.kafka import Deliverer
 from operators.records import Message, Work
 from operators.route import Outgoing, route_of
-from operators.write import CacheWriter, Writer
+from operators.write import Writer
 
 __all__ = ["Pipeline", "PipelineConfig"]
 
@@ -60,16 +60,13 @@ class _Resources:
     def __init__(self, settings: Settings, catalog: Catalog, config: PipelineConfig) -> None:
         self.loop = asyncio.new_event_loop()
         self.store: Store = open_store(settings, catalog)
-        self.redis: Store | None = open_redis(settings, catalog)
+        redis = open_redis(settings, catalog)
+        self.cache = _Cache(redis) if redis is not None else None
         self.loop.run_until_complete(self.store.start())
-        cache: CacheWriter | None = None
-        if self.redis is not None:
-            self.loop.run_until_complete(self.redis.start())
-            cache = _cache_writer(self.redis)
         self.writer = Writer(
             catalog,
             self.store,
-            cache,
+            self.cache,
             flow=config.flow,
             chunk_items=config.chunk_items,
             timeout_s=config.write_timeout_s,
@@ -79,25 +76,41 @@ class _Resources:
 
     def close(self) -> None:
         self.deliverer.close()
-        for s in (self.store, self.redis):
-            if s is not None:
-                self.loop.run_until_complete(s.aclose())
+        self.loop.run_until_complete(self.store.aclose())
+        if self.cache is not None:
+            self.loop.run_until_complete(self.cache.aclose())
         self.loop.close()
 
 
-def _cache_writer(redis: Store) -> CacheWriter:
-    if hasattr(redis, "write_through"):
-        return cast(CacheWriter, redis)
-    log.warning(
-        "RedisStore has no write_through yet: write-through groups are written to Redis "
-        "with its store semantics (Store.write)"
-    )
+class _Cache:
+    """The Redis tier, started on first use (so Redis being down at start-up is a
+    transient write failure like any other) and written with `write_through`."""
 
-    class _Fallback:
-        async def write_through(self, items: Sequence[Item]) -> None:
-            await redis.write(items)
+    def __init__(self, redis: Store) -> None:
+        self.redis = redis
+        self.started = False
+        self._starting = asyncio.Lock()
+        self._through = getattr(redis, "write_through", None)
+        if self._through is None:
+            log.warning(
+                "RedisStore has no write_through yet: write-through groups are written to "
+                "Redis with its store semantics (Store.write)"
+            )
 
-    return _Fallback()
+    async def write_through(self, items: Sequence[Item]) -> None:
+        if not self.started:
+            async with self._starting:  # concurrent chunks must not race a failing start
+                if not self.started:
+                    await self.redis.start()
+                    self.started = True
+        if self._through is not None:
+            await self._through(items)
+        else:
+            await self.redis.write(items)
+
+    async def aclose(self) -> None:
+        if self.started:
+            await self.redis.aclose()
 
 
 class Pipeline:
