@@ -19,6 +19,7 @@ from typing import Literal
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
+from confluent_kafka import KafkaException
 from confluent_kafka import Message as KafkaMessage
 
 from featureplane.errors import FeatureplaneError
@@ -75,7 +76,10 @@ def prepare_topics(kind: Kind, settings: Settings, catalog: Catalog, options: Fl
         raise FeatureplaneError(
             f"the spec at {settings.spec} has no ingestion rules: nothing to read"
         )
-    existing = topic_partitions(bootstrap)
+    try:
+        existing = topic_partitions(bootstrap)
+    except KafkaException as exc:
+        raise FeatureplaneError(f"cannot reach Kafka at {bootstrap}: {exc}") from None
     wanted: dict[str, int] = {}
     for topic in catalog.topics:
         n = existing.get(topic, options.topic_partitions)
@@ -84,8 +88,10 @@ def prepare_topics(kind: Kind, settings: Settings, catalog: Catalog, options: Fl
             wanted[topic] = n
         wanted[retry_topic(topic)] = n
         wanted[dlq_topic(topic)] = n
-    for name in ensure_topics(bootstrap, wanted):
-        log.info("%s: created missing topic %s", kind, name)
+    try:
+        ensure_topics(bootstrap, wanted)
+    except KafkaException as exc:
+        raise FeatureplaneError(f"cannot create topics on {bootstrap}: {exc}") from None
 
 
 def _ingest_message(m: KafkaMessage, tracker: OffsetTracker) -> Message:
@@ -200,6 +206,7 @@ def run(kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions) 
     """Run a dataflow in this process until SIGTERM; 0 after a graceful stop."""
     from bytewax.run import cli_main
 
+    _bootstrap(settings)
     install_signal_handlers()
     metrics.serve_metrics(settings.metrics_port)
     prepare_topics(kind, settings, catalog, options)

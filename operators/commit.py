@@ -24,13 +24,15 @@ class OffsetTracker:
         self._done: set[int] = set()
         self._position: int | None = None
         self._committed: int | None = None
+        self._last: int | None = None
         self._lock = threading.Lock()
 
     def track(self, offset: int) -> None:
         """Record that `offset` was read; offsets must be read in increasing order."""
         with self._lock:
-            if self._read and offset <= self._read[-1]:
-                raise ValueError(f"offset {offset} read after {self._read[-1]}")
+            if self._last is not None and offset <= self._last:
+                raise ValueError(f"offset {offset} read after {self._last}")
+            self._last = offset
             self._read.append(offset)
 
     def ack(self, offset: int) -> None:
