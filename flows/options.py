@@ -35,7 +35,7 @@ class FlowOptions(BaseSettings):
     """Worker threads in this process (each with its own consumer in the group)."""
     batch_size: int = Field(2000, ge=1, le=100_000)
     """Most records read and written as one batch."""
-    chunk_items: int = Field(500, ge=1, le=100_000)
+    chunk_items: int = Field(10_000, ge=1, le=100_000)
     """Items per concurrent store write within a batch."""
     commit_interval: Millis = 1000
     """How often acknowledged offsets are committed (also on rebalance and shutdown)."""
@@ -73,7 +73,7 @@ def add_flow_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--chunk-items",
         type=int,
-        help="items per concurrent store write [FEATUREPLANE_CHUNK_ITEMS, 500]",
+        help="items per concurrent store write [FEATUREPLANE_CHUNK_ITEMS, 10000]",
     )
     g.add_argument(
         "--commit-interval",

@@ -95,6 +95,7 @@ class GroupConsumer:
     def poll(self, max_records: int, timeout_s: float) -> list[Message]:
         """Up to `max_records` records, each tracked before it is returned."""
         out: list[Message] = []
+        counts: dict[str, int] = {}
         for m in self._consumer.consume(max_records, timeout_s):
             err = m.error()
             if err is not None:
@@ -108,8 +109,10 @@ class GroupConsumer:
             if tracker is None:  # assigned outside the callback (should not happen)
                 tracker = self.trackers[(topic, partition)] = OffsetTracker(topic, partition)
             tracker.track(offset)
-            metrics.RECORDS_IN.labels(self.flow, topic).inc()
+            counts[topic] = counts.get(topic, 0) + 1
             out.append(self.convert(m, tracker))
+        for topic, n in counts.items():
+            metrics.RECORDS_IN.labels(self.flow, topic).inc(n)
         return out
 
     def in_flight(self) -> int:

@@ -46,7 +46,7 @@ class PipelineConfig:
     flow: Literal["ingest", "retry"] = "ingest"
     max_attempts: int = 8
     """Retries of a transient failure before the record goes to the DLQ."""
-    chunk_items: int = 500
+    chunk_items: int = 10_000
     """Items per concurrent store write."""
     write_timeout_s: float = 10.0
     """A write slower than this is a transient failure."""

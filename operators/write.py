@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from prometheus_client import Histogram
+
 from featureplane.codec import Item
 from featureplane.errors import TransientStoreError, ValidationError
 from featureplane.spec import Catalog
@@ -67,7 +69,7 @@ class Writer:
         cache: CacheWriter | None,
         *,
         flow: str = "ingest",
-        chunk_items: int = 500,
+        chunk_items: int = 10_000,
         timeout_s: float = 10.0,
         clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
@@ -78,6 +80,7 @@ class Writer:
         self.chunk_items = chunk_items
         self.timeout_s = timeout_s
         self.clock = clock
+        self._freshness: dict[str, Histogram] = {}
         self._to_store = {n for n, g in catalog.groups.items() if "store" in g.tiers}
         self._to_cache = {
             n for n, g in catalog.groups.items() if g.write == "through" and "redis" in g.tiers
@@ -99,16 +102,19 @@ class Writer:
         metrics.BATCH_WRITE_SECONDS.labels(self.flow).observe(time.perf_counter() - started)
         out = list(works)
         now = self.clock()
+        fresh = self._freshness
         for chunk, failure in zip(chunks, failures, strict=True):
             for i in chunk:
                 work = works[i]
                 if failure is None:
                     out[i] = replace(work, status="done")
                     for item in work.items:
-                        group = item.group
-                        metrics.FRESHNESS_SECONDS.labels(self.flow, group).observe(
-                            max(0, now - item.ts) / 1000
-                        )
+                        hist = fresh.get(item.group)
+                        if hist is None:
+                            hist = fresh[item.group] = metrics.FRESHNESS_SECONDS.labels(
+                                self.flow, item.group
+                            )
+                        hist.observe(max(0, now - item.ts) / 1000)
                 else:
                     status: Status = "malformed" if failure.malformed else "transient"
                     out[i] = replace(work, status=status, reason=failure.reason)

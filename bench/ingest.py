@@ -1,0 +1,446 @@
+"""Ingestion benchmark: events/s of one `featureplane ingest` process, freshness, and the
+ceiling of a bare confluent-kafka consumer on the same topic, in one run.
+
+Starts its own tansu broker, redis-server and dynalite on free ports. Pre-produces
+--events events (realistic payloads; 70% clicks feeding 3 groups, 20% searches, 10%
+keyword changes: 5 groups, M:N) into one 4-partition topic, then measures:
+
+  1. bare consumer: a confluent-kafka consumer reading every record (no decoding)
+  2. ingest -> embedded store + Redis (write-through), the whole topic
+  3. ingest -> DynamoDB (dynalite) + Redis, the first --dynamo-events events
+  4. freshness (write time - event ts) p50/p99 at a fixed --rate events/s for --seconds
+
+Throughput counts from the first committed offset to the last, so the consumer-group
+join time (3 s on tansu) is excluded. Run: python bench/ingest.py [--events 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from featureplane.services import Service, free_port, start_dynalite, start_redis, start_tansu
+
+REPO = Path(__file__).resolve().parent.parent
+PARTITIONS = 4
+RULES = """
+ingestion:
+  - {name: clicks_recent, topic: TOPIC, event_type: click, where: {article.kind: fleaMarket},
+     group: recent_user_clicked_fleaMarketArticles, id: user_id,
+     features: {article_id: article.id, session_id: session, category: article.category}}
+  - {name: clicks_last, topic: TOPIC, event_type: click, group: user_last_click, id: user_id,
+     features: {article_id: article.id, category: article.category}}
+  - {name: clicks_stats, topic: TOPIC, event_type: click, group: article_stats, id: article.id,
+     features: {price: article.price}}
+  - {name: searches, topic: TOPIC, event_type: search, group: recent_user_searches,
+     id: user_id, features: {query: query, result_count: result_count}}
+  - {name: keywords, topic: TOPIC, event_type: keywords_changed,
+     group: user_notification_keywords, id: user_id,
+     features: {keywords: keywords, updated_by: source}}
+"""
+WORDS = "bike sofa desk lamp camera phone shoes jacket guitar stroller tent kettle".split()
+
+
+def event(i: int, ts: int, rng: random.Random) -> tuple[bytes, bytes]:
+    user = f"user-{rng.randrange(200_000)}"
+    r = rng.random()
+    if r < 0.7:
+        ev: dict[str, Any] = {
+            "event_id": f"ev-{i}",
+            "event_type": "click",
+            "ts": ts,
+            "user_id": user,
+            "session": f"sess-{rng.randrange(10**9):09d}",
+            "platform": "ios",
+            "app_version": "24.3.1",
+            "article": {
+                "id": f"art-{rng.randrange(10**7)}",
+                "kind": "fleaMarket" if rng.random() < 0.8 else "business",
+                "category": rng.choice(WORDS),
+                "price": round(rng.uniform(1, 500), 2),
+                "region": {"id": rng.randrange(5000), "name": "Seocho-dong"},
+            },
+        }
+    elif r < 0.9:
+        ev = {
+            "event_id": f"ev-{i}",
+            "event_type": "search",
+            "ts": ts,
+            "user_id": user,
+            "query": " ".join(rng.sample(WORDS, 2)),
+            "result_count": rng.randrange(200),
+        }
+    else:
+        ev = {
+            "event_id": f"ev-{i}",
+            "event_type": "keywords_changed",
+            "ts": ts,
+            "user_id": user,
+            "keywords": rng.sample(WORDS, 3),
+            "source": "app",
+        }
+    return user.encode(), json.dumps(ev).encode()
+
+
+def produce(bootstrap: str, topic: str, n: int, rate: float | None = None, seed: int = 1) -> None:
+    rng = random.Random(seed)
+    p = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 20,
+            "batch.num.messages": 10000,
+            "queue.buffering.max.messages": 500_000,
+            "compression.type": "lz4",
+        }
+    )
+    start = time.monotonic()
+    now = time.time_ns() // 1_000_000
+    for i in range(n):
+        if rate:
+            due = start + i / rate
+            if (lag := due - time.monotonic()) > 0:
+                time.sleep(lag)
+            now = time.time_ns() // 1_000_000
+        elif i % 10_000 == 0:
+            now = time.time_ns() // 1_000_000
+        key, value = event(i, now, rng)
+        while True:
+            try:
+                p.produce(topic, value, key)
+                break
+            except BufferError:
+                p.poll(0.05)
+        if i % 1000 == 0:
+            p.poll(0)
+    assert p.flush(120) == 0
+
+
+def ends(bootstrap: str, topic: str) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-ends"})
+    out = {
+        p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+        for p in range(PARTITIONS)
+    }
+    c.close()
+    return out
+
+
+def count_end(bootstrap: str, topic: str) -> dict[int, int]:
+    """End offsets by reading (tansu's ListOffsets answers are not reliable)."""
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-count-{time.time()}",
+            "enable.auto.commit": False,
+        }
+    )
+    c.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+    last: dict[int, int] = {}
+    idle = 0
+    while idle < 6:
+        batch = c.consume(10_000, 0.5)
+        idle = 0 if batch else idle + 1
+        for m in batch:
+            if m.error() is None:
+                last[m.partition()] = m.offset() + 1
+    c.close()
+    return last
+
+
+def bare_consumer(bootstrap: str, topic: str, n: int) -> float:
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-bare-{time.time()}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+        }
+    )
+    c.subscribe([topic])
+    got, t0 = 0, None
+    while got < n:
+        batch = c.consume(2000, 1.0)
+        if batch and t0 is None:
+            t0 = time.perf_counter()
+        got += sum(1 for m in batch if m.error() is None)
+    assert t0 is not None
+    rate = got / (time.perf_counter() - t0)
+    c.close()
+    return rate
+
+
+def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    got = c.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
+    c.close()
+    return {tp.partition: max(tp.offset, 0) for tp in got}
+
+
+class Ingest:
+    def __init__(
+        self, spec: Path, bootstrap: str, group: str, extra: dict[str, str], log: Path
+    ) -> None:
+        self.metrics_port = free_port()
+        env = {
+            **os.environ,
+            "FEATUREPLANE_SPEC": str(spec),
+            "FEATUREPLANE_KAFKA_BOOTSTRAP": bootstrap,
+            "FEATUREPLANE_KAFKA_GROUP": group,
+            "FEATUREPLANE_METRICS_PORT": str(self.metrics_port),
+            "FEATUREPLANE_SESSION_TIMEOUT": "6s",
+            **extra,
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "featureplane.cli", "ingest"],
+            env=env,
+            cwd=REPO,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def metric_text(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return str(r.read().decode())
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def run_to_end(
+    ing: Ingest,
+    bootstrap: str,
+    group: str,
+    topic: str,
+    end: dict[int, int],
+    profile: Path | None = None,
+) -> tuple[float, int]:
+    total = sum(end.values())
+    t0 = None
+    base = 0
+    spy = None
+    while True:
+        if ing.proc.poll() is not None:
+            raise SystemExit(f"ingest exited with {ing.proc.returncode}")
+        c = committed(bootstrap, group, topic)
+        done = sum(min(c.get(p, 0), e) for p, e in end.items())
+        if t0 is None and done > 0:
+            t0, base = time.perf_counter(), done
+            if profile and shutil.which("py-spy"):
+                spy = subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "-d",
+                        "20",
+                        "-r",
+                        "50",
+                        "-f",
+                        "raw",
+                        "-o",
+                        str(profile),
+                        "-p",
+                        str(ing.proc.pid),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+        if done >= total:
+            break
+        time.sleep(0.25)
+    assert t0 is not None
+    if spy is not None:
+        spy.wait(60)
+    return (total - base) / (time.perf_counter() - t0), total
+
+
+def quantile(text: str, q: float) -> float:
+    """histogram_quantile over every group's freshness buckets."""
+    buckets: dict[float, float] = {}
+    for m in re.finditer(
+        r'featureplane_ingest_freshness_seconds_bucket\{[^}]*le="([^"]+)"\} (\S+)', text
+    ):
+        le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
+        buckets[le] = buckets.get(le, 0.0) + float(m.group(2))
+    pts = sorted(buckets.items())
+    total = pts[-1][1]
+    rank = q * total
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in pts:
+        if c >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (rank - prev_c) / max(c - prev_c, 1e-9)
+        prev_le, prev_c = le, c
+    return pts[-1][0]
+
+
+def top_frames(profile: Path, n: int = 12) -> list[tuple[str, float]]:
+    """Self time by function from a py-spy raw (collapsed stacks) file."""
+    if not profile.exists():
+        return []
+    own: dict[str, int] = {}
+    total = 0
+    for line in profile.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        leaf = stack.split(";")[-1]
+        own[leaf] = own.get(leaf, 0) + int(count)
+        total += int(count)
+    return [(k, v / total) for k, v in sorted(own.items(), key=lambda kv: -kv[1])[:n]]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--events", type=int, default=1_000_000, help="events pre-produced [1000000]")
+    ap.add_argument(
+        "--dynamo-events",
+        type=int,
+        default=100_000,
+        help="events ingested into DynamoDB-local (dynalite is slow) [100000]",
+    )
+    ap.add_argument("--rate", type=float, default=10_000, help="freshness run rate [10000]")
+    ap.add_argument("--seconds", type=float, default=20, help="freshness run length [20]")
+    ap.add_argument("--batch-size", default="2000", help="ingest batch size [2000]")
+    ap.add_argument("--profile", action="store_true", help="py-spy the embedded run (20 s)")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="fp-bench-ingest-"))
+    services: list[Service] = []
+    rows: list[tuple[str, str, str]] = []
+    try:
+        kafka = start_tansu()
+        redis = start_redis()
+        dyn = start_dynalite()
+        services += [kafka, redis, dyn]
+        bs = kafka.address
+        topic, fresh_topic = "bench-events", "bench-fresh"
+        admin = AdminClient({"bootstrap.servers": bs})
+        for f in admin.create_topics(
+            [NewTopic(t, PARTITIONS, -1) for t in (topic, fresh_topic)]
+        ).values():
+            f.result(30)
+
+        def spec_for(t: str) -> Path:
+            d = work / f"spec-{t}"
+            d.mkdir(exist_ok=True)
+            shutil.copy(REPO / "examples" / "groups.yaml", d / "groups.yaml")
+            (d / "rules.yaml").write_text(RULES.replace("TOPIC", t))
+            return d
+
+        t = time.perf_counter()
+        produce(bs, topic, args.events)
+        print(f"produced {args.events:,} events in {time.perf_counter() - t:.1f}s", flush=True)
+        end = count_end(bs, topic)
+        assert sum(end.values()) == args.events, end
+
+        rate = bare_consumer(bs, topic, args.events)
+        rows.append(("bare confluent-kafka consumer (ceiling)", f"{rate:,.0f}", "-"))
+        print(rows[-1], flush=True)
+
+        redis_url = f"redis://{redis.address}/0"
+        ing = Ingest(
+            spec_for(topic),
+            bs,
+            "bench-embedded",
+            {
+                "FEATUREPLANE_DATA_DIR": str(work / "data"),
+                "FEATUREPLANE_REDIS_URL": redis_url,
+                "FEATUREPLANE_BATCH_SIZE": args.batch_size,
+            },
+            work / "embedded.log",
+        )
+        prof = work / "profile.txt" if args.profile else None
+        rate, _ = run_to_end(ing, bs, "bench-embedded", topic, end, prof)
+        ing.stop()
+        rows.append(("ingest -> embedded store + Redis", f"{rate:,.0f}", "-"))
+        print(rows[-1], flush=True)
+
+        # DynamoDB: a group that starts at the first --dynamo-events offsets' worth
+        dyn_end = {p: min(e, args.dynamo_events // PARTITIONS) for p, e in end.items()}
+        ing = Ingest(
+            spec_for(topic),
+            bs,
+            "bench-dynamo",
+            {
+                "FEATUREPLANE_STORE": "dynamodb",
+                "FEATUREPLANE_DYNAMODB_ENDPOINT": f"http://{dyn.address}",
+                "FEATUREPLANE_REDIS_URL": redis_url,
+                "AWS_ACCESS_KEY_ID": "x",
+                "AWS_SECRET_ACCESS_KEY": "x",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "FEATUREPLANE_BATCH_SIZE": args.batch_size,
+            },
+            work / "dynamo.log",
+        )
+        rate, n = run_to_end(ing, bs, "bench-dynamo", topic, dyn_end)
+        ing.stop()
+        rows.append((f"ingest -> DynamoDB (dynalite) + Redis, {n:,} events", f"{rate:,.0f}", "-"))
+        print(rows[-1], flush=True)
+
+        ing = Ingest(
+            spec_for(fresh_topic),
+            bs,
+            "bench-fresh",
+            {
+                "FEATUREPLANE_DATA_DIR": str(work / "data-fresh"),
+                "FEATUREPLANE_REDIS_URL": redis_url,
+            },
+            work / "fresh.log",
+        )
+        time.sleep(8)  # join the group before the clock starts
+        n = int(args.rate * args.seconds)
+        produce(bs, fresh_topic, n, rate=args.rate, seed=2)
+        fend = count_end(bs, fresh_topic)
+        run_to_end(ing, bs, "bench-fresh", fresh_topic, fend)
+        text = ing.metric_text()
+        ing.stop()
+        p50, p99 = quantile(text, 0.5), quantile(text, 0.99)
+        rows.append(
+            (
+                f"freshness at {args.rate:,.0f} ev/s, embedded + Redis",
+                f"{args.rate:,.0f}",
+                f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms",
+            )
+        )
+        print(rows[-1], flush=True)
+
+        print()
+        print(f"{'run':<52} {'events/s':>10}  freshness")
+        print("-" * 90)
+        for name, r, f in rows:
+            print(f"{name:<52} {r:>10}  {f}")
+        if prof is not None:
+            print("\nprofile of the embedded run (self time, top frames):")
+            for frame, share in top_frames(prof):
+                print(f"  {share * 100:5.1f}%  {frame}")
+    finally:
+        for s in services:
+            s.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
