@@ -8,7 +8,7 @@ keyword changes: 5 groups, M:N) into one 4-partition topic, then measures:
   1. bare consumer: a confluent-kafka consumer reading every record (no decoding)
   2. ingest -> embedded store + Redis (write-through), the whole topic
   3. ingest -> DynamoDB (dynalite) + Redis, the first --dynamo-events events
-  4. freshness (write time - event ts) p50/p99 at a fixed --rate events/s for --seconds
+  4. freshness (write time - event ts) p50/p99 at fixed --rates events/s for --seconds
 
 Throughput counts from the first committed offset to the last, so the consumer-group
 join time (3 s on tansu) is excluded. Run: python bench/ingest.py [--events 1000000]
@@ -192,6 +192,9 @@ def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     return {tp.partition: max(tp.offset, 0) for tp in got}
 
 
+_PROCS: list[subprocess.Popen[bytes]] = []
+
+
 class Ingest:
     def __init__(
         self, spec: Path, bootstrap: str, group: str, extra: dict[str, str], log: Path
@@ -213,6 +216,7 @@ class Ingest:
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
         )
+        _PROCS.append(self.proc)
 
     def metric_text(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -317,14 +321,19 @@ def main() -> int:
     ap.add_argument(
         "--dynamo-events",
         type=int,
-        default=100_000,
-        help="events ingested into DynamoDB-local (dynalite is slow) [100000]",
+        default=10_000,
+        help="events ingested into DynamoDB-local (dynalite is slow) [10000]",
     )
-    ap.add_argument("--rate", type=float, default=10_000, help="freshness run rate [10000]")
+    ap.add_argument(
+        "--rates",
+        default="10000,2000",
+        help="freshness runs, events/s, comma-separated [10000,2000]",
+    )
     ap.add_argument("--seconds", type=float, default=20, help="freshness run length [20]")
     ap.add_argument("--batch-size", default="2000", help="ingest batch size [2000]")
     ap.add_argument("--profile", action="store_true", help="py-spy the embedded run (20 s)")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the services
 
     work = Path(tempfile.mkdtemp(prefix="fp-bench-ingest-"))
     services: list[Service] = []
@@ -399,32 +408,35 @@ def main() -> int:
         rows.append((f"ingest -> DynamoDB (dynalite) + Redis, {n:,} events", f"{rate:,.0f}", "-"))
         print(rows[-1], flush=True)
 
-        ing = Ingest(
-            spec_for(fresh_topic),
-            bs,
-            "bench-fresh",
-            {
-                "FEATUREPLANE_DATA_DIR": str(work / "data-fresh"),
-                "FEATUREPLANE_REDIS_URL": redis_url,
-            },
-            work / "fresh.log",
-        )
-        time.sleep(8)  # join the group before the clock starts
-        n = int(args.rate * args.seconds)
-        produce(bs, fresh_topic, n, rate=args.rate, seed=2)
-        fend = count_end(bs, fresh_topic)
-        run_to_end(ing, bs, "bench-fresh", fresh_topic, fend)
-        text = ing.metric_text()
-        ing.stop()
-        p50, p99 = quantile(text, 0.5), quantile(text, 0.99)
-        rows.append(
-            (
-                f"freshness at {args.rate:,.0f} ev/s, embedded + Redis",
-                f"{args.rate:,.0f}",
-                f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms",
+        for k, rate_s in enumerate(args.rates.split(",")):
+            fr = float(rate_s)
+            ft = f"{fresh_topic}-{k}"
+            for f in admin.create_topics([NewTopic(ft, PARTITIONS, -1)]).values():
+                f.result(30)
+            ing = Ingest(
+                spec_for(ft),
+                bs,
+                f"bench-fresh-{k}",
+                {
+                    "FEATUREPLANE_DATA_DIR": str(work / f"data-fresh-{k}"),
+                    "FEATUREPLANE_REDIS_URL": redis_url,
+                },
+                work / f"fresh-{k}.log",
             )
-        )
-        print(rows[-1], flush=True)
+            time.sleep(8)  # join the group before the clock starts
+            produce(bs, ft, int(fr * args.seconds), rate=fr, seed=2 + k)
+            run_to_end(ing, bs, f"bench-fresh-{k}", ft, count_end(bs, ft))
+            text = ing.metric_text()
+            ing.stop()
+            p50, p99 = quantile(text, 0.5), quantile(text, 0.99)
+            rows.append(
+                (
+                    f"freshness at {fr:,.0f} ev/s for {args.seconds:.0f}s, embedded + Redis",
+                    f"{fr:,.0f}",
+                    f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms",
+                )
+            )
+            print(rows[-1], flush=True)
 
         print()
         print(f"{'run':<52} {'events/s':>10}  freshness")
@@ -436,6 +448,10 @@ def main() -> int:
             for frame, share in top_frames(prof):
                 print(f"  {share * 100:5.1f}%  {frame}")
     finally:
+        for proc in _PROCS:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         for s in services:
             s.cleanup()
         shutil.rmtree(work, ignore_errors=True)
