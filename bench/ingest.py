@@ -7,8 +7,9 @@ keyword changes: 5 groups, M:N) into one 4-partition topic, then measures:
 
   1. bare consumer: a confluent-kafka consumer reading every record (no decoding)
   2. ingest -> embedded store + Redis (write-through), the whole topic
-  3. ingest -> DynamoDB (dynalite) + Redis, the first --dynamo-events events
-  4. freshness (write time - event ts) p50/p99 at fixed --rates events/s for --seconds
+  3. ingest -> embedded store alone, the first --store-only-events events
+  4. ingest -> DynamoDB (dynalite) + Redis, the first --dynamo-events events
+  5. freshness (write time - event ts) p50/p99 at fixed --rates events/s for --seconds
 
 Throughput counts from the first committed offset to the last, so the consumer-group
 join time (3 s on tansu) is excluded. Run: python bench/ingest.py [--events 1000000]
@@ -384,6 +385,25 @@ def main() -> int:
         rate, _ = run_to_end(ing, bs, "bench-embedded", topic, end, prof)
         ing.stop()
         rows.append(("ingest -> embedded store + Redis", f"{rate:,.0f}", "-"))
+        print(rows[-1], flush=True)
+
+        # the store path alone, on the first --store-only-events events
+        part_end = {p: min(e, args.store_only_events // PARTITIONS) for p, e in end.items()}
+        ing = Ingest(
+            spec_for(topic),
+            bs,
+            "bench-store-only",
+            {
+                "FEATUREPLANE_DATA_DIR": str(work / "data-store-only"),
+                "FEATUREPLANE_BATCH_SIZE": args.batch_size,
+            },
+            work / "store-only.log",
+        )
+        rate, n = run_to_end(ing, bs, "bench-store-only", topic, part_end)
+        ing.stop()
+        rows.append(
+            (f"ingest -> embedded store only (no Redis), {n:,} events", f"{rate:,.0f}", "-")
+        )
         print(rows[-1], flush=True)
 
         # DynamoDB: a group that starts at the first --dynamo-events offsets' worth

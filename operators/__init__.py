@@ -8,3 +8,5 @@ The Bytewax layer (`flows/`) only wires these together:
 `records` holds the frozen records that travel between the steps, `metrics`
 the Prometheus metrics, `retry` the backoff hold of the retry dataflow.
 """
+
+__all__: list[str] = []

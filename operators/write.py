@@ -118,7 +118,8 @@ class Writer:
                 else:
                     status: Status = "malformed" if failure.malformed else "transient"
                     out[i] = replace(work, status=status, reason=failure.reason)
-                    metrics.FAILURES.labels(self.flow, failure.kind).inc()
+                    if not failure.malformed:  # malformed ones are counted when routed
+                        metrics.FAILURES.labels(self.flow, failure.kind).inc()
         return out
 
     async def _chunk(self, works: Sequence[Work]) -> Failure | None:
