@@ -1,0 +1,43 @@
+"""The k8s manifests parse, list every file, and run commands that exist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from featureplane.cli import COMMANDS
+
+K8S = Path(__file__).resolve().parents[2] / "k8s"
+
+
+def _docs() -> list[dict]:
+    return [d for f in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kust["resources"])
+    present = {f.name for f in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present
+
+
+def test_workloads_run_real_commands_with_known_config() -> None:
+    names = {(d["kind"], d["metadata"]["name"]) for d in _docs() if "metadata" in d}
+    workloads = [d for d in _docs() if d.get("kind") == "Deployment"]
+    assert {w["metadata"]["name"] for w in workloads} == {
+        "featureplane-serve",
+        "featureplane-ingest",
+        "featureplane-retry",
+    }
+    for w in workloads:
+        spec = w["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            assert c["args"][0] in COMMANDS
+            for ref in c["envFrom"]:
+                kind = "ConfigMap" if "configMapRef" in ref else "Secret"
+                assert (kind, next(iter(ref.values()))["name"]) in names
+        assert (
+            w["spec"]["selector"]["matchLabels"].items()
+            <= w["spec"]["template"]["metadata"]["labels"].items()
+        )
