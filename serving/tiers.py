@@ -31,6 +31,7 @@ from featureplane.spec import Catalog, FeatureGroup
 from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
 from featureplane.stores.redis import Cached, CacheFill, RedisStore
 from serving.breaker import Breaker
+from serving.coalesce import Coalescer
 from serving.freshness import (
     Entry,
     Freshness,
@@ -103,6 +104,8 @@ class TieredReader:
         self._tasks: set[asyncio.Task[None]] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._delta: dict[str, float] = {}
+        # Concurrent requests' Redis reads leave in one script call (serving/coalesce.py).
+        self._redis_batch: Coalescer[Key, Cached] = Coalescer(self._redis_call)
 
     # -- lifecycle
 
@@ -115,6 +118,7 @@ class TieredReader:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._redis_batch.aclose()
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
@@ -273,6 +277,11 @@ class TieredReader:
         return self.catalog.groups[key[0]]
 
     async def _redis_read(self, keys: list[Key]) -> list[Cached] | None:
+        """What Redis holds for `keys`, sent with the other reads of this loop iteration."""
+        return await self._redis_batch(keys)
+
+    async def _redis_call(self, keys: list[Key]) -> list[Cached] | None:
+        """One batch read; a failure counts once for the breaker whatever the batch size."""
         assert self.redis is not None
         breaker = self.breakers["redis"]
         if not breaker.allow():
