@@ -131,14 +131,9 @@ def produce(bootstrap: str, topic: str, n: int, rate: float | None = None, seed:
     assert p.flush(120) == 0
 
 
-def ends(bootstrap: str, topic: str) -> dict[int, int]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-ends"})
-    out = {
-        p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-        for p in range(PARTITIONS)
-    }
-    c.close()
-    return out
+def make_topic(admin: AdminClient, name: str) -> None:
+    for f in admin.create_topics([NewTopic(name, PARTITIONS, -1)]).values():
+        f.result(30)
 
 
 def count_end(bootstrap: str, topic: str) -> dict[int, int]:
@@ -208,6 +203,7 @@ class Ingest:
             "FEATUREPLANE_KAFKA_GROUP": group,
             "FEATUREPLANE_METRICS_PORT": str(self.metrics_port),
             "FEATUREPLANE_SESSION_TIMEOUT": "6s",
+            "FEATUREPLANE_COMMIT_INTERVAL": "200ms",
             **extra,
         }
         self.proc = subprocess.Popen(
@@ -330,6 +326,12 @@ def main() -> int:
         default="10000,2000",
         help="freshness runs, events/s, comma-separated [10000,2000]",
     )
+    ap.add_argument(
+        "--store-only-events",
+        type=int,
+        default=200_000,
+        help="events ingested into the embedded store without Redis [200000]",
+    )
     ap.add_argument("--seconds", type=float, default=20, help="freshness run length [20]")
     ap.add_argument("--batch-size", default="2000", help="ingest batch size [2000]")
     ap.add_argument("--profile", action="store_true", help="py-spy the embedded run (20 s)")
@@ -386,11 +388,17 @@ def main() -> int:
         ing.stop()
         rows.append(("ingest -> embedded store + Redis", f"{rate:,.0f}", "-"))
         print(rows[-1], flush=True)
+        if prof is not None:
+            print("profile of the embedded + Redis run (self time, top frames):")
+            for frame, share in top_frames(prof):
+                print(f"  {share * 100:5.1f}%  {frame}", flush=True)
 
-        # the store path alone, on the first --store-only-events events
-        part_end = {p: min(e, args.store_only_events // PARTITIONS) for p, e in end.items()}
+        # the store path alone, on its own topic of --store-only-events events
+        make_topic(admin, "bench-store-only")
+        produce(bs, "bench-store-only", args.store_only_events, seed=3)
+        part_end = count_end(bs, "bench-store-only")
         ing = Ingest(
-            spec_for(topic),
+            spec_for("bench-store-only"),
             bs,
             "bench-store-only",
             {
@@ -399,17 +407,19 @@ def main() -> int:
             },
             work / "store-only.log",
         )
-        rate, n = run_to_end(ing, bs, "bench-store-only", topic, part_end)
+        rate, n = run_to_end(ing, bs, "bench-store-only", "bench-store-only", part_end)
         ing.stop()
         rows.append(
             (f"ingest -> embedded store only (no Redis), {n:,} events", f"{rate:,.0f}", "-")
         )
         print(rows[-1], flush=True)
 
-        # DynamoDB: a group that starts at the first --dynamo-events offsets' worth
-        dyn_end = {p: min(e, args.dynamo_events // PARTITIONS) for p, e in end.items()}
+        # DynamoDB, on its own topic of --dynamo-events events
+        make_topic(admin, "bench-dynamo")
+        produce(bs, "bench-dynamo", args.dynamo_events, seed=4)
+        dyn_end = count_end(bs, "bench-dynamo")
         ing = Ingest(
-            spec_for(topic),
+            spec_for("bench-dynamo"),
             bs,
             "bench-dynamo",
             {
@@ -423,7 +433,7 @@ def main() -> int:
             },
             work / "dynamo.log",
         )
-        rate, n = run_to_end(ing, bs, "bench-dynamo", topic, dyn_end)
+        rate, n = run_to_end(ing, bs, "bench-dynamo", "bench-dynamo", dyn_end)
         ing.stop()
         rows.append((f"ingest -> DynamoDB (dynalite) + Redis, {n:,} events", f"{rate:,.0f}", "-"))
         print(rows[-1], flush=True)
@@ -463,10 +473,6 @@ def main() -> int:
         print("-" * 90)
         for name, r, f in rows:
             print(f"{name:<52} {r:>10}  {f}")
-        if prof is not None:
-            print("\nprofile of the embedded run (self time, top frames):")
-            for frame, share in top_frames(prof):
-                print(f"  {share * 100:5.1f}%  {frame}")
     finally:
         for proc in _PROCS:
             if proc.poll() is None:

@@ -58,6 +58,9 @@ class GroupConsumer:
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
+            # A small prefetch queue (librdkafka's default is 64 MB) keeps a slow consumer
+            # from filling it with a few partitions' backlog while the others wait.
+            "queued.max.messages.kbytes": 8192,
             "error_cb": _log_error,
             **(config or {}),
         }

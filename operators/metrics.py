@@ -30,7 +30,7 @@ RECORDS_IN = Counter(
 )
 ITEMS_WRITTEN = Counter(
     "featureplane_ingest_items_written",
-    "Items written, by feature group and tier (store, redis)",
+    "Items written, by feature group and tier (store; redis: handed to write_through)",
     ["flow", "group", "tier"],
 )
 FAILURES = Counter(

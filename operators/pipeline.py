@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from featureplane.codec import Item
 from featureplane.settings import Settings
@@ -31,6 +31,9 @@ from operators.kafka import Deliverer
 from operators.records import Message, Work
 from operators.route import Outgoing, route_of
 from operators.write import Writer
+
+if TYPE_CHECKING:
+    from featureplane.stores.redis import RedisStore
 
 __all__ = ["Pipeline", "PipelineConfig"]
 
@@ -61,7 +64,7 @@ class _Resources:
         self.loop = asyncio.new_event_loop()
         self.store: Store = open_store(settings, catalog)
         redis = open_redis(settings, catalog)
-        self.cache = _Cache(redis) if redis is not None else None
+        self.cache = _Cache(cast("RedisStore", redis)) if redis is not None else None
         self.loop.run_until_complete(self.store.start())
         self.writer = Writer(
             catalog,
@@ -86,16 +89,10 @@ class _Cache:
     """The Redis tier, started on first use (so Redis being down at start-up is a
     transient write failure like any other) and written with `write_through`."""
 
-    def __init__(self, redis: Store) -> None:
+    def __init__(self, redis: RedisStore) -> None:
         self.redis = redis
         self.started = False
         self._starting = asyncio.Lock()
-        self._through = getattr(redis, "write_through", None)
-        if self._through is None:
-            log.warning(
-                "RedisStore has no write_through yet: write-through groups are written to "
-                "Redis with its store semantics (Store.write)"
-            )
 
     async def write_through(self, items: Sequence[Item]) -> None:
         if not self.started:
@@ -103,10 +100,7 @@ class _Cache:
                 if not self.started:
                     await self.redis.start()
                     self.started = True
-        if self._through is not None:
-            await self._through(items)
-        else:
-            await self.redis.write(items)
+        await self.redis.write_through(items)
 
     async def aclose(self) -> None:
         if self.started:

@@ -1,5 +1,10 @@
 """Writers: a batch's items to the durable store and, write-through, the Redis tier.
 
+The Redis tier gets every item through `RedisStore.write_through`, which
+decides: it writes `write: through` groups cached in Redis (latest newest-wins,
+timeseries appended only to keys already cached) and clears serving's
+negative markers of every written (group, id).
+
 A batch is cut into chunks of whole records; every chunk's store write and
 cache write run concurrently on the worker's event loop and the batch
 waits for all of them. A record is `done` only when every chunk holding its
@@ -82,9 +87,9 @@ class Writer:
         self.clock = clock
         self._freshness: dict[str, Histogram] = {}
         self._to_store = {n for n, g in catalog.groups.items() if "store" in g.tiers}
-        self._to_cache = {
-            n for n, g in catalog.groups.items() if g.write == "through" and "redis" in g.tiers
-        }
+        # Every item goes to `write_through`: it writes `write: through` groups with a redis
+        # tier and clears serving's negative-cache markers of all the others.
+        self._to_cache = set(catalog.groups)
 
     async def write(self, works: Sequence[Work]) -> list[Work]:
         """Write every pending work's items; return the works with their outcome."""
