@@ -11,6 +11,15 @@ Scenarios:
 Ceiling: a bare aiohttp handler in its own process returning a fixed JSON body of the
 scenario's response size, measured in the same run. `--profile` samples the server
 with py-spy during each scenario and prints its hottest functions.
+
+Fairness: wrk, redis-server and the server share the machine's cores, and so does
+anything else running (another bench, a test run). Each row prints the 1-minute load
+average at its end, and the CPU the server process used over its run: a busy machine
+shows as load > ~2 on 2 cores or a server well below 100%. Pinning (server on core 0,
+wrk and Redis on core 1, the ceiling pinned the same) was measured and left out: with
+another process on the machine it lowered both the ceiling and (a) (23.8k -> 18.1k,
+14.6k -> 12.2k), since a pinned process cannot move off a core that something else
+is using.
 """
 
 from __future__ import annotations
@@ -145,6 +154,11 @@ def response_size(port: int, body: str) -> bytes:
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wrk(port: int, lua: Path, duration: float, pid: int | None, profile: Path | None
         ) -> dict[str, float]:
     subprocess.run(["wrk", "-t1", "-c32", "-d3s", "-s", str(lua), f"http://127.0.0.1:{port}"],
@@ -154,9 +168,11 @@ def wrk(port: int, lua: Path, duration: float, pid: int | None, profile: Path | 
         spy = subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(int(duration)),
                                 "-f", "raw", "-o", str(profile), "-r", "200"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cpu0, t0 = (_cpu_seconds(pid) if pid else 0.0), time.monotonic()
     out = subprocess.run(["wrk", "-t1", "-c32", f"-d{int(duration)}s", "--latency", "-s",
                           str(lua), f"http://127.0.0.1:{port}"],
                          capture_output=True, text=True, check=True).stdout
+    cpu = (_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) if pid else 0.0
     if spy is not None:
         spy.wait(timeout=60)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -164,7 +180,8 @@ def wrk(port: int, lua: Path, duration: float, pid: int | None, profile: Path | 
            re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out, re.M)}
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {"rps": rps, "p50": lat["50"], "p99": lat["99"],
-            "non2xx": float(errors.group(1)) if errors else 0.0}
+            "non2xx": float(errors.group(1)) if errors else 0.0, "cpu": cpu,
+            "load": os.getloadavg()[0]}
 
 
 def hottest(profile: Path, top: int = 8) -> list[str]:
@@ -233,7 +250,7 @@ def main() -> int:
                              str(cport), str(tmp / "fixed.json")]
                 ceiling = subprocess.Popen(cargv)
                 wait_up(cport, "/")
-                ceilings[size] = wrk(cport, lua, args.duration, None, None)
+                ceilings[size] = wrk(cport, lua, args.duration, ceiling.pid, None)
                 ceiling.terminate()
                 ceiling.wait()
                 rows.append((f"ceiling: bare aiohttp, {size} B", ceilings[size], None))
@@ -248,11 +265,11 @@ def main() -> int:
         print(f"\nwrk -t1 -c32, {args.duration:.0f} s after a 3 s warm-up, {args.ids} ids, "
               f"{'uvloop' if args.uvloop else 'asyncio'} loop, {os.cpu_count()} cores")
         print(f"{'scenario':58} {'RPS':>8} {'p50 ms':>7} {'p99 ms':>7} {'RPS/ceil':>8} "
-              f"{'non-2xx':>7}")
+              f"{'non-2xx':>7} {'srv CPU':>7} {'load':>5}")
         for name, r, c in rows:
             ratio = f"{r['rps'] / c['rps']:.0%}" if c else "-"
             print(f"{name:58} {r['rps']:8.0f} {r['p50']:7.2f} {r['p99']:7.2f} {ratio:>8} "
-                  f"{r['non2xx']:7.0f}")
+                  f"{r['non2xx']:7.0f} {r['cpu']:7.0%} {r['load']:5.2f}")
         print(json.dumps({n: r for n, r, _ in rows}), file=sys.stderr)
         for port in (with_redis, without):
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
