@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import IO
 
 from featureplane.cli import add_kafka_options, add_spec_option, settings_from
-from featureplane.errors import FeatureplaneError
 from featureplane.services import REPO, Service, free_port, start_tansu
 from featureplane.spec import Catalog, load_catalog
 
@@ -167,25 +166,11 @@ def run(args: argparse.Namespace) -> int:
 
 def create_topics(bootstrap: str, catalog: Catalog, partitions: int = 4) -> None:
     """Create each spec topic and its .retry and .dlq topics if missing."""
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from operators.kafka import ensure_topics
+    from operators.route import dlq_topic, retry_topic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    wanted = [t + suffix for t in catalog.topics for suffix in ("", ".retry", ".dlq")]
-    existing = set(admin.list_topics(timeout=10).topics)
-    new = [
-        NewTopic(t, num_partitions=partitions, replication_factor=1)
-        for t in wanted
-        if t not in existing
-    ]
-    if not new:
-        return
-    for topic, future in admin.create_topics(new, operation_timeout=10).items():
-        try:
-            future.result()
-        except Exception as exc:  # a topic created meanwhile by another process is fine
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise FeatureplaneError(f"cannot create topic {topic}: {exc}") from exc
-    log.info("created topics: %s", ", ".join(t.topic for t in new))
+    wanted = [name for t in catalog.topics for name in (t, retry_topic(t), dlq_topic(t))]
+    ensure_topics(bootstrap, dict.fromkeys(wanted, partitions))
 
 
 def plan_children(
