@@ -61,6 +61,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rx
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from featureplane.codec import Item, Record
 from featureplane.errors import StoreError, TransientStoreError, ValidationError
@@ -69,6 +71,7 @@ from featureplane.spec import Catalog, FeatureGroup
 from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
 
 __all__ = [
+    "THROUGH_KEYS",
     "VERSION_LEN",
     "CacheFill",
     "Cached",
@@ -80,6 +83,8 @@ __all__ = [
     "member_of",
     "negative_key_of",
     "record_of",
+    "through_call",
+    "through_chunks",
     "timeseries_members",
 ]
 
@@ -175,6 +180,47 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
+# Write-through of many keys in one call (the rules of the two scripts above, with ARGV[4]
+# = "1"). KEYS[1..n]: value keys; KEYS[n+1..]: negative markers to delete. ARGV[1]: n;
+# then per value key: "l", ttl, member | "t", ttl, max_items, cutoff or "", count, members.
+# Returns n.
+_CACHE_THROUGH_LUA = """
+local n = tonumber(ARGV[1])
+local a = 2
+for k = 1, n do
+  local key, kind, ttl = KEYS[k], ARGV[a], ARGV[a + 1]
+  if kind == 'l' then
+    local new = ARGV[a + 2]
+    a = a + 3
+    local cur = redis.call('GET', key)
+    local newer = true
+    if cur then
+      local cts, nts = tonumber(string.sub(cur, 1, 13)), tonumber(string.sub(new, 1, 13))
+      if cts > nts then newer = false
+      elseif cts == nts and tonumber(string.sub(cur, 15, 26), 16)
+          > tonumber(string.sub(new, 15, 26), 16) then newer = false end
+    end
+    if newer then redis.call('SET', key, new, 'PX', ttl) end
+  else
+    local cap, low, count = tonumber(ARGV[a + 2]), ARGV[a + 3], tonumber(ARGV[a + 4])
+    local first = a + 5
+    a = first + count
+    if redis.call('EXISTS', key) == 1 then
+      for i = first, a - 1 do
+        local v = string.sub(ARGV[i], 1, 26)
+        redis.call('ZREMRANGEBYLEX', key, '[' .. v, '[' .. v .. '\\255')
+        redis.call('ZADD', key, 0, ARGV[i])
+      end
+      if low ~= '' then redis.call('ZREMRANGEBYLEX', key, '-', '(' .. low) end
+      redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))
+      if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ttl) end
+    end
+  end
+end
+for k = n + 1, #KEYS do redis.call('DEL', KEYS[k]) end
+return n
+"""
+
 # Cache reads, one call a batch. KEYS: value key, negative key, ... ; ARGV[i]: "l" (latest)
 # or "t" (timeseries) of the i-th pair. Returns value, PTTL, negative PTTL per pair.
 _CACHE_READ_LUA = """
@@ -199,13 +245,21 @@ _CACHE_TIMESERIES_SHA = hashlib.sha1(
 ).hexdigest()
 _CACHE_LATEST_SHA = hashlib.sha1(_CACHE_LATEST_LUA.encode(), usedforsecurity=False).hexdigest()
 _CACHE_READ_SHA = hashlib.sha1(_CACHE_READ_LUA.encode(), usedforsecurity=False).hexdigest()
+_CACHE_THROUGH_SHA = hashlib.sha1(_CACHE_THROUGH_LUA.encode(), usedforsecurity=False).hexdigest()
 _SCRIPTS = (
     (_CACHE_READ_LUA, _CACHE_READ_SHA),
     (_TIMESERIES_LUA, _TIMESERIES_SHA),
     (_LATEST_LUA, _LATEST_SHA),
     (_CACHE_TIMESERIES_LUA, _CACHE_TIMESERIES_SHA),
     (_CACHE_LATEST_LUA, _CACHE_LATEST_SHA),
+    (_CACHE_THROUGH_LUA, _CACHE_THROUGH_SHA),
 )
+THROUGH_KEYS = 512
+"""Most (group, id) pairs per write-through script call: one call costs redis-py about as
+much CPU as one single-key call, and this bounds how long one call holds Redis."""
+
+Call = tuple[str, list[bytes], list[bytes | int | str]]
+"""One script call: sha, KEYS, ARGV."""
 
 Rand = Callable[[], float]
 """Returns a float uniform in [0, 1); injected so jitter is testable."""
@@ -306,6 +360,39 @@ def latest_winner(items: Sequence[Item]) -> Item:
 
 def _stored(record: Record) -> bytes:
     return record.version.encode("ascii") + record.value
+
+
+ThroughEntry = tuple[bytes | None, bytes | None, list[bytes | int | str]]
+"""One (group, id) of a write-through: value key (None: only clear the marker), negative
+marker key to delete (None: none), the value key's ARGV in `_CACHE_THROUGH_LUA`."""
+
+
+def through_call(entries: Sequence[ThroughEntry]) -> Call:
+    """One `_CACHE_THROUGH_LUA` call writing `entries`: value keys, then markers."""
+    written = [e for e in entries if e[0] is not None]
+    keys: list[bytes] = [k for k, _, _ in written if k is not None]
+    keys.extend(neg for _, neg, _ in entries if neg is not None)
+    args: list[bytes | int | str] = [len(written)]
+    for _, _, a in written:
+        args.extend(a)
+    return _CACHE_THROUGH_SHA, keys, args
+
+
+def through_chunks(
+    entries: Sequence[ThroughEntry], size: int, slot_of: Callable[[bytes], int] | None
+) -> list[list[ThroughEntry]]:
+    """Runs of at most `size` entries; with `slot_of` (a cluster), one slot per run."""
+    if slot_of is None:
+        return [list(entries[i : i + size]) for i in range(0, len(entries), size)]
+    # A value key and its marker differ before the id, so they usually sit in different
+    # slots: each becomes an entry of its own slot.
+    by_slot: dict[int, list[ThroughEntry]] = {}
+    for key, neg, args in entries:
+        if key is not None:
+            by_slot.setdefault(slot_of(key), []).append((key, None, args))
+        if neg is not None:
+            by_slot.setdefault(slot_of(neg), []).append((None, neg, []))
+    return [run[i : i + size] for run in by_slot.values() for i in range(0, len(run), size)]
 
 
 # ---------------------------------------------------------------- errors
@@ -445,32 +532,44 @@ class RedisStore(Store):
         partial batch), capped at `max_items`. Written keys expire after the group's hard
         TTL (with jitter); every (group, id) loses its negative marker. Groups that are
         on-demand, not cached in Redis, or `write: around` only lose their markers.
+
+        One script call writes up to `THROUGH_KEYS` pairs (KEYS and ARGV flattened): the
+        client's CPU per call, not Redis, bounded the per-key calls. Under Redis Cluster
+        (a `RedisCluster` client) the pairs are grouped by hash slot first, as a
+        multi-key script needs.
         """
         by_key: dict[tuple[str, str], list[Item]] = {}
         for item in items:
             by_key.setdefault((item.group, item.id), []).append(item)
         if not by_key:
             return
-        calls: list[tuple[str, bytes, list[bytes | int | str]]] = []
-        dels: list[bytes] = []
+        prefix, neg_prefix = self.prefix, self.prefix + "neg:"
+        # (value key or None, negative key, ARGV of the value key)
+        entries: list[tuple[bytes | None, bytes, list[bytes | int | str]]] = []
         for (group_name, entity_id), batch in by_key.items():
             group = self._group(group_name)
-            dels.append(negative_key_of(self.prefix, group_name, entity_id))
+            neg = key_of(neg_prefix, group_name, entity_id)
             if group.on_demand or group.write == "around" or "redis" not in group.tiers:
+                entries.append((None, neg, []))
                 continue
-            key = key_of(self.prefix, group_name, entity_id)
+            key = key_of(prefix, group_name, entity_id)
             ttl = jittered(group.ttl.hard, group.ttl.jitter, self.rand())
             if group.kind == "latest":
-                calls.append((_CACHE_LATEST_SHA, key, [member_of(latest_winner(batch)), ttl]))
+                entries.append((key, neg, [b"l", ttl, member_of(latest_winner(batch))]))
                 continue
             cutoff = self.cutoff(group)
             members = timeseries_members(batch, group.max_items, cutoff)
-            if members:
-                low = version_bounds(cutoff, None)[0] if cutoff is not None else ""
-                calls.append(
-                    (_CACHE_TIMESERIES_SHA, key, [group.max_items, low, ttl, "1", *members])
-                )
-        await self._run_scripts(calls, dels, [])
+            if not members:
+                entries.append((None, neg, []))
+                continue
+            low = version_bounds(cutoff, None)[0] if cutoff is not None else ""
+            entries.append(
+                (key, neg, [b"t", ttl, group.max_items, low, len(members), *members])
+            )
+        calls = [
+            through_call(chunk) for chunk in through_chunks(entries, THROUGH_KEYS, self._slot_of())
+        ]
+        await self._run_scripts(calls, [])
 
     async def fill(self, fills: Sequence[CacheFill]) -> None:
         """Merge what the store answered into the cache (serving's background write-back).
@@ -479,7 +578,7 @@ class RedisStore(Store):
         the store holds fewer), so the key keeps its completeness rule. An empty fill
         writes a negative marker instead.
         """
-        calls: list[tuple[str, bytes, list[bytes | int | str]]] = []
+        calls: list[Call] = []
         markers: list[tuple[bytes, int]] = []
         for f in fills:
             group = self._group(f.group)
@@ -490,13 +589,15 @@ class RedisStore(Store):
             ttl = jittered(group.ttl.hard, group.ttl.jitter, self.rand())
             if group.kind == "latest":
                 best = max(f.records, key=lambda r: r.version)
-                calls.append((_CACHE_LATEST_SHA, key, [_stored(best), ttl]))
+                calls.append((_CACHE_LATEST_SHA, [key], [_stored(best), ttl]))
                 continue
             cutoff = self.cutoff(group)
             low = version_bounds(cutoff, None)[0] if cutoff is not None else ""
             members = [_stored(r) for r in f.records[: group.max_items]]
-            calls.append((_CACHE_TIMESERIES_SHA, key, [group.max_items, low, ttl, "0", *members]))
-        await self._run_scripts(calls, [], markers)
+            calls.append(
+                (_CACHE_TIMESERIES_SHA, [key], [group.max_items, low, ttl, "0", *members])
+            )
+        await self._run_scripts(calls, markers)
 
     async def read_cached(self, keys: Sequence[tuple[str, str]]) -> list[Cached]:
         """Every cached member, PTTL and negative marker of each (group, id): one round trip.
@@ -539,25 +640,18 @@ class RedisStore(Store):
             )
         return out
 
-    async def _run_scripts(
-        self,
-        calls: list[tuple[str, bytes, list[bytes | int | str]]],
-        dels: list[bytes],
-        markers: list[tuple[bytes, int]],
-    ) -> None:
-        """Script calls, DELs and negative markers in one pipeline; reload scripts once."""
-        if not calls and not dels and not markers:
+    async def _run_scripts(self, calls: list[Call], markers: list[tuple[bytes, int]]) -> None:
+        """Script calls and negative markers in one pipeline; reload scripts once."""
+        if not calls and not markers:
             return
         client = self._redis()
         pending = calls
         extra = True
         for attempt in range(2):
             pipe = client.pipeline(transaction=False)
-            for sha, key, args in pending:
-                pipe.evalsha(sha, 1, key, *args)
+            for sha, keys, args in pending:
+                pipe.evalsha(sha, len(keys), *keys, *args)
             if extra:
-                for key in dels:
-                    pipe.delete(key)
                 for key, ttl in markers:
                     pipe.set(key, b"", px=max(1, ttl))
             with _translated("cache write"):
@@ -573,6 +667,10 @@ class RedisStore(Store):
                 await self._load_scripts()
                 pending, extra = missing, False
         raise StoreError("redis cache write failed: scripts missing after reloading them")
+
+    def _slot_of(self) -> Callable[[bytes], int] | None:
+        """Hash slot of a key when the client is a cluster client, else None."""
+        return key_slot if isinstance(self._redis(), RedisCluster) else None
 
     # -- reads
 

@@ -9,12 +9,20 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from featureplane.codec import Item, make_item
+from featureplane.codec import Item, Record, make_item
 from featureplane.errors import StoreError, TransientStoreError
 from featureplane.services import free_port, start_redis
 from featureplane.spec import load_catalog
 from featureplane.stores.base import Query
-from featureplane.stores.redis import VERSION_LEN, RedisStore, key_of
+from featureplane.stores.redis import (
+    THROUGH_KEYS,
+    VERSION_LEN,
+    CacheFill,
+    RedisStore,
+    key_of,
+    member_of,
+    negative_key_of,
+)
 
 CATALOG = load_catalog(Path(__file__).parent.parent / "contract" / "catalog.yaml")
 T0 = 1_763_800_000_000
@@ -121,8 +129,11 @@ async def test_scripts_are_reloaded_after_a_flush(store: RedisStore, raw: aiored
 async def test_zero_limit_and_empty_range_read_nothing(store: RedisStore) -> None:
     await store.write([small("u1", T0, 1)])
     got = await store.read(
-        [Query("small", "u1", limit=0), Query("small", "u1", limit=5, since=T0 + 1, until=T0),
-         Query("small", "u1", limit=5)]
+        [
+            Query("small", "u1", limit=0),
+            Query("small", "u1", limit=5, since=T0 + 1, until=T0),
+            Query("small", "u1", limit=5),
+        ]
     )
     assert [len(r) for r in got] == [0, 0, 1]
     assert await store.read([]) == []
@@ -180,3 +191,64 @@ async def test_a_decoding_client_is_refused(redis_url: str) -> None:
             await RedisStore(CATALOG, redis_url, client=client).start()
     finally:
         await client.aclose()
+
+
+THROUGH_CATALOG = """
+feature_groups:
+  - {name: ts, entity: user, kind: timeseries, features: [{name: x, type: int}], max_items: 3,
+     ttl: {soft: 1m, hard: 10m, jitter: 0.5}}
+  - {name: last, entity: user, kind: latest, features: [{name: x, type: int}],
+     ttl: {soft: 1m, hard: 20m, jitter: 0.5}}
+  - {name: around, entity: user, kind: latest, features: [{name: x, type: int}], write: around}
+  - {name: nocache, entity: user, kind: latest, features: [{name: x, type: int}],
+     tiers: [local, store]}
+"""
+
+
+async def test_write_through_of_a_batch_over_several_script_calls(
+    redis_url: str, raw: aioredis.Redis, tmp_path: Path
+) -> None:
+    """More pairs than one call takes: every marker goes, values follow the cache rules."""
+    (tmp_path / "groups.yaml").write_text(THROUGH_CATALOG)
+    cat = load_catalog(tmp_path)
+    n = THROUGH_KEYS + 100
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    async with RedisStore(cat, redis_url, clock=Clock(), prefix=prefix, rand=lambda: 0.0) as s:
+        assert isinstance(s, RedisStore)
+        groups = ("ts", "last", "around", "nocache")
+        await raw.mset({negative_key_of(prefix, g, f"u{i}"): b"" for g in groups for i in range(n)})
+        # even timeseries keys exist (from a fill), odd ones do not
+        ts_group, last_group = cat.group("ts"), cat.group("last")
+        old = [make_item(ts_group, f"u{i}", T0 - 5, "old", {"x": -1}) for i in range(0, n, 2)]
+        await s.fill([CacheFill("ts", it.id, [Record(it.ts, it.version, it.value)]) for it in old])
+        newer = make_item(last_group, "u1", T0 + 100, "newer", {"x": 99})
+        await s.write_through([newer])
+        items = []
+        for i in range(n):
+            items += [make_item(ts_group, f"u{i}", T0 + k, f"e{i}-{k}", {"x": k}) for k in range(4)]
+            items += [make_item(cat.group(g), f"u{i}", T0, f"e{i}", {"x": i}) for g in groups[1:]]
+        await raw.pexpire(key_of(prefix, "last", "u1"), 1000)
+        await s.write_through(items)
+
+        assert (
+            await raw.exists(
+                *(negative_key_of(prefix, g, f"u{i}") for g in groups for i in range(n))
+            )
+            == 0
+        )
+        for i in range(n):
+            ts_key = key_of(prefix, "ts", f"u{i}")
+            members = await raw.zrange(ts_key, 0, -1)
+            if i % 2:
+                assert members == []
+            else:
+                assert [m[:13] for m in members] == [str(T0 + k).encode() for k in (1, 2, 3)]
+                assert 599_000 < await raw.pttl(ts_key) <= 600_000  # hard 10m, rand 0
+            got = await raw.get(key_of(prefix, "last", f"u{i}"))
+            assert got == member_of(newer if i == 1 else items[7 * i + 4])
+            assert not await raw.exists(
+                key_of(prefix, "around", f"u{i}"), key_of(prefix, "nocache", f"u{i}")
+            )
+        # an older latest neither lands nor resets the expiry
+        assert await raw.pttl(key_of(prefix, "last", "u1")) <= 1000
+        assert 1_199_000 < await raw.pttl(key_of(prefix, "last", "u0")) <= 1_200_000

@@ -17,6 +17,8 @@ from featureplane.stores.redis import (
     lex_range,
     member_of,
     record_of,
+    through_call,
+    through_chunks,
     timeseries_members,
 )
 
@@ -65,3 +67,30 @@ def test_latest_winner_is_the_greatest_version_whatever_the_order() -> None:
     items = [make_item(profile, "u", T0 + i % 3, f"e{i}", {"updated_by": str(i)}) for i in range(9)]
     best = max(items, key=lambda i: i.version)
     assert latest_winner(items) == best == latest_winner(items[::-1])
+
+
+def test_through_chunks_cap_size_and_keep_one_slot_per_call() -> None:
+    entries = [(f"k{i}".encode(), f"n{i}".encode(), [b"l", 1, b"m"]) for i in range(10)]
+    plain = through_chunks(entries, 4, None)
+    assert [len(c) for c in plain] == [4, 4, 2] and [e for c in plain for e in c] == entries
+    # under a cluster, value keys and markers go to the call of their own slot
+    cluster = through_chunks(entries, 3, lambda key: key[-1] % 2)
+    for chunk in cluster:
+        assert len(chunk) <= 3
+        assert len({k[-1] % 2 for key, neg, _ in chunk for k in (key, neg) if k}) == 1
+    _, keys, args = through_call(cluster[0])
+    assert len(keys) == 3 and args[0] == sum(1 for key, _, _ in cluster[0] if key is not None)
+    assert sorted(k for c in cluster for key, neg, _ in c for k in (key, neg) if k) == sorted(
+        k for key, neg, _ in entries for k in (key, neg)
+    )
+
+
+def test_through_call_puts_value_keys_before_markers() -> None:
+    entries = [
+        (b"a", b"na", [b"l", 5, b"m"]),
+        (None, b"nb", []),
+        (b"c", b"nc", [b"t", 6, 3, "", 1, b"x"]),
+    ]
+    _, keys, args = through_call(entries)
+    assert keys == [b"a", b"c", b"na", b"nb", b"nc"]
+    assert args == [2, b"l", 5, b"m", b"t", 6, 3, "", 1, b"x"]
