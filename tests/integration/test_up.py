@@ -14,6 +14,7 @@ from pathlib import Path
 from featureplane.services import free_port
 
 GROUP = "recent_user_clicked_fleaMarketArticles"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _get(url: str) -> tuple[int, dict]:
@@ -49,41 +50,54 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _start_up(tmp_path: Path, port: int, *flags: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEATUREPLANE_")}
+    argv = [
+        sys.executable,
+        "-m",
+        "featureplane.cli",
+        "up",
+        *flags,
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--port",
+        str(port),
+    ]
+    return subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_ready(proc: subprocess.Popen[str], base: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            if _get(f"{base}/readyz")[0] == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "up never became ready"
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, out
+    return out
+
+
 def test_up_demo_serves_growing_features_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEATUREPLANE_")}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "featureplane.cli",
-            "up",
-            "--demo",
-            "--rate",
-            "200",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     base = f"http://127.0.0.1:{port}"
+    proc = _start_up(tmp_path, port, "--demo", "--rate", "200")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if _get(f"{base}/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "up never became ready"
-            time.sleep(0.5)
-
+        _wait_ready(proc, base)
         # The demo feeds user-1 about 10 clicks a second: newer items must keep appearing.
         newest: list[int] = []
         deadline = time.monotonic() + 60
@@ -101,17 +115,21 @@ def test_up_demo_serves_growing_features_and_stops_cleanly(tmp_path: Path) -> No
         children = _descendants(proc.pid)
         assert len(children) >= 4  # broker, ingest, retry, serve, demo feeder
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = proc.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0, out
+        out = _stop(proc)
     assert "featureplane is up" in out and "curl" in out
     time.sleep(0.5)
     left = [p for p in children if _alive(p)]
     assert not left, f"processes left behind: {left}"
+
+    # The embedded store keeps its data across a restart of `up` (no demo feed this time).
+    proc = _start_up(tmp_path, port, "--spec", str(EXAMPLES))
+    try:
+        _wait_ready(proc, base)
+        status, body = _get(f"{base}/v1/features/{GROUP}/user-1?limit=50")
+        assert status == 200 and body["found"], body
+        assert body["items"][0]["ts"] >= newest[-1]
+    finally:
+        _stop(proc)
 
 
 def test_up_help_explains() -> None:
