@@ -24,6 +24,7 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -54,6 +55,16 @@ SELECT ts, ver, v FROM items WHERE pk = ? AND sk BETWEEN ? AND ? ORDER BY sk DES
 _LATEST = "SELECT ts, ver, v FROM items WHERE pk = ? AND sk = ?"
 _PURGE = "DELETE FROM items WHERE pk >= ? AND pk < ? AND sk < ?"
 _INLINE_READS = 64  # larger reads go to a thread so the event loop stays free
+# The writer's tuning, measured on the ingest write shape (bench/ingest.py rows, 2,000-event
+# transactions, 300k events): 28.9k -> 43.4k events/s. Its page cache holds the upper
+# B-tree levels and hot leaves (SQLite's default is 2 MB); checkpointing every 10,000
+# pages (~40 MB of WAL) instead of 1,000 copies a leaf touched by several commits back
+# to the database once. mmap_size, temp_store and page sizes of 1-2 KiB measured no
+# better or worse.
+_WRITER_PRAGMAS = ("PRAGMA cache_size = -65536", "PRAGMA wal_autocheckpoint = 10000")
+
+
+_ROW_KEY = itemgetter(0, 1)
 
 
 def _pk(group: str, entity_id: str) -> bytes:
@@ -92,6 +103,8 @@ class EmbeddedStore(Store):
         try:
             writer = self._connect()
             writer.execute("PRAGMA journal_mode = WAL")
+            for pragma in _WRITER_PRAGMAS:
+                writer.execute(pragma)
             writer.execute(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open embedded store {self.path}: {exc}") from exc
@@ -120,6 +133,9 @@ class EmbeddedStore(Store):
         for it in items:
             sk = NULL_SK if self.catalog.groups[it.group].kind == "latest" else it.version
             rows.append((_pk(it.group, it.id), sk, it.ts, it.version, it.value))
+        # Key order makes neighbouring upserts share B-tree pages. The sort is stable, so
+        # rows of one key keep their batch order (it decides ties of equal versions).
+        rows.sort(key=_ROW_KEY)
         await self._run(self._write, rows)
 
     def _write(self, rows: list[tuple[bytes, str, int, str, bytes]]) -> None:
