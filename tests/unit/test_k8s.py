@@ -25,19 +25,20 @@ def test_kustomization_lists_every_manifest() -> None:
 def test_workloads_run_real_commands_with_known_config() -> None:
     names = {(d["kind"], d["metadata"]["name"]) for d in _docs() if "metadata" in d}
     workloads = [d for d in _docs() if d.get("kind") == "Deployment"]
+    jobs = [d["spec"]["jobTemplate"] for d in _docs() if d.get("kind") == "CronJob"]
+    assert jobs
     assert {w["metadata"]["name"] for w in workloads} == {
         "featureplane-serve",
         "featureplane-ingest",
         "featureplane-retry",
     }
-    for w in workloads:
+    for w in [*workloads, *jobs]:
         spec = w["spec"]["template"]["spec"]
         for c in spec["containers"]:
             assert c["args"][0] in COMMANDS
             for ref in c["envFrom"]:
                 kind = "ConfigMap" if "configMapRef" in ref else "Secret"
                 assert (kind, next(iter(ref.values()))["name"]) in names
-        assert (
-            w["spec"]["selector"]["matchLabels"].items()
-            <= w["spec"]["template"]["metadata"]["labels"].items()
-        )
+    for w in workloads:
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        assert w["spec"]["selector"]["matchLabels"].items() <= labels.items()

@@ -170,7 +170,7 @@ def test_every_command_has_help() -> None:
         text=True,
         check=True,
     ).stdout
-    commands = ["up", "serve", "ingest", "retry", "validate", "demo-events"]
+    commands = ["up", "serve", "ingest", "retry", "backfill", "load", "validate", "demo-events"]
     for command in commands:
         assert command in out
         sub = subprocess.run(
