@@ -17,7 +17,7 @@ import orjson
 from featureplane.errors import ItemTooLargeError, ValidationError
 from featureplane.keys import check_id, version
 from featureplane.spec import FeatureGroup
-from featureplane.types import coerce, to_python
+from featureplane.types import INT_MAX, INT_MIN, coerce, to_python
 
 __all__ = [
     "MAX_ITEM_BYTES",
@@ -56,11 +56,22 @@ class Record:
 def encode(group: FeatureGroup, features: Mapping[str, Any]) -> bytes:
     """Check `features` (name -> value) against `group` and encode them by index."""
     values: list[Any] = [None] * len(group.features)
+    index, specs = group.index, group.features
     for name, value in features.items():
-        i = group.index.get(name)
+        i = index.get(name)
         if i is None:
             raise ValidationError(f"group {group.name!r} has no feature {name!r}")
-        values[i] = coerce(group.features[i].type, value, name)
+        if value is None:
+            continue
+        t = specs[i].type
+        # Plain strings and in-range ints are their own wire form: skip `coerce`'s call
+        # and match for the most common values (bools are not `type(...) is int`).
+        if (type(value) is str and t.kind == "string") or (
+            type(value) is int and t.kind == "int" and INT_MIN <= value <= INT_MAX
+        ):
+            values[i] = value
+        else:
+            values[i] = coerce(t, value, name)
     try:
         data = orjson.dumps(values)
     except TypeError as exc:  # e.g. an int beyond 64 bits inside a container

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from featureplane.errors import ValidationError
 
-__all__ = ["FeatureType", "coerce", "parse_type", "to_python"]
+__all__ = ["INT_MAX", "INT_MIN", "FeatureType", "coerce", "parse_type", "to_python"]
 
 Kind = Literal["string", "int", "float", "bool", "bytes", "list", "set", "map", "vector"]
 SCALARS = ("string", "int", "float", "bool", "bytes")

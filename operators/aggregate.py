@@ -11,16 +11,25 @@ with the rule and the problem in its reason.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass
 from typing import Any
 
 from featureplane.codec import Item, make_item
 from featureplane.errors import ValidationError
-from featureplane.spec import Catalog, IngestionRule
-from operators.dispatch import MISSING, get_path
+from featureplane.spec import Catalog, FeatureGroup, IngestionRule
+from operators.dispatch import MISSING, get_parts
 from operators.records import Event, Work
 
 __all__ = ["Aggregator"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A rule with its paths split at the dots once, not per event."""
+
+    group: FeatureGroup
+    id_parts: tuple[str, ...]
+    features: tuple[tuple[str, tuple[str, ...]], ...]
 
 
 class Aggregator:
@@ -28,22 +37,35 @@ class Aggregator:
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
+        self._plans: dict[str, _Plan] = {}
+
+    def _plan(self, rule: IngestionRule) -> _Plan:
+        plan = self._plans.get(rule.name)
+        if plan is None:
+            plan = self._plans[rule.name] = _Plan(
+                self.catalog.groups[rule.group],
+                tuple(rule.id.split(".")),
+                tuple((name, tuple(path.split("."))) for name, path in rule.features.items()),
+            )
+        return plan
 
     def item(self, rule: IngestionRule, event: Event) -> Item:
         """One rule applied to one event; raises `ValidationError`."""
-        group = self.catalog.groups[rule.group]
-        raw = get_path(event.body, rule.id)
-        if raw is MISSING or raw is None:
-            raise ValidationError(f"missing id field {rule.id}")
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            raw = str(raw)
-        if not isinstance(raw, str):
-            raise ValidationError(f"id field {rule.id} must be a string, got {raw!r:.80}")
+        plan = self._plan(rule)
+        body = event.body
+        raw = get_parts(body, plan.id_parts)
+        if type(raw) is not str:
+            if raw is MISSING or raw is None:
+                raise ValidationError(f"missing id field {rule.id}")
+            if isinstance(raw, int) and not isinstance(raw, bool):
+                raw = str(raw)
+            if not isinstance(raw, str):
+                raise ValidationError(f"id field {rule.id} must be a string, got {raw!r:.80}")
         features: dict[str, Any] = {}
-        for name, path in rule.features.items():
-            value = get_path(event.body, path)
+        for name, parts in plan.features:
+            value = get_parts(body, parts)
             features[name] = None if value is MISSING else value
-        return make_item(group, raw, event.ts, event.event_id, features)
+        return make_item(plan.group, raw, event.ts, event.event_id, features)
 
     def aggregate(self, works: Iterable[Work]) -> list[Work]:
         out: list[Work] = []
@@ -60,7 +82,7 @@ class Aggregator:
                     reason = f"rule {rule.name}: {exc}"
                     break
             if reason is None:
-                out.append(replace(work, items=tuple(items)))
+                out.append(work.with_items(tuple(items)))
             else:
-                out.append(replace(work, status="malformed", reason=reason))
+                out.append(work.with_status("malformed", reason))
         return out

@@ -8,7 +8,6 @@ A value that is not a UTF-8 JSON object with a string `event_id`, a string
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -56,7 +55,7 @@ def decode_works(works: Iterable[Work]) -> list[Work]:
     out: list[Work] = []
     for work in works:
         try:
-            out.append(replace(work, event=decode_event(work.message.value)))
+            out.append(work.with_event(decode_event(work.message.value)))
         except MalformedError as exc:
-            out.append(replace(work, status="malformed", reason=str(exc)))
+            out.append(work.with_status("malformed", str(exc)))
     return out

@@ -8,25 +8,36 @@ no rule is done at once (committed, not stored).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from featureplane.spec import Catalog, IngestionRule
 from operators.records import Work
 
-__all__ = ["MISSING", "Dispatcher", "get_path"]
+__all__ = ["MISSING", "Dispatcher", "get_parts", "get_path"]
 
 MISSING: Any = object()
 """Returned by `get_path` when a path does not exist."""
 
+_Candidate = tuple[IngestionRule, tuple[tuple[tuple[str, ...], Any], ...]]
+
 
 def get_path(body: Mapping[str, Any], path: str) -> Any:
     """The value at dotted `path` (`article.category`) in `body`, or `MISSING`."""
+    return get_parts(body, tuple(path.split(".")))
+
+
+def get_parts(body: Mapping[str, Any], parts: tuple[str, ...]) -> Any:
+    """`get_path` of a path already split at its dots (the per-event form)."""
     node: Any = body
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
+    for part in parts:
+        if type(node) is dict:  # what orjson gives; the ABC check below costs far more
+            node = node.get(part, MISSING)
+            if node is MISSING:
+                return MISSING
+        elif isinstance(node, Mapping) and part in node:
+            node = node[part]
+        else:
             return MISSING
-        node = node[part]
     return node
 
 
@@ -45,10 +56,12 @@ class Dispatcher:
     """Finds the rules an event matches."""
 
     def __init__(self, rules: Sequence[IngestionRule]) -> None:
-        self._index: dict[tuple[str, str], tuple[IngestionRule, ...]] = {}
+        # (topic, event_type) -> the candidate rules, each with its `where` split into paths
+        self._index: dict[tuple[str, str], tuple[_Candidate, ...]] = {}
         for rule in rules:
             key = (rule.topic, rule.event_type)
-            self._index[key] = (*self._index.get(key, ()), rule)
+            where = tuple((tuple(p.split(".")), v) for p, v in rule.where.items())
+            self._index[key] = (*self._index.get(key, ()), (rule, where))
 
     @classmethod
     def from_catalog(cls, catalog: Catalog) -> Dispatcher:
@@ -59,7 +72,9 @@ class Dispatcher:
     ) -> tuple[IngestionRule, ...]:
         candidates = self._index.get((topic, event_type), ())
         return tuple(
-            r for r in candidates if all(_equal(get_path(body, p), v) for p, v in r.where.items())
+            rule
+            for rule, where in candidates
+            if not where or all(_equal(get_parts(body, p), v) for p, v in where)
         )
 
     def dispatch(self, works: Iterable[Work]) -> list[Work]:
@@ -70,5 +85,5 @@ class Dispatcher:
                 out.append(work)
                 continue
             rules = self.match(work.message.topic, work.event.event_type, work.event.body)
-            out.append(replace(work, rules=rules, status="pending" if rules else "done"))
+            out.append(work.with_rules(rules))
         return out

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast
 
 from featureplane.codec import Item
@@ -196,13 +196,13 @@ class Pipeline:
         for (i, out), err in zip(routes, errors, strict=True):
             w = batch[i]
             if err is None:
-                result[i] = replace(w, status="routed")
+                result[i] = w.with_status("routed")
                 counter = metrics.DLQ if out.kind == "dlq" else metrics.RETRIES
                 counter.labels(flow, w.message.topic).inc()
                 if w.status == "malformed":
                     metrics.FAILURES.labels(flow, "malformed").inc()
             else:
-                result[i] = replace(w, status="stuck", reason=err)
+                result[i] = w.with_status("stuck", err)
                 metrics.FAILURES.labels(flow, "delivery").inc()
                 log.error(
                     "%s: cannot deliver %s[%d]@%d to %s (%s); its offset stays uncommitted "
@@ -232,6 +232,6 @@ def _guarded(step: str, batch: Batch, fn: Callable[[Batch], Batch]) -> Batch:
         log.exception("step %s failed on a batch of %d; sending it to retry", step, len(batch))
         reason = f"internal error in {step}: {type(exc).__name__}: {exc}"[:500]
         return [
-            replace(w, status="transient", reason=reason) if w.status == "pending" else w
+            w.with_status("transient", reason) if w.status == "pending" else w
             for w in batch
         ]

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import Histogram
@@ -112,7 +112,7 @@ class Writer:
             for i in chunk:
                 work = works[i]
                 if failure is None:
-                    out[i] = replace(work, status="done")
+                    out[i] = work.with_status("done")
                     for item in work.items:
                         hist = fresh.get(item.group)
                         if hist is None:
@@ -122,7 +122,7 @@ class Writer:
                         hist.observe(max(0, now - item.ts) / 1000)
                 else:
                     status: Status = "malformed" if failure.malformed else "transient"
-                    out[i] = replace(work, status=status, reason=failure.reason)
+                    out[i] = work.with_status(status, failure.reason)
                     if not failure.malformed:  # malformed ones are counted when routed
                         metrics.FAILURES.labels(self.flow, failure.kind).inc()
         return out

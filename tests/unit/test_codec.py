@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from featureplane.codec import MAX_ITEM_BYTES, decode, decode_python, encode, make_item, project
 from featureplane.errors import ItemTooLargeError, ValidationError
-from featureplane.keys import partition_key, ts_of, version, version_bounds
+from featureplane.keys import MAX_ID_BYTES, check_id, partition_key, ts_of, version, version_bounds
 from featureplane.spec import FeatureGroup
 from featureplane.types import coerce, parse_type
 
@@ -106,3 +106,14 @@ def test_coerce_accepts_json_and_python_forms() -> None:
     t = parse_type("set<bytes>")
     assert coerce(t, [b"b", b"a"]) == coerce(t, ["Yg==", "YQ=="]) == ["YQ==", "Yg=="]
     assert coerce(parse_type("float"), 3) == 3.0
+
+
+def test_check_id_fast_path_keeps_the_limits() -> None:
+    assert check_id("u" * MAX_ID_BYTES) == "u" * MAX_ID_BYTES
+    with pytest.raises(ValidationError, match="over the"):
+        check_id("u" * (MAX_ID_BYTES + 1))
+    with pytest.raises(ValidationError, match="over the"):
+        check_id("\u00e9" * (MAX_ID_BYTES // 2 + 1))  # 2 bytes a character
+    with pytest.raises(ValidationError, match="unicode"):
+        check_id("a\ud800")
+

@@ -7,6 +7,7 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
@@ -17,7 +18,7 @@ from featureplane.stores.base import Query, Store
 from operators.aggregate import Aggregator
 from operators.commit import OffsetTracker
 from operators.decode import MalformedError, decode_event, decode_works
-from operators.dispatch import Dispatcher, get_path
+from operators.dispatch import MISSING, Dispatcher, get_path
 from operators.records import Message, Origin, Work
 from operators.retry import Backoff, RetryHold
 from operators.route import parse_retry_headers, route_of
@@ -107,6 +108,9 @@ def test_get_path() -> None:
     assert get_path(body, "a.b.c") == 1
     assert get_path(body, "x") is None
     assert get_path(body, "a.z") is get_path(body, "x.y")
+    # other mappings than dict, and non-mappings on the way, as before the dict fast path
+    assert get_path({"a": MappingProxyType({"b": 2})}, "a.b") == 2
+    assert get_path({"a": [1]}, "a.0") is get_path({"a": "s"}, "a.b") is MISSING
 
 
 def test_one_click_feeds_two_groups_and_where_filters() -> None:
