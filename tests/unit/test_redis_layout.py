@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from redis.exceptions import DataError
 
 from featureplane.codec import make_item
 from featureplane.errors import ValidationError
@@ -12,6 +13,7 @@ from featureplane.keys import version
 from featureplane.spec import load_catalog
 from featureplane.stores.redis import (
     VERSION_LEN,
+    c_packing,
     key_of,
     latest_winner,
     lex_range,
@@ -94,3 +96,20 @@ def test_through_call_puts_value_keys_before_markers() -> None:
     _, keys, args = through_call(entries)
     assert keys == [b"a", b"c", b"na", b"nb", b"nc"]
     assert args == [2, b"l", 5, b"m", b"t", 6, 3, "", 1, b"x"]
+
+
+def test_c_packing_sends_the_bytes_redis_py_would() -> None:
+    from redis.asyncio.connection import Connection
+
+    packed = c_packing(Connection, {})
+    assert packed is not Connection  # hiredis is a dependency here
+    commands = [
+        ("EVALSHA", "ab" * 20, 2, b"k1", "k\u00e9", b"l", 300_000, -7, 0.1, b"\x00\xff", ""),
+        ("SCRIPT LOAD", "return 1"),
+        (b"CONFIG GET", b"maxmemory"),
+    ]
+    for cmd in commands:
+        assert b"".join(packed().pack_command(*cmd)) == b"".join(Connection().pack_command(*cmd))
+    with pytest.raises(DataError):  # what redis-py raises for a type it cannot send
+        packed().pack_command("SET", "k", None)
+    assert c_packing(Connection, {"encoding": "latin-1"}) is Connection
