@@ -52,7 +52,6 @@ of a key that did not exist. Such staleness lasts at most the key's hard TTL
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -68,6 +67,7 @@ from featureplane.codec import Item, Record
 from featureplane.errors import StoreError, TransientStoreError, ValidationError
 from featureplane.keys import partition_key, version_bounds
 from featureplane.spec import Catalog, FeatureGroup
+from featureplane.stores import _redis_lua as lua
 from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
 
 __all__ = [
@@ -105,156 +105,6 @@ _PERMANENT: tuple[type[BaseException], ...] = (
     rx.AuthorizationError,
 )
 
-# KEYS[1] the set; ARGV[1] max_items; ARGV[2] cutoff lex bound or ""; ARGV[3] now (ms);
-# ARGV[4] retention (ms) or ""; ARGV[5..] members (version .. value), oldest first.
-_TIMESERIES_LUA = """
-local key = KEYS[1]
-for i = 5, #ARGV do
-  local v = string.sub(ARGV[i], 1, 26)
-  redis.call('ZREMRANGEBYLEX', key, '[' .. v, '[' .. v .. '\\255')
-  redis.call('ZADD', key, 0, ARGV[i])
-end
-if ARGV[2] ~= '' then
-  redis.call('ZREMRANGEBYLEX', key, '-', '(' .. ARGV[2])
-end
-redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(ARGV[1]) + 1))
-if ARGV[4] ~= '' then
-  local newest = redis.call('ZREVRANGE', key, 0, 0)[1]
-  if newest then
-    local ttl = tonumber(string.sub(newest, 1, 13)) + tonumber(ARGV[4]) - tonumber(ARGV[3])
-    if ttl > 0 then
-      redis.call('PEXPIRE', key, string.format('%.0f', ttl))
-    else
-      redis.call('DEL', key)
-    end
-  end
-end
-return redis.call('ZCARD', key)
-"""
-
-# KEYS[1] the string; ARGV[1] version .. value. Versions are compared as numbers (ts, then
-# the hex hash), not with Lua's `<`, which follows the server's locale collation.
-_LATEST_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local new = ARGV[1]
-  local cts, nts = tonumber(string.sub(cur, 1, 13)), tonumber(string.sub(new, 1, 13))
-  if cts > nts then return 0 end
-  if cts == nts and tonumber(string.sub(cur, 15, 26), 16) > tonumber(string.sub(new, 15, 26), 16)
-  then return 0 end
-end
-redis.call('SET', KEYS[1], ARGV[1])
-return 1
-"""
-
-# Cache writes. KEYS[1] the set; ARGV[1] max_items; ARGV[2] cutoff lex bound or "";
-# ARGV[3] ttl (ms); ARGV[4] "1" = only if the key exists (write-through), "0" = create (fill);
-# ARGV[5..] members, any order. Returns the set's size, or -1 when nothing was written.
-_CACHE_TIMESERIES_LUA = """
-local key = KEYS[1]
-if ARGV[4] == '1' and redis.call('EXISTS', key) == 0 then return -1 end
-for i = 5, #ARGV do
-  local v = string.sub(ARGV[i], 1, 26)
-  redis.call('ZREMRANGEBYLEX', key, '[' .. v, '[' .. v .. '\\255')
-  redis.call('ZADD', key, 0, ARGV[i])
-end
-if ARGV[2] ~= '' then
-  redis.call('ZREMRANGEBYLEX', key, '-', '(' .. ARGV[2])
-end
-redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(ARGV[1]) + 1))
-if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ARGV[3]) end
-return redis.call('ZCARD', key)
-"""
-
-# KEYS[1] the string; ARGV[1] version .. value; ARGV[2] ttl (ms). Newest wins as in
-# _LATEST_LUA; the expiry is refreshed only when the value was written.
-_CACHE_LATEST_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local new = ARGV[1]
-  local cts, nts = tonumber(string.sub(cur, 1, 13)), tonumber(string.sub(new, 1, 13))
-  if cts > nts then return 0 end
-  if cts == nts and tonumber(string.sub(cur, 15, 26), 16) > tonumber(string.sub(new, 15, 26), 16)
-  then return 0 end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-
-# Write-through of many keys in one call (the rules of the two scripts above, with ARGV[4]
-# = "1"). KEYS[1..n]: value keys; KEYS[n+1..]: negative markers to delete. ARGV[1]: n;
-# then per value key: "l", ttl, member | "t", ttl, max_items, cutoff or "", count, members.
-# Returns n.
-_CACHE_THROUGH_LUA = """
-local n = tonumber(ARGV[1])
-local a = 2
-for k = 1, n do
-  local key, kind, ttl = KEYS[k], ARGV[a], ARGV[a + 1]
-  if kind == 'l' then
-    local new = ARGV[a + 2]
-    a = a + 3
-    local cur = redis.call('GET', key)
-    local newer = true
-    if cur then
-      local cts, nts = tonumber(string.sub(cur, 1, 13)), tonumber(string.sub(new, 1, 13))
-      if cts > nts then newer = false
-      elseif cts == nts and tonumber(string.sub(cur, 15, 26), 16)
-          > tonumber(string.sub(new, 15, 26), 16) then newer = false end
-    end
-    if newer then redis.call('SET', key, new, 'PX', ttl) end
-  else
-    local cap, low, count = tonumber(ARGV[a + 2]), ARGV[a + 3], tonumber(ARGV[a + 4])
-    local first = a + 5
-    a = first + count
-    if redis.call('EXISTS', key) == 1 then
-      for i = first, a - 1 do
-        local v = string.sub(ARGV[i], 1, 26)
-        redis.call('ZREMRANGEBYLEX', key, '[' .. v, '[' .. v .. '\\255')
-        redis.call('ZADD', key, 0, ARGV[i])
-      end
-      if low ~= '' then redis.call('ZREMRANGEBYLEX', key, '-', '(' .. low) end
-      redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))
-      if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ttl) end
-    end
-  end
-end
-for k = n + 1, #KEYS do redis.call('DEL', KEYS[k]) end
-return n
-"""
-
-# Cache reads, one call a batch. KEYS: value key, negative key, ... ; ARGV[i]: "l" (latest)
-# or "t" (timeseries) of the i-th pair. Returns value, PTTL, negative PTTL per pair.
-_CACHE_READ_LUA = """
-local out = {}
-for i = 1, #ARGV do
-  local k = KEYS[2 * i - 1]
-  if ARGV[i] == 'l' then
-    out[#out + 1] = redis.call('GET', k)
-  else
-    out[#out + 1] = redis.call('ZREVRANGE', k, 0, -1)
-  end
-  out[#out + 1] = redis.call('PTTL', k)
-  out[#out + 1] = redis.call('PTTL', KEYS[2 * i])
-end
-return out
-"""
-
-_TIMESERIES_SHA = hashlib.sha1(_TIMESERIES_LUA.encode(), usedforsecurity=False).hexdigest()
-_LATEST_SHA = hashlib.sha1(_LATEST_LUA.encode(), usedforsecurity=False).hexdigest()
-_CACHE_TIMESERIES_SHA = hashlib.sha1(
-    _CACHE_TIMESERIES_LUA.encode(), usedforsecurity=False
-).hexdigest()
-_CACHE_LATEST_SHA = hashlib.sha1(_CACHE_LATEST_LUA.encode(), usedforsecurity=False).hexdigest()
-_CACHE_READ_SHA = hashlib.sha1(_CACHE_READ_LUA.encode(), usedforsecurity=False).hexdigest()
-_CACHE_THROUGH_SHA = hashlib.sha1(_CACHE_THROUGH_LUA.encode(), usedforsecurity=False).hexdigest()
-_SCRIPTS = (
-    (_CACHE_READ_LUA, _CACHE_READ_SHA),
-    (_TIMESERIES_LUA, _TIMESERIES_SHA),
-    (_LATEST_LUA, _LATEST_SHA),
-    (_CACHE_TIMESERIES_LUA, _CACHE_TIMESERIES_SHA),
-    (_CACHE_LATEST_LUA, _CACHE_LATEST_SHA),
-    (_CACHE_THROUGH_LUA, _CACHE_THROUGH_SHA),
-)
 THROUGH_KEYS = 512
 """Most (group, id) pairs per write-through script call: one call costs redis-py about as
 much CPU as one single-key call, and this bounds how long one call holds Redis."""
@@ -375,18 +225,18 @@ def _stored(record: Record) -> bytes:
 
 ThroughEntry = tuple[bytes | None, bytes | None, list[bytes | int | str]]
 """One (group, id) of a write-through: value key (None: only clear the marker), negative
-marker key to delete (None: none), the value key's ARGV in `_CACHE_THROUGH_LUA`."""
+marker key to delete (None: none), the value key's ARGV in `lua.CACHE_THROUGH_LUA`."""
 
 
 def through_call(entries: Sequence[ThroughEntry]) -> Call:
-    """One `_CACHE_THROUGH_LUA` call writing `entries`: value keys, then markers."""
+    """One `lua.CACHE_THROUGH_LUA` call writing `entries`: value keys, then markers."""
     written = [e for e in entries if e[0] is not None]
     keys: list[bytes] = [k for k, _, _ in written if k is not None]
     keys.extend(neg for _, neg, _ in entries if neg is not None)
     args: list[bytes | int | str] = [len(written)]
     for _, _, a in written:
         args.extend(a)
-    return _CACHE_THROUGH_SHA, keys, args
+    return lua.CACHE_THROUGH_SHA, keys, args
 
 
 def through_chunks(
@@ -560,7 +410,7 @@ class RedisStore(Store):
             group = self._group(group_name)
             key = key_of(self.prefix, group_name, entity_id)
             if group.kind == "latest":
-                calls.append((_LATEST_SHA, key, [member_of(latest_winner(batch))]))
+                calls.append((lua.LATEST_SHA, key, [member_of(latest_winner(batch))]))
                 continue
             cutoff = self.cutoff(group)
             members = timeseries_members(batch, group.max_items, cutoff)
@@ -569,7 +419,7 @@ class RedisStore(Store):
             low = version_bounds(cutoff, None)[0] if cutoff is not None else ""
             retention = "" if group.retention is None else group.retention
             args: list[bytes | int | str] = [group.max_items, low, now, retention]
-            calls.append((_TIMESERIES_SHA, key, [*args, *members]))
+            calls.append((lua.TIMESERIES_SHA, key, [*args, *members]))
         return calls
 
     # -- cache writes
@@ -639,13 +489,13 @@ class RedisStore(Store):
             ttl = jittered(group.ttl.hard, group.ttl.jitter, self.rand())
             if group.kind == "latest":
                 best = max(f.records, key=lambda r: r.version)
-                calls.append((_CACHE_LATEST_SHA, [key], [_stored(best), ttl]))
+                calls.append((lua.CACHE_LATEST_SHA, [key], [_stored(best), ttl]))
                 continue
             cutoff = self.cutoff(group)
             low = version_bounds(cutoff, None)[0] if cutoff is not None else ""
             members = [_stored(r) for r in f.records[: group.max_items]]
             calls.append(
-                (_CACHE_TIMESERIES_SHA, [key], [group.max_items, low, ttl, "0", *members])
+                (lua.CACHE_TIMESERIES_SHA, [key], [group.max_items, low, ttl, "0", *members])
             )
         await self._run_scripts(calls, markers)
 
@@ -668,10 +518,10 @@ class RedisStore(Store):
         client = self._redis()
         with _translated("cache read"):
             try:
-                results = await client.evalsha(_CACHE_READ_SHA, len(names), *names, *kinds)
+                results = await client.evalsha(lua.CACHE_READ_SHA, len(names), *names, *kinds)
             except rx.NoScriptError:
                 await self._load_scripts()
-                results = await client.evalsha(_CACHE_READ_SHA, len(names), *names, *kinds)
+                results = await client.evalsha(lua.CACHE_READ_SHA, len(names), *names, *kinds)
         out: list[Cached] = []
         for i in range(0, len(results), 3):
             value, pttl, neg = results[i : i + 3]
@@ -780,6 +630,6 @@ class RedisStore(Store):
     async def _load_scripts(self) -> None:
         client = self._redis()
         with _translated("script load"):
-            for script, sha in _SCRIPTS:
+            for script, sha in lua.SCRIPTS:
                 if str(await client.script_load(script)) != sha:
                     raise StoreError("redis returned an unexpected SHA1 for a loaded script")
