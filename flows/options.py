@@ -12,9 +12,16 @@ from typing import Annotated
 from pydantic import Field, PlainValidator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from featureplane.cli import add_kafka_options, add_spec_option, add_store_options
 from featureplane.spec import parse_duration
 
-__all__ = ["FlowOptions", "add_flow_options", "add_retry_options", "options_from"]
+__all__ = [
+    "FlowOptions",
+    "add_arguments_of",
+    "add_flow_options",
+    "add_retry_options",
+    "options_from",
+]
 
 
 def _ms(value: object) -> int:
@@ -55,6 +62,21 @@ class FlowOptions(BaseSettings):
     """Longest retry wait."""
     retry_group: str | None = None
     """Consumer group of the retry dataflow [<kafka group>-retry]."""
+
+
+def add_arguments_of(kind: str, p: argparse.ArgumentParser) -> None:
+    """Every flag of `featureplane ingest` (kind "ingest") or `featureplane retry`."""
+    add_spec_option(p)
+    add_kafka_options(p)
+    add_store_options(p)
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus port; 0 picks a free one [FEATUREPLANE_METRICS_PORT, 9100]",
+    )
+    add_flow_options(p)
+    if kind == "retry":
+        add_retry_options(p)
 
 
 def add_flow_options(p: argparse.ArgumentParser) -> None:

@@ -18,30 +18,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from featureplane.cli import (
-    add_kafka_options,
-    add_spec_option,
-    add_store_options,
-    load_spec,
-    settings_from,
-)
+from featureplane.cli import load_spec, settings_from
 from flows import dataflow
-from flows.options import add_flow_options, add_retry_options, options_from
+from flows.options import add_arguments_of, options_from
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_spec_option(p)
-    add_kafka_options(p)
-    add_store_options(p)
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        help="Prometheus port; 0 picks a free one [FEATUREPLANE_METRICS_PORT, 9100]",
-    )
-    add_flow_options(p)
-    add_retry_options(p)
+    add_arguments_of("retry", p)
 
 
 def run(args: argparse.Namespace) -> int:
