@@ -7,12 +7,17 @@
     └── StoreError           a store or cache operation that failed
         └── TransientStoreError  ... and may succeed if retried (timeout, throttling, outage)
 
-HTTP status codes are decided in `serving/`, never here.
+HTTP status codes are decided in `serving/`, never here. Every message that
+quotes user input quotes it through `quote`, so no input (1 MiB long, nested
+10,000 deep, any bytes) can make an error message large or raise while it
+is built.
 """
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "FeatureplaneError",
@@ -22,7 +27,22 @@ __all__ = [
     "StoreError",
     "TransientStoreError",
     "ValidationError",
+    "quote",
 ]
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3  # [[[...]]]: never recurses with the input's depth
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdict = 4
+
+
+def quote(value: Any, limit: int = 80) -> str:
+    """A short, bounded repr of user input for an error message (at most `limit` chars)."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # e.g. int too large to print, a repr that raises
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class FeatureplaneError(Exception):

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from featureplane.errors import ValidationError
+from featureplane.errors import ValidationError, quote
 
 __all__ = ["INT_MAX", "INT_MIN", "FeatureType", "coerce", "parse_type", "to_python"]
 
@@ -114,7 +114,7 @@ def coerce(t: FeatureType, value: Any, where: str = "value") -> Any:
                 out = {}
                 for k, v in value.items():
                     if not isinstance(k, str):
-                        raise ValidationError(f"{where}: map keys must be strings, got {k!r}")
+                        raise ValidationError(f"{where}: map keys must be strings, got {quote(k)}")
                     out[k] = coerce(t.item, v, f"{where}.{k}")
                 return out
         case "vector":
@@ -124,7 +124,7 @@ def coerce(t: FeatureType, value: Any, where: str = "value") -> Any:
                         f"{where}: vector must have {t.dim} floats, got {len(value)}"
                     )
                 return [coerce(_FLOAT, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise ValidationError(f"{where}: expected {t}, got {type(value).__name__} {_short(value)}")
+    raise ValidationError(f"{where}: expected {t}, got {type(value).__name__} {quote(value, 40)}")
 
 
 def to_python(t: FeatureType, wire: Any) -> Any:
@@ -160,7 +160,3 @@ def _bytes_wire(value: Any, where: str) -> str:
         return base64.b64encode(raw).decode("ascii")
     raise ValidationError(f"{where}: expected bytes (base64), got {type(value).__name__}")
 
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
