@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from featureplane.codec import Record, decode, project
-from featureplane.errors import FeatureplaneError, ValidationError
+from featureplane.errors import FeatureplaneError, ValidationError, quote
 from featureplane.keys import MAX_TS, check_id
 from featureplane.spec import Catalog, FeatureGroup
 
@@ -28,6 +28,7 @@ __all__ = [
 
 DEFAULT_LIMIT = 30
 MAX_PAIRS = 1_000
+MAX_MESSAGE = 600
 _FIELDS = frozenset({"group", "ids", "limit", "since", "until", "features"})
 
 
@@ -35,6 +36,12 @@ class ApiError(FeatureplaneError):
     """An error answered as `{"error": {"code", "message"}}` with `status`."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
+        # Messages quote input through `quote`; this bound is the backstop that keeps the
+        # body under 4 KiB (CONTRACT section 3) even if one does not: 600 characters are at
+        # most 3,600 bytes once JSON-escaped. Lone surrogates would make orjson raise.
+        if len(message) > MAX_MESSAGE:
+            message = message[: MAX_MESSAGE - 3] + "..."
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
 
@@ -74,7 +81,7 @@ def parse_body(catalog: Catalog, body: bytes) -> list[FeatureRequest]:
         if not isinstance(raw, dict):
             raise _bad("bad_request", f"requests[{n}] must be an object")
         if extra := set(raw) - _FIELDS:
-            raise _bad("bad_request", f"requests[{n}] has unknown fields {sorted(extra)}")
+            raise _bad("bad_request", f"requests[{n}] has unknown fields {quote(sorted(extra))}")
         ids = raw.get("ids")
         if not isinstance(ids, list):
             raise _bad("bad_request", f"requests[{n}].ids must be a list of strings")
@@ -93,7 +100,7 @@ def parse_query(
 ) -> FeatureRequest:
     """The GET form: `?limit=&since=&until=&features=a,b`."""
     if extra := set(query) - {"limit", "since", "until", "features"}:
-        raise _bad("bad_request", f"unknown query parameters {sorted(extra)}")
+        raise _bad("bad_request", f"unknown query parameters {quote(sorted(extra))}")
     nums: dict[str, int | None] = {}
     for name in ("limit", "since", "until"):
         text = query.get(name)
@@ -104,7 +111,7 @@ def parse_query(
             nums[name] = int(text)
         except ValueError:
             raise _bad("bad_limit" if name == "limit" else "bad_range",
-                       f"{name} must be an integer, got {text!r}") from None
+                       f"{name} must be an integer, got {quote(text)}") from None
     features = query.get("features")
     names = None if features is None else [f for f in features.split(",") if f]
     return _request(catalog, group, [entity_id], nums["limit"], nums["since"], nums["until"],
@@ -119,10 +126,10 @@ def _request(
         raise _bad("bad_request", f"{where}group must be a string")
     group = catalog.groups.get(group_name)
     if group is None:
-        raise _bad("unknown_group", f"unknown feature group {group_name!r}")
+        raise _bad("unknown_group", f"unknown feature group {quote(group_name)}")
     for entity_id in ids:
         if not isinstance(entity_id, str):
-            raise _bad("bad_request", f"{where}ids must be strings, got {entity_id!r}")
+            raise _bad("bad_request", f"{where}ids must be strings, got {quote(entity_id)}")
         try:
             check_id(entity_id)
         except ValidationError as exc:
@@ -131,10 +138,10 @@ def _request(
         limit = min(DEFAULT_LIMIT, group.max_items)
     elif not _is_int(limit) or not 1 <= limit <= group.max_items:
         raise _bad("bad_limit", f"{where}limit must be an integer from 1 to the group's "
-                   f"max_items ({group.max_items}), got {limit!r}")
+                   f"max_items ({group.max_items}), got {quote(limit)}")
     for name, value in (("since", since), ("until", until)):
         if value is not None and (not _is_int(value) or not 0 <= value <= MAX_TS):
-            raise _bad("bad_range", f"{where}{name} must be epoch milliseconds, got {value!r}")
+            raise _bad("bad_range", f"{where}{name} must be epoch milliseconds, got {quote(value)}")
     if since is not None and until is not None and since > until:
         raise _bad("bad_range", f"{where}since ({since}) is after until ({until})")
     names: tuple[str, ...] | None = None
@@ -143,7 +150,8 @@ def _request(
             raise _bad("bad_request", f"{where}features must be a list of feature names")
         unknown = [f for f in features if f not in group.index]
         if unknown:
-            raise _bad("unknown_feature", f"group {group.name!r} has no feature {unknown[0]!r}")
+            raise _bad("unknown_feature",
+                       f"group {group.name!r} has no feature {quote(unknown[0])}")
         names = tuple(dict.fromkeys(features))
     if group.kind == "latest":  # limit, since and until are for timeseries; ignored here
         limit, since, until = 1, None, None

@@ -1,7 +1,8 @@
 """The aiohttp application: routes of CONTRACT section 3, auth, errors, lifecycle.
 
 `create_app` takes unstarted tiers; the app starts them in its cleanup context and
-closes them at shutdown, so one object owns each client's life (STYLE 8).
+closes them at shutdown, so one object owns each client's life (STYLE 8). `drain`
+marks it stopping: /readyz turns 503 while requests are still answered.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import orjson
 from aiohttp import web
 
 from featureplane.codec import Record
+from featureplane.errors import quote
 from featureplane.stores.base import Clock, Store, wall_clock_ms
 from featureplane.stores.redis import RedisStore
 from serving.api import ApiError, FeatureRequest, parse_body, parse_query, render
@@ -28,10 +30,12 @@ from serving.ondemand import OnDemandError, OnDemandFn, compute, load_functions
 from serving.openapi import openapi
 from serving.tiers import Lookup, ReaderConfig, TieredReader
 
-__all__ = ["MAX_BODY", "METRICS", "READER", "create_app"]
+__all__ = ["MAX_BODY", "METRICS", "READER", "SERVER", "create_app", "drain"]
 
 log = logging.getLogger(__name__)
 MAX_BODY = 1024 * 1024
+SERVER = "featureplane"
+"""The `Server` header of every answer: no versions for a scanner to match."""
 
 READER = web.AppKey("reader", TieredReader)
 METRICS = web.AppKey("metrics", Metrics)
@@ -45,21 +49,28 @@ def _json(doc: Any, status: int = 200) -> web.Response:
 
 
 def _error(exc: ApiError) -> web.Response:
-    return web.Response(body=exc.body(), status=exc.status, content_type=_JSON)
+    resp = web.Response(body=exc.body(), status=exc.status, content_type=_JSON)
+    if exc.status == 408:  # a client too slow to send its body is disconnected (CONTRACT 3)
+        resp.force_close()
+    return resp
 
 
 _HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                413: "body_too_large"}
+_CLIENT_GONE = 499  # nginx's "client closed request": recorded, never sent, never a 5xx
 
 
 class _Service:
     """What the handlers share: the catalog, the tiers and the on-demand functions."""
 
     def __init__(self, reader: TieredReader, functions: dict[str, OnDemandFn], clock: Clock,
-                 token: str | None, store: Store | None, redis: RedisStore | None) -> None:
+                 token: str | None, store: Store | None, redis: RedisStore | None,
+                 body_timeout: float) -> None:
         self.reader, self.functions, self.clock = reader, functions, clock
         self.auth = None if token is None else b"Bearer " + token.encode()
         self.store, self.redis = store, redis
+        self.body_timeout = body_timeout
+        self.phase = "starting"  # -> "serving" once the tiers started -> "draining"
 
     async def results(self, reqs: list[FeatureRequest]) -> list[dict[str, Any]]:
         lookups: list[Lookup] = []
@@ -85,7 +96,7 @@ class _Service:
                 records = rows[n] if rows is not None else next(found)
                 if records is None:
                     raise ApiError(503, "unavailable", f"no tier can answer {req.group.name!r} "
-                                   f"for id {entity_id!r} now")
+                                   f"for id {quote(entity_id)} now")
                 out.append(render(req, entity_id, records))
         return out
 
@@ -110,18 +121,39 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
             raise
         code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "error")
         resp = _error(ApiError(exc.status, code, exc.reason))
+        if (allow := exc.headers.get("Allow")) is not None:  # 405 must say what is allowed
+            resp.headers["Allow"] = allow
     except Exception:  # a bug: answer JSON, log it, never leak a traceback
         log.exception("unhandled error on %s %s", request.method, request.path)
         resp = _error(ApiError(500, "internal", "internal error"))
     route = request.match_info.route.resource
     name = route.canonical if route is not None else "unmatched"
     request.app[METRICS].observe(name, resp.status, time.perf_counter() - start)
+    resp.headers["Server"] = SERVER
     return resp
+
+
+async def _read_body(request: web.Request, timeout: float) -> bytes:
+    """The body, read within `timeout` s; a client that vanishes mid-body is no error of ours."""
+    try:
+        if request.content.is_eof():  # all of it came with the head: no timer to arm
+            return await request.read()
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        request.app[METRICS].slow_clients.inc()
+        raise ApiError(408, "request_timeout",
+                       f"the body did not arrive within {timeout:g} s") from None
+    except ConnectionError:
+        raise ApiError(_CLIENT_GONE, "client_closed_request",
+                       "the client closed the connection before sending its body") from None
+    except web.RequestPayloadError:
+        raise ApiError(400, "bad_request", "malformed body (length or chunked encoding)") from None
 
 
 async def _post_features(request: web.Request) -> web.Response:
     svc = request.app[_SERVICE]
-    body = await request.read()
+    body = await _read_body(request, svc.body_timeout)
     reqs = parse_body(svc.reader.catalog, body)
     return _json({"results": await svc.results(reqs)})
 
@@ -143,22 +175,27 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
+    """200 whenever the durable store answers (a cache tier down is only "degraded");
+    503 while starting, draining or with the store unreachable (CONTRACT section 3)."""
     svc = request.app[_SERVICE]
-    tiers = {"store": svc.store, "redis": svc.redis}
+    if svc.phase != "serving":
+        return _json({"ready": False, "status": svc.phase}, 503)
+    tiers = {n: t for n, t in (("store", svc.store), ("redis", svc.redis)) if t is not None}
 
-    async def ping(tier: Store) -> bool:
+    async def ping(tier: Store) -> str:
         try:
             async with asyncio.timeout(1.0):
                 await tier.ping()
         except Exception:
-            return False
-        return True
+            return "down"
+        return "up"
 
-    names = [n for n, t in tiers.items() if t is not None]
-    ok = await asyncio.gather(*(ping(t) for t in tiers.values() if t is not None))
-    status = dict(zip(names, ok, strict=True))
-    ready = all(ok)
-    return _json({"ready": ready, "tiers": status}, 200 if ready else 503)
+    states = dict(zip(tiers, await asyncio.gather(*map(ping, tiers.values())), strict=True))
+    durable = "store" if "store" in tiers else "redis"  # no store: Redis is all there is
+    if states.get(durable) != "up":
+        return _json({"ready": False, "status": "unavailable", "tiers": states}, 503)
+    status = "ok" if all(s == "up" for s in states.values()) else "degraded"
+    return _json({"ready": True, "status": status, "tiers": states})
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -191,7 +228,8 @@ def create_app(
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY)
     app[METRICS] = metrics
     app[READER] = reader
-    app[_SERVICE] = _Service(reader, functions, clock, token, store, redis)
+    svc = app[_SERVICE] = _Service(reader, functions, clock, token, store, redis,
+                                   config.body_timeout)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         started: list[Store] = []
@@ -201,6 +239,7 @@ def create_app(
                     await tier.start()
                     started.append(tier)
             await reader.start()
+            svc.phase = "serving"
             yield
         finally:
             await reader.aclose()
@@ -221,3 +260,8 @@ def create_app(
 
     app.router.add_get("/openapi.json", _openapi)
     return app
+
+
+def drain(app: web.Application) -> None:
+    """Mark the server stopping: /readyz answers 503 from now on; requests still are."""
+    app[_SERVICE].phase = "draining"

@@ -43,5 +43,16 @@ class ServeConfig(BaseSettings):
     """XFetch beta: > 1 refreshes earlier, 0 turns early refresh off."""
     shutdown_timeout: float = Field(10.0, ge=0)
     """Seconds to finish in-flight requests after SIGTERM."""
+    drain_delay: float = Field(5.0, ge=0)
+    """Seconds between SIGTERM and closing the listening socket: /readyz answers 503 while
+    requests are still served, so load balancers stop sending before connections are refused."""
+    header_timeout: float = Field(15.0, gt=0)
+    """Seconds a connection has, from opening or from its previous answer, to send a complete
+    request head; an idle keep-alive connection is closed after the same time."""
+    body_timeout: float = Field(10.0, gt=0)
+    """Seconds a request has to deliver its whole body once its head has arrived."""
+    max_connections: int = Field(10_000, ge=1)
+    """Open connections at most (lowered to fit the process's file descriptor limit); more
+    are answered 503 and closed."""
     uvloop: bool = False
     """Run on uvloop instead of asyncio's default loop."""

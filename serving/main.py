@@ -12,8 +12,18 @@ served and the rest get 503.
 Security: set FEATUREPLANE_TOKEN to require `Authorization: Bearer <token>`
 on /v1/* (environment only, never a flag, so it stays out of `ps`).
 Every FEATUREPLANE_SERVE_* variable below is the flag's default.
-SIGTERM or Ctrl-C stops accepting, finishes in-flight requests
-(`--shutdown-timeout`) and closes every client.
+
+Hostile clients: a connection must send each request head within
+`--header-timeout` (also the idle keep-alive time) and its body within
+`--body-timeout`, or it is disconnected (408 for a late body); beyond
+`--max-connections` open ones, new connections get a 503 and are closed.
+These events are counted in /metrics and summarised in the log at most once a
+minute per kind, never one line each.
+
+SIGTERM or Ctrl-C: /readyz turns 503 while requests are still served for
+`--drain-delay` (so load balancers stop sending), then the server stops
+accepting, finishes in-flight requests (`--shutdown-timeout`) and closes
+every client.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import signal
 from typing import Any
 
 from aiohttp import web
@@ -29,10 +40,11 @@ from aiohttp import web
 from featureplane.cli import add_spec_option, add_store_options, load_spec, settings_from
 from featureplane.stores import open_redis, open_store
 from featureplane.stores.redis import RedisStore
-from serving.app import create_app
+from serving.app import METRICS, create_app, drain
 from serving.config import ServeConfig
+from serving.connections import ConnectionGuard, fit_to_fd_limit
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +61,14 @@ _SERVE_FLAGS = {
     "xfetch_beta": ("--xfetch-beta", float, "XFetch early-refresh eagerness; 0 = off"),
     "shutdown_timeout": ("--shutdown-timeout", float, "seconds to finish in-flight requests "
                          "after SIGTERM"),
+    "drain_delay": ("--drain-delay", float, "seconds /readyz answers 503 after SIGTERM before "
+                    "the server stops accepting"),
+    "header_timeout": ("--header-timeout", float, "seconds a connection has to send a request "
+                       "head, from opening or its previous answer (also the idle keep-alive)"),
+    "body_timeout": ("--body-timeout", float, "seconds a request has to send its body; "
+                     "later: 408 and disconnected"),
+    "max_connections": ("--max-connections", int, "open connections at most (fitted to the fd "
+                        "limit); beyond: 503 and closed"),
 }
 
 
@@ -58,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("http")
     g.add_argument("--host", help="address to listen on [FEATUREPLANE_HOST, 127.0.0.1]")
     g.add_argument("--port", type=int, help="port to listen on [FEATUREPLANE_PORT, 8000]")
-    c = p.add_argument_group("cache and tiers")
+    c = p.add_argument_group("cache, tiers and connections")
     defaults = ServeConfig.model_fields
     for field, (flag, kind, text) in _SERVE_FLAGS.items():
         env = f"FEATUREPLANE_SERVE_{field.upper()}"
@@ -82,12 +102,6 @@ def run(args: argparse.Namespace) -> int:
         catalog, store=open_store(settings, catalog), redis=redis, config=config,
         token=None if settings.token is None else settings.token.get_secret_value(),
     )
-    loop = None
-    if config.uvloop:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-        asyncio.set_event_loop(loop)
     # Start-up objects (modules, catalog, app) live for good: frozen, no full collection
     # walks them again; a large young generation makes collections rare. Full collections
     # over the heap were the p99 tail of bench/serve.py (b): 38-48 ms -> 14-18 ms.
@@ -96,6 +110,44 @@ def run(args: argparse.Namespace) -> int:
     gc.set_threshold(50_000, 20, 50)
     log.info("serving %d groups on http://%s:%d", len(catalog.groups), settings.host,
              settings.port)
-    web.run_app(app, host=settings.host, port=settings.port, access_log=None,
-                shutdown_timeout=config.shutdown_timeout, print=None, loop=loop)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(app, config, settings.host, settings.port, stop)
+
+    factory = None
+    if config.uvloop:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
     return 0
+
+
+async def serve(app: web.Application, config: ServeConfig, host: str, port: int,
+                stop: asyncio.Event) -> None:
+    """Serve `app` on host:port until `stop` is set, then drain and shut down.
+
+    aiohttp's runner owns the app's life (start-up, shutdown, cleanup); the listening
+    socket is ours, so each connection goes through `ConnectionGuard` (cap, timeouts).
+    """
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_timeout)
+    await runner.setup()
+    try:
+        assert runner.server is not None
+        guard = ConnectionGuard(runner.server, config, app[METRICS],
+                                fit_to_fd_limit(config.max_connections))
+        listener = await asyncio.get_running_loop().create_server(
+            guard, host, port, reuse_address=True, backlog=1024)
+        try:
+            await stop.wait()
+            drain(app)
+            await asyncio.sleep(config.drain_delay)
+        finally:
+            listener.close()
+    finally:
+        await runner.cleanup()

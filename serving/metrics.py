@@ -11,7 +11,8 @@ _BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25
 
 
 class Metrics:
-    """Latency per route; cache events per tier and group; tier errors; breaker states.
+    """Latency per route; cache events per tier and group; tier errors; breaker states;
+    connections and the hostile-client events counted instead of logged one by one.
 
     Label children are cached, so the hot path pays a dict lookup, not a label lookup.
     """
@@ -37,6 +38,22 @@ class Metrics:
         )
         self.on_demand_errors = Counter(
             "featureplane_on_demand_errors", "On-demand functions that raised", ["group"],
+            registry=self.registry,
+        )
+        self.connections = Gauge(
+            "featureplane_http_connections", "Open HTTP connections", registry=self.registry,
+        )
+        self.refused = Counter(
+            "featureplane_http_connections_refused", "Connections answered 503 and closed at "
+            "once because the server held --max-connections", registry=self.registry,
+        )
+        self.slow_clients = Counter(
+            "featureplane_http_slow_clients", "Requests whose body did not arrive within "
+            "--body-timeout (answered 408, disconnected)", registry=self.registry,
+        )
+        self.protocol_errors = Counter(
+            "featureplane_http_protocol_errors", "Requests refused by the HTTP parser (bad "
+            "request line, header too long, ...), answered 400 before any route",
             registry=self.registry,
         )
         self._events: dict[tuple[str, str, str], Counter] = {}

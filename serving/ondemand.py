@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from featureplane.codec import Record, encode
-from featureplane.errors import FeatureplaneError
+from featureplane.errors import FeatureplaneError, quote
 from featureplane.keys import version
 from featureplane.spec import Catalog, FeatureGroup
 
@@ -58,7 +58,8 @@ async def compute(group: FeatureGroup, fn: OnDemandFn, ids: tuple[str, ...], now
                 value = await value
             return _records(group, value, now)
         except Exception as exc:
-            raise OnDemandError(f"on-demand group {group.name!r} failed: {exc!r}") from exc
+            raise OnDemandError(
+                f"on-demand group {group.name!r} failed: {quote(exc, 200)}") from exc
 
     return list(await asyncio.gather(*(one(i) for i in ids)))
 

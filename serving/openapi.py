@@ -99,7 +99,9 @@ def openapi(catalog: Catalog) -> dict[str, Any]:
                                                  "401": errors["401"]}}},
             "/healthz": {"get": {"summary": "liveness",
                                  "responses": {"200": _json({"type": "object"}, "alive")}}},
-            "/readyz": {"get": {"summary": "200 only when every configured tier answers",
+            "/readyz": {"get": {"summary": "200 whenever the durable store answers (status "
+                                           "'degraded' with a cache tier down); 503 while "
+                                           "starting, draining or with the store unreachable",
                                 "responses": {"200": _json({"type": "object"}, "ready"),
                                               "503": _json({"type": "object"}, "not ready")}}},
             "/metrics": {"get": {"summary": "Prometheus text",

@@ -1,0 +1,163 @@
+"""Connection-level defences: a cap on open connections, a deadline for request heads,
+aiohttp's own protocol errors answered in the contract's JSON shape, and one summary log
+line per kind of hostile event instead of one line (and traceback) per event.
+
+aiohttp (3.14) has no header-read timeout of its own. Its one connection timer is the
+keep-alive timer: armed when a connection opens and again after each answer, it closes
+the connection if it fires while the connection still waits for a complete request head
+(`RequestHandler._process_keepalive`). So `keepalive_timeout` *is* the head deadline: a
+client has `header_timeout` from opening, or from its previous answer, to send its
+headers, and an idle keep-alive connection is closed after the same time. Bodies are read
+within `body_timeout` where they are read (`serving.app`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from featureplane.errors import quote
+from serving.api import ApiError
+from serving.app import SERVER
+from serving.config import ServeConfig
+from serving.metrics import Metrics
+
+__all__ = ["ConnectionGuard", "RateLimitedLog", "fit_to_fd_limit"]
+
+log = logging.getLogger(__name__)
+
+# After an early answer (413, 408) aiohttp reads and drops the rest of the body for up to
+# this long, so a client still sending reads our answer instead of a reset; 2 s is ample
+# for the rest of a 1 MiB body on any live link, and short for one that trickles.
+_LINGER = 2.0
+# File descriptors kept for everything but client connections: the store's files, Redis
+# and DynamoDB pools, the listening socket, logs.
+_FD_RESERVE = 256
+_REFUSED_BODY = orjson.dumps({"error": {"code": "too_many_connections",
+                                        "message": "server at its connection limit; retry"}})
+_REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\nRetry-After: 1\r\nServer: %s\r\n\r\n%s"
+    % (len(_REFUSED_BODY), SERVER.encode(), _REFUSED_BODY)
+)
+
+
+class RateLimitedLog:
+    """Counts events by kind and logs a WARNING for a kind at most once per `interval` s,
+    saying how many happened since its previous line."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger, self._interval, self._clock = logger, interval, clock
+        self._counts: dict[str, int] = {}
+        self._last: dict[str, float] = {}
+
+    def event(self, kind: str, text: str) -> bool:
+        """Count one `kind` event; True when this call logged."""
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        now = self._clock()
+        if now - self._last.get(kind, -math.inf) < self._interval:
+            return False
+        self._last[kind] = now
+        n = self._counts.pop(kind)
+        self._logger.warning("%s (%d such event%s since the last line of this kind)", text, n,
+                             "" if n == 1 else "s")
+        return True
+
+
+def fit_to_fd_limit(wanted: int, reserve: int = _FD_RESERVE) -> int:
+    """The connection cap the process can hold: raise the soft RLIMIT_NOFILE towards the
+    hard one if needed, and lower the cap below it, so accept() never fails with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + reserve
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(hard, need)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+    cap = wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft - reserve))
+    if cap < wanted:
+        log.warning("max connections lowered from %d to %d to fit the file descriptor limit "
+                    "(%d); raise `ulimit -n` to allow more", wanted, cap, soft)
+    return cap
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the cap: a canned 503, then closed; nothing is read or parsed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(_REFUSED)
+        transport.close()
+
+
+class _Handler(web.RequestHandler):
+    """aiohttp's request handler, counted, with its protocol errors answered as JSON."""
+
+    __slots__ = ("_guard",)
+
+    def __init__(self, guard: ConnectionGuard, server: web.Server, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._guard = guard
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._guard.open -= 1
+        super().connection_lost(exc)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        # aiohttp calls this for requests its parser refused (400 with `message`) and for
+        # errors outside the app's middleware; its own version answers text/plain naming
+        # its version and logs each one with a traceback at ERROR.
+        if request.writer.output_size > 0:  # as aiohttp: the answer is already under way
+            raise ConnectionError("answer already started, cannot send an error")
+        if status >= 500:
+            log.error("unhandled error outside the app", exc_info=exc)
+            error = ApiError(status, "internal", "internal error")
+        else:
+            self._guard.metrics.protocol_errors.inc()
+            detail = quote(message or str(exc or ""), 200)
+            self._guard.events.event("protocol_error", f"refused a malformed HTTP request "
+                                     f"from {request.remote}: {detail}")
+            error = ApiError(status, "bad_request", f"malformed HTTP request: {detail}")
+        resp = web.Response(status=status, body=error.body(), content_type="application/json",
+                            headers={"Server": SERVER})
+        resp.force_close()
+        return resp
+
+
+class ConnectionGuard:
+    """The protocol factory given to `loop.create_server`: one counted aiohttp handler a
+    connection while fewer than `cap` are open, a canned 503 beyond."""
+
+    def __init__(self, server: web.Server, config: ServeConfig, metrics: Metrics, cap: int,
+                 events: RateLimitedLog | None = None) -> None:
+        self.metrics, self.cap, self.open = metrics, cap, 0
+        self.events = events or RateLimitedLog(log)
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._kwargs: dict[str, Any] = {
+            "keepalive_timeout": config.header_timeout, "lingering_time": _LINGER,
+            "access_log": None,
+        }
+        metrics.connections.set_function(lambda: self.open)
+
+    def __call__(self) -> asyncio.Protocol:
+        if self.open >= self.cap:
+            self.metrics.refused.inc()
+            self.events.event("refused", f"refused a connection: {self.open} open, at the "
+                              f"limit (--max-connections)")
+            return _Refused()
+        # Counted here, not in connection_made: asyncio accepts a backlog's worth of
+        # connections before the first connection_made runs, which would overshoot the cap.
+        self.open += 1
+        return _Handler(self, self._server, loop=self._loop, **self._kwargs)
