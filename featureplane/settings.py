@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     """Serving port."""
     metrics_port: int = Field(9100, ge=0, le=65535)
-    """Prometheus port of a dataflow process."""
+    """Prometheus port of a dataflow process (unset: 9100 for ingest, 9101 for retry)."""
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped by Prometheus from outside the pod
+    """Address the dataflow's metrics listen on (`up` uses 127.0.0.1)."""
     token: SecretStr | None = None
     """Bearer token the HTTP API requires; unset means none."""

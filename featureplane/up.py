@@ -22,13 +22,21 @@ import sys
 import time
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from featureplane.cli import add_kafka_options, add_spec_option, settings_from
+from featureplane.lifecycle import (
+    STOP,
+    StartupError,
+    check_kafka_reachable,
+    check_port_free,
+    install_stop_handlers,
+)
 from featureplane.services import REPO, Service, free_port, start_tansu
-from featureplane.spec import Catalog, load_catalog
+from featureplane.spec import Catalog, load_catalog, parse_duration
 
 __all__ = ["add_arguments", "run"]
 
@@ -37,6 +45,10 @@ log = logging.getLogger("featureplane.up")
 EXAMPLES = REPO / "examples"
 READY_TIMEOUT_S = 90.0
 MAX_RESTARTS, RESTART_WINDOW_S = 3, 60.0
+DRAIN = "10s"
+"""The dataflows' drain timeout under `up` (FEATUREPLANE_DRAIN_TIMEOUT overrides it)."""
+STOP_MARGIN_S = 20.0
+"""What a dataflow may take after its drain: commit, leave the group, flush, close."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,14 +102,18 @@ class Child:
         except OSError:
             return False
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM to the child's process group; SIGKILL if it has not gone by `timeout`."""
+    def terminate(self) -> None:
+        """SIGTERM to the child's process group: it drains and exits on its own."""
         if self.proc is not None and self.proc.poll() is None:
             _signal_group(self.proc, signal.SIGTERM)
+
+    def finish(self, deadline: float) -> None:
+        """Wait for the child until `deadline` (monotonic), then SIGKILL what is left."""
+        if self.proc is not None and self.proc.poll() is None:
             try:
-                self.proc.wait(timeout)
+                self.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing it", self.name, timeout)
+                log.warning("%s did not stop in time; killing it", self.name)
                 _signal_group(self.proc, signal.SIGKILL)
                 self.proc.wait()
         if self.proc is not None:
@@ -123,20 +139,20 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     catalog = load_catalog(settings.spec)
     data_dir = settings.data_dir.resolve()
+    # Everything that would fail later, checked before anything starts.
+    check_port_free(settings.host, settings.port, "the HTTP API", "--port or FEATUREPLANE_PORT")
+    if settings.kafka_bootstrap:
+        check_kafka_reachable(settings.kafka_bootstrap)
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
-
-    stopping = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    install_stop_handlers()  # cli.main did already, before the imports; `run` may be called alone
+    stopping = STOP.is_set
 
     broker: Service | None = None
     children: list[Child] = []
+    drain_s = parse_duration(os.environ.get("FEATUREPLANE_DRAIN_TIMEOUT", DRAIN)) / 1000
     try:
+        if stopping():
+            return 0
         bootstrap = settings.kafka_bootstrap
         if not bootstrap:
             broker = start_tansu(workdir=data_dir / "broker")
@@ -146,31 +162,57 @@ def run(args: argparse.Namespace) -> int:
         create_topics(bootstrap, catalog)
         children = plan_children(settings.spec.resolve(), data_dir, bootstrap, args)
         for child in children:
-            child.start()
-        if not wait_ready(children, lambda: stopping):
-            return 0 if stopping else 1
+            if not stopping():
+                child.start()
+        if not wait_ready(children, stopping):
+            return 0 if stopping() else 1
         print(
             banner(
                 children, data_dir, bootstrap, broker is not None, settings.redis_url is not None
             )
         )
         sys.stdout.flush()
-        return supervise(children, lambda: stopping)
+        return supervise(children, stopping)
     finally:
-        for child in reversed(children):
-            child.stop()
+        stop_all(children, stop_timeout(drain_s))
         if broker is not None:
             broker.stop()
         log.info("stopped")
 
 
+def stop_timeout(drain_s: float) -> float:
+    """How long a child may take to stop after SIGTERM before it is killed.
+
+    The dataflows wait up to their drain timeout for records in flight, then
+    commit and close their clients (the producer's flush alone may take 10 s):
+    a stop timeout shorter than that turned every slow drain into a SIGKILL.
+    """
+    return max(drain_s + STOP_MARGIN_S, 30.0)
+
+
+def stop_all(children: list[Child], timeout: float) -> None:
+    """SIGTERM every child at once (they drain in parallel), then wait for each."""
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + timeout
+    for child in reversed(children):
+        child.finish(deadline)
+
+
 def create_topics(bootstrap: str, catalog: Catalog, partitions: int = 4) -> None:
     """Create each spec topic and its .retry and .dlq topics if missing."""
+    from confluent_kafka import KafkaException
+
     from operators.kafka import ensure_topics
     from operators.route import dlq_topic, retry_topic
 
     wanted = [name for t in catalog.topics for name in (t, retry_topic(t), dlq_topic(t))]
-    ensure_topics(bootstrap, dict.fromkeys(wanted, partitions))
+    try:
+        ensure_topics(bootstrap, dict.fromkeys(wanted, partitions))
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else exc
+        reason = err.str() if hasattr(err, "str") else str(err)
+        raise StartupError(f"cannot create the topics on Kafka at {bootstrap}: {reason}") from None
 
 
 def plan_children(
@@ -183,6 +225,9 @@ def plan_children(
         FEATUREPLANE_KAFKA_BOOTSTRAP=bootstrap,
         PYTHONUNBUFFERED="1",
     )
+    # The dataflows' metrics are for this machine only; their drain fits in up's stop timeout.
+    flow_env = {"FEATUREPLANE_METRICS_HOST": "127.0.0.1", "FEATUREPLANE_DRAIN_TIMEOUT": DRAIN}
+    flow_env |= {k: env[k] for k in flow_env if k in os.environ}
     for name in ("host", "port"):
         if getattr(args, name) is not None:
             env[f"FEATUREPLANE_{name.upper()}"] = str(getattr(args, name))
@@ -197,7 +242,7 @@ def plan_children(
             Child(
                 name,
                 [*exe, name],
-                env | {"FEATUREPLANE_METRICS_PORT": str(metrics)},
+                env | flow_env | {"FEATUREPLANE_METRICS_PORT": str(metrics)},
                 logs / f"{name}.log",
                 f"http://127.0.0.1:{metrics}/metrics",
             )
@@ -221,11 +266,11 @@ def _loopback(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # noqa: S104
 
 
-def wait_ready(children: list[Child], stopping: object) -> bool:
+def wait_ready(children: list[Child], stopping: Callable[[], bool]) -> bool:
     deadline = time.monotonic() + READY_TIMEOUT_S
     pending = list(children)
     while pending:
-        if callable(stopping) and stopping():
+        if stopping():
             return False
         for child in list(pending):
             code = child.exited()
@@ -245,8 +290,8 @@ def wait_ready(children: list[Child], stopping: object) -> bool:
     return True
 
 
-def supervise(children: list[Child], stopping: object) -> int:
-    while not (callable(stopping) and stopping()):
+def supervise(children: list[Child], stopping: Callable[[], bool]) -> int:
+    while not stopping():
         for child in children:
             code = child.exited()
             if code is None:

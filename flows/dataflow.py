@@ -11,11 +11,8 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
-import signal
-import threading
 import time
 from dataclasses import dataclass
-from types import FrameType
 from typing import Literal
 
 import bytewax.operators as op
@@ -23,11 +20,12 @@ from bytewax.dataflow import Dataflow
 from confluent_kafka import KafkaException
 from confluent_kafka import Message as KafkaMessage
 
+from featureplane import lifecycle
 from featureplane.errors import FeatureplaneError
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
 from featureplane.stores.base import wall_clock_ms
-from flows.options import FlowOptions
+from flows.options import METRICS_PORTS, FlowOptions
 from flows.source import GroupPartition, GroupSource
 from operators import metrics
 from operators.commit import OffsetTracker
@@ -43,23 +41,17 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["ingest", "retry"]
 
-STOP = threading.Event()
+STOP = lifecycle.STOP
 """Set by SIGTERM/SIGINT: the sources stop reading, drain, commit and end."""
 
 
 def install_signal_handlers() -> None:
-    """First SIGTERM or SIGINT: graceful stop; a second SIGINT: KeyboardInterrupt."""
-    if threading.current_thread() is not threading.main_thread():
-        return
+    """First SIGTERM or SIGINT: graceful stop; a second SIGINT: KeyboardInterrupt.
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if STOP.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        log.info("%s: stopping gracefully", signal.Signals(signum).name)
-        STOP.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    `featureplane ingest`/`retry` already did this before their imports; this is for
+    `python -m bytewax.run flows.<kind>:flow`.
+    """
+    lifecycle.install_stop_handlers()
 
 
 def _bootstrap(settings: Settings) -> str:
@@ -204,13 +196,22 @@ def build(kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions
 
 
 def run(kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions) -> int:
-    """Run a dataflow in this process until SIGTERM; 0 after a graceful stop."""
+    """Run a dataflow in this process until SIGTERM; 0 after a graceful stop.
+
+    A SIGTERM during start-up (STOP set) ends it at the next step, also 0:
+    nothing was read yet, so nothing needs committing.
+    """
+    bootstrap = _bootstrap(settings)
+    install_signal_handlers()
+    lifecycle.check_kafka_reachable(bootstrap)
+    metrics.serve_metrics(_metrics_port(kind, settings), settings.metrics_host, kind)
+    if STOP.is_set():
+        return _stopped_early(kind)
+    prepare_topics(kind, settings, catalog, options)
+    if STOP.is_set():
+        return _stopped_early(kind)
     from bytewax.run import cli_main
 
-    _bootstrap(settings)
-    install_signal_handlers()
-    metrics.serve_metrics(settings.metrics_port)
-    prepare_topics(kind, settings, catalog, options)
     built = build(kind, settings, catalog, options)
     _quiet_gc()
     started = time.monotonic()
@@ -219,6 +220,18 @@ def run(kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions) 
     finally:
         built.pipeline.close()
     log.info("%s: stopped after %.1fs", kind, time.monotonic() - started)
+    return 0
+
+
+def _metrics_port(kind: Kind, settings: Settings) -> int:
+    """The port set by flag or variable, else this flow's own default (ingest and retry differ)."""
+    if "metrics_port" in settings.model_fields_set:
+        return settings.metrics_port
+    return METRICS_PORTS[kind]
+
+
+def _stopped_early(kind: Kind) -> int:
+    log.info("%s: stopped during start-up, before reading anything", kind)
     return 0
 
 
@@ -249,7 +262,8 @@ def module_flow(kind: Kind) -> Dataflow:
         settings, options = Settings(), FlowOptions()
         catalog = load_catalog(settings.spec)
         install_signal_handlers()
-        metrics.serve_metrics(settings.metrics_port)
+        lifecycle.check_kafka_reachable(_bootstrap(settings))
+        metrics.serve_metrics(_metrics_port(kind, settings), settings.metrics_host, kind)
         prepare_topics(kind, settings, catalog, options)
         built = _BUILT[kind] = build(kind, settings, catalog, options)
         atexit.register(built.pipeline.close)

@@ -16,12 +16,16 @@ from featureplane.cli import add_kafka_options, add_spec_option, add_store_optio
 from featureplane.spec import parse_duration
 
 __all__ = [
+    "METRICS_PORTS",
     "FlowOptions",
     "add_arguments_of",
     "add_flow_options",
     "add_retry_options",
     "options_from",
 ]
+
+METRICS_PORTS = {"ingest": 9100, "retry": 9101}
+"""Metrics port of each dataflow when FEATUREPLANE_METRICS_PORT is unset."""
 
 
 def _ms(value: object) -> int:
@@ -72,7 +76,13 @@ def add_arguments_of(kind: str, p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metrics-port",
         type=int,
-        help="Prometheus port; 0 picks a free one [FEATUREPLANE_METRICS_PORT, 9100]",
+        help="Prometheus port; 0 picks a free one; a taken port stops the start "
+        f"[FEATUREPLANE_METRICS_PORT, {METRICS_PORTS[kind]}; ingest and retry "
+        "differ so both run on one host]",
+    )
+    p.add_argument(
+        "--metrics-host",
+        help="address the metrics listen on [FEATUREPLANE_METRICS_HOST, 0.0.0.0]",
     )
     add_flow_options(p)
     if kind == "retry":

@@ -1,7 +1,8 @@
 """Prometheus metrics of the ingest and retry dataflows.
 
 Every metric has a `flow` label (`ingest` or `retry`). Served by
-`serve_metrics(port)` on `FEATUREPLANE_METRICS_PORT` (0 picks a free port).
+`serve_metrics(port, host)` on `FEATUREPLANE_METRICS_PORT` (0 picks a free
+port; a taken port is a start-up error) and `FEATUREPLANE_METRICS_HOST`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from featureplane.lifecycle import cannot_listen
 
 __all__ = [
     "BATCH_WRITE_SECONDS",
@@ -91,13 +94,18 @@ FRESHNESS_SECONDS = Histogram(
 )
 
 
-def serve_metrics(port: int) -> int | None:
-    """Serve /metrics on `port` (0: a free one); returns the port, None if it is taken."""
+def serve_metrics(port: int, host: str = "0.0.0.0", flow: str = "dataflow") -> int:  # noqa: S104
+    """Serve /metrics on host:port (port 0: a free one) and return the port.
+
+    A port that is taken is a StartupError naming it and the setting that
+    changes it: a dataflow running without its metrics would be invisible.
+    """
     try:
-        server, _ = start_http_server(port, addr="0.0.0.0")  # noqa: S104 - scraped by Prometheus
+        server, _ = start_http_server(port, addr=host)
     except OSError as exc:
-        log.warning("metrics: cannot listen on port %d (%s); metrics are not served", port, exc)
-        return None
+        what = f"Prometheus metrics of {flow}"
+        change = "--metrics-port or FEATUREPLANE_METRICS_PORT (0 = any free port)"
+        raise cannot_listen(host, port, what, change, exc) from None
     bound = int(server.server_port)
-    log.info("metrics: serving Prometheus metrics on :%d/metrics", bound)
+    log.info("metrics: serving Prometheus metrics on %s:%d/metrics", host, bound)
     return bound
