@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from featureplane.errors import ItemTooLargeError, ValidationError
+from featureplane.errors import ItemTooLargeError, ValidationError, quote
 from featureplane.keys import check_id, version
 from featureplane.spec import FeatureGroup
 from featureplane.types import INT_MAX, INT_MIN, coerce, to_python
@@ -60,7 +60,7 @@ def encode(group: FeatureGroup, features: Mapping[str, Any]) -> bytes:
     for name, value in features.items():
         i = index.get(name)
         if i is None:
-            raise ValidationError(f"group {group.name!r} has no feature {name!r}")
+            raise ValidationError(f"group {group.name!r} has no feature {quote(name)}")
         if value is None:
             continue
         t = specs[i].type
@@ -89,7 +89,7 @@ def make_item(
 ) -> Item:
     """Build a checked item; raises `ValidationError` for anything that does not fit."""
     if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= 10**13 - 1:
-        raise ValidationError(f"ts must be epoch milliseconds (0..9999999999999), got {ts!r}")
+        raise ValidationError(f"ts must be epoch milliseconds (0..9999999999999), got {quote(ts)}")
     check_id(entity_id)
     return Item(group.name, entity_id, ts, version(ts, event_id), encode(group, features))
 

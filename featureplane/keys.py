@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 
-from featureplane.errors import ValidationError
+from featureplane.errors import ValidationError, quote
 
 __all__ = [
     "MAX_ID_BYTES",
@@ -36,7 +36,7 @@ _blake2b = hashlib.blake2b
 def check_id(entity_id: str) -> str:
     """Reject ids that no backend can key: empty, too long, or not valid text."""
     if not isinstance(entity_id, str) or not entity_id:
-        raise ValidationError(f"id must be a non-empty string, got {entity_id!r}")
+        raise ValidationError(f"id must be a non-empty string, got {quote(entity_id)}")
     if entity_id.isascii() and len(entity_id) <= MAX_ID_BYTES:  # one byte a character
         return entity_id
     try:

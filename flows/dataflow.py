@@ -103,20 +103,19 @@ def _ingest_message(m: KafkaMessage, tracker: OffsetTracker) -> Message:
 
 def _retry_message(m: KafkaMessage, tracker: OffsetTracker) -> Message:
     off = m.offset() or 0
-    topic, origin, attempt, first = parse_retry_headers(
-        _header_pairs(m.headers()), tracker.topic, tracker.partition, off
-    )
+    h = parse_retry_headers(_header_pairs(m.headers()), tracker.topic, tracker.partition, off)
     ts = m.timestamp()[1]
     return Message(
-        topic,
+        h.topic,
         tracker.partition,
         off,
         m.key(),
         m.value(),
-        origin,
-        attempt,
-        first,
+        h.origin,
+        h.attempt,
+        h.first_failure_ms,
         produced_ms=ts if ts > 0 else wall_clock_ms(),
+        cache_only=h.cache_only,
         tracker=tracker,
     )
 
@@ -141,7 +140,7 @@ def build(kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions
     bootstrap = _bootstrap(settings)
     config = PipelineConfig(
         flow=kind,
-        max_attempts=options.max_attempts,
+        retry_budget_ms=options.retry_budget,
         chunk_items=options.chunk_items,
         write_timeout_s=options.write_timeout / 1000,
     )
@@ -151,7 +150,7 @@ def build(kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions
     else:
         group = options.retry_group or f"{settings.kafka_group}-retry"
         topics, convert = [retry_topic(t) for t in catalog.topics], _retry_message
-    backoff = Backoff(options.backoff_base, options.backoff_cap, options.max_attempts)
+    backoff = Backoff(options.backoff_base, options.backoff_cap)
 
     def partition(worker: int, workers: int) -> GroupPartition:
         consumer = GroupConsumer(

@@ -58,8 +58,10 @@ class FlowOptions(BaseSettings):
     """Kafka consumer session timeout: how soon a dead member's partitions move on."""
     topic_partitions: int = Field(4, ge=1, le=10_000)
     """Partitions of an event topic created because it was missing."""
-    max_attempts: int = Field(8, ge=0, le=1000)
-    """Retries of a transient failure before the record goes to <topic>.dlq."""
+    retry_budget: Millis = 3_600_000
+    """How long after its first failure a record is retried before <topic>.dlq (a record
+    whose store write succeeded and only its Redis write failed is never sent there: its
+    cache write is abandoned and counted)."""
     backoff_base: Millis = 1000
     """Retry n waits a random time up to min(cap, base * 2**(n-1)) after its failure."""
     backoff_cap: Millis = 60_000
@@ -133,16 +135,17 @@ def add_flow_options(p: argparse.ArgumentParser) -> None:
         "is created [FEATUREPLANE_TOPIC_PARTITIONS, 4]; retry and DLQ topics copy "
         "their event topic's count",
     )
-    g.add_argument(
-        "--max-attempts",
-        type=int,
-        help="retries of a transient failure before the "
-        "record goes to <topic>.dlq [FEATUREPLANE_MAX_ATTEMPTS, 8]",
-    )
 
 
 def add_retry_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("retry")
+    g.add_argument(
+        "--retry-budget",
+        help="how long after its first failure a record is retried, with capped "
+        "exponential backoff, before it goes to <topic>.dlq, e.g. 1h; a record whose "
+        "Redis write alone failed never goes there (its cache write is abandoned and "
+        "counted) [FEATUREPLANE_RETRY_BUDGET, 1h]",
+    )
     g.add_argument(
         "--backoff-base",
         help="retry n waits a random time up to "

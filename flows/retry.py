@@ -5,10 +5,14 @@ group, FEATUREPLANE_RETRY_GROUP, default <kafka group>-retry). A record with
 header attempt=n waits a random backoff of up to
 min(cap, base * 2**(n-1)) from when it was handed over, without holding
 back other records, then goes through the same decode, dispatch, aggregate
-and write steps as in `featureplane ingest`. If it fails again it goes back
-to <topic>.retry as attempt n+1, or after --max-attempts retries to
-<topic>.dlq with the reason. Offsets are committed only once a record is
-written or handed over with delivery confirmed. SIGTERM stops gracefully.
+and write steps as in `featureplane ingest` (a record with header
+tiers=redis, whose store write had succeeded, rewrites the Redis tier only).
+If it fails again it goes back to <topic>.retry as attempt n+1 until
+--retry-budget (FEATUREPLANE_RETRY_BUDGET, default 1h) has passed since its
+first failure, then to <topic>.dlq with the reason; a Redis-only record is
+never dead-lettered: its cache write is abandoned, logged and counted in
+featureplane_ingest_cache_abandoned. Offsets are committed only once a record
+is written or handed over with delivery confirmed. SIGTERM stops gracefully.
 
 Cluster mode: python -m bytewax.run flows.retry:flow reads the same variables.
 """

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from featureplane.codec import Item, make_item
-from featureplane.errors import ValidationError
+from featureplane.errors import ValidationError, quote
 from featureplane.spec import Catalog, FeatureGroup, IngestionRule
 from operators.dispatch import MISSING, get_parts
 from operators.records import Event, Work
@@ -60,7 +60,7 @@ class Aggregator:
             if isinstance(raw, int) and not isinstance(raw, bool):
                 raw = str(raw)
             if not isinstance(raw, str):
-                raise ValidationError(f"id field {rule.id} must be a string, got {raw!r:.80}")
+                raise ValidationError(f"id field {rule.id} must be a string, got {quote(raw)}")
         features: dict[str, Any] = {}
         for name, parts in plan.features:
             value = get_parts(body, parts)

@@ -25,6 +25,7 @@ class OffsetTracker:
         self._position: int | None = None
         self._committed: int | None = None
         self._last: int | None = None
+        self._first: int | None = None
         self._lock = threading.Lock()
 
     def track(self, offset: int) -> None:
@@ -33,6 +34,8 @@ class OffsetTracker:
             if self._last is not None and offset <= self._last:
                 raise ValueError(f"offset {offset} read after {self._last}")
             self._last = offset
+            if self._first is None:
+                self._first = offset
             self._read.append(offset)
 
     def ack(self, offset: int) -> None:
@@ -55,6 +58,16 @@ class OffsetTracker:
         """Offsets read and not yet committable."""
         with self._lock:
             return len(self._read)
+
+    @property
+    def first_read(self) -> int | None:
+        """The first offset read since this tracker was made (the assignment's start)."""
+        return self._first
+
+    @property
+    def last_committed(self) -> int | None:
+        """The position last recorded by `committed()`, or None."""
+        return self._committed
 
     def to_commit(self) -> int | None:
         """The position if it moved since `committed()` was last called with it."""

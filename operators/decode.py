@@ -3,6 +3,8 @@
 A value that is not a UTF-8 JSON object with a string `event_id`, a string
 `event_type` and an integer `ts` (epoch ms) makes the record malformed: the
 `Work` comes back with status `malformed` and a reason, never an exception.
+Reasons quote the input only through `featureplane.errors.quote` (bounded,
+whatever the depth or size).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from featureplane.errors import quote
 from featureplane.keys import MAX_TS
 from operators.records import Event, Work
 
@@ -29,7 +32,9 @@ def decode_event(value: bytes | None) -> Event:
     try:
         body: Any = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        raise MalformedError(f"not valid JSON: {exc}") from None
+        # orjson refuses nesting deeper than 1,024 here ("depth limit exceeded"), so no
+        # later step meets a deeper value; its messages name a position, never the input.
+        raise MalformedError(f"not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(body, dict):
         raise MalformedError(f"not a JSON object but {type(body).__name__}")
     event_id = _text("event_id", body.get("event_id"))
@@ -38,7 +43,7 @@ def decode_event(value: bytes | None) -> Event:
     if ts is None:
         raise MalformedError("missing field ts")
     if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= MAX_TS:
-        raise MalformedError(f"ts must be an integer of epoch milliseconds, got {ts!r:.80}")
+        raise MalformedError(f"ts must be an integer of epoch milliseconds, got {quote(ts)}")
     return Event(event_id, event_type, ts, body)
 
 
@@ -46,7 +51,7 @@ def _text(name: str, val: Any) -> str:
     if val is None:
         raise MalformedError(f"missing field {name}")
     if not isinstance(val, str) or not val:
-        raise MalformedError(f"{name} must be a non-empty string, got {val!r:.80}")
+        raise MalformedError(f"{name} must be a non-empty string, got {quote(val)}")
     return val
 
 

@@ -6,8 +6,12 @@ partitions), never auto-commits and never auto-stores offsets; every record
 read is tracked by its partition's `OffsetTracker`, and `commit()` commits
 each partition's contiguous acknowledged position. On a rebalance the
 revoked partitions are committed first; on a lost assignment nothing is
-committed (another member owns them now). `Deliverer.deliver` produces and
-waits for the broker's acknowledgement of every record (acks=all).
+committed (another member owns them now). Every commit interval the lag
+gauge of every assigned partition is set, whether its offset moved or not.
+`Deliverer.deliver` produces and waits for the broker's acknowledgement of
+every record (acks=all); `max_message_bytes` tells how large a record the
+broker takes, so the producer is sized to it and larger copies are cut
+(`operators.route.fit`).
 """
 
 from __future__ import annotations
@@ -19,19 +23,30 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka import Message as KafkaMessage
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from operators import metrics
 from operators.commit import OffsetTracker
 from operators.records import Message
 from operators.route import Outgoing
 
-__all__ = ["Deliverer", "GroupConsumer", "ensure_topics", "topic_partitions"]
+__all__ = [
+    "KAFKA_DEFAULT_MAX_MESSAGE_BYTES",
+    "Deliverer",
+    "GroupConsumer",
+    "ensure_topics",
+    "max_message_bytes",
+    "topic_partitions",
+]
 
 log = logging.getLogger(__name__)
 
 Convert = Callable[[KafkaMessage, OffsetTracker], Message]
 _UNCONFIRMED = "delivery not confirmed in time"
+
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+"""Kafka's documented default of the broker's `message.max.bytes` and the topic's
+`max.message.bytes` (1 MiB + 12 bytes of framing)."""
 
 
 class GroupConsumer:
@@ -89,11 +104,13 @@ class GroupConsumer:
         self._commit([self.trackers[k] for k in keys if k in self.trackers])
         for k in keys:
             self.trackers.pop(k, None)
+            self._drop_lag(*k)
         log.info("%s: revoked %s (acknowledged offsets committed)", self.flow, _names(partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.trackers.pop((tp.topic, tp.partition), None)
+            self._drop_lag(tp.topic, tp.partition)
         log.warning("%s: lost %s without committing", self.flow, _names(partitions))
 
     # -- reading
@@ -137,8 +154,11 @@ class GroupConsumer:
     # -- committing
 
     def commit(self) -> None:
-        """Commit every partition whose acknowledged position moved."""
-        self._commit(list(self.trackers.values()))
+        """Commit every partition whose acknowledged position moved; gauge every lag."""
+        trackers = list(self.trackers.values())
+        self._commit(trackers)
+        for t in trackers:
+            self._gauge_lag(t)
 
     def _commit(self, trackers: Sequence[OffsetTracker]) -> None:
         moved = [(t, p) for t in trackers if (p := t.to_commit()) is not None]
@@ -152,16 +172,29 @@ class GroupConsumer:
             return
         for t, p in moved:
             t.committed(p)
-            part = str(t.partition)
-            metrics.COMMITTED_OFFSET.labels(self.flow, t.topic, part).set(p)
-            try:
-                _, high = self._consumer.get_watermark_offsets(
-                    TopicPartition(t.topic, t.partition), cached=True
-                )
-            except KafkaException:
-                continue
-            if high is not None and high >= 0:
-                metrics.LAG.labels(self.flow, t.topic, part).set(max(0, high - p))
+            metrics.COMMITTED_OFFSET.labels(self.flow, t.topic, str(t.partition)).set(p)
+
+    def _gauge_lag(self, t: OffsetTracker) -> None:
+        # Set on every commit interval, not only when the offset moves: a partition
+        # whose commit is held back is exactly the one whose lag must stay visible.
+        base = t.last_committed if t.last_committed is not None else t.first_read
+        if base is None:  # nothing read or committed since the assignment
+            return
+        try:
+            _, high = self._consumer.get_watermark_offsets(
+                TopicPartition(t.topic, t.partition), cached=True
+            )
+        except KafkaException:
+            return
+        if high is not None and high >= 0:
+            metrics.LAG.labels(self.flow, t.topic, str(t.partition)).set(max(0, high - base))
+
+    def _drop_lag(self, topic: str, partition: int) -> None:
+        # Another member owns the partition now and reports its lag.
+        try:
+            metrics.LAG.remove(self.flow, topic, str(partition))
+        except KeyError:
+            pass
 
     def close(self) -> None:
         """Commit what is acknowledged and leave the group."""
@@ -174,12 +207,22 @@ class GroupConsumer:
 class Deliverer:
     """Produces records and waits until the broker confirms each one."""
 
-    def __init__(self, bootstrap: str, config: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        config: Mapping[str, Any] | None = None,
+        *,
+        max_message_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.max_message_bytes = max_message_bytes
         self._producer = Producer(
             {
                 "bootstrap.servers": bootstrap,
                 "acks": "all",
                 "linger.ms": 5,
+                # librdkafka's own default (1,000,000) is below Kafka's: sized to the
+                # broker's, a record the broker takes is never refused locally.
+                "message.max.bytes": max_message_bytes,
                 "error_cb": _log_error,
                 **(config or {}),
             }
@@ -218,6 +261,9 @@ class Deliverer:
                 return
             except BufferError:  # local queue full: serve callbacks, then try again
                 self._producer.poll(0.1)
+            except KafkaException as exc:  # refused locally (too large, say): this record only
+                results[i] = str(exc.args[0] if exc.args else exc)
+                return
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._producer.flush(timeout_s)
@@ -252,6 +298,62 @@ def ensure_topics(bootstrap: str, wanted: Mapping[str, int], timeout_s: float = 
                 continue
             raise
     return missing
+
+
+def max_message_bytes(bootstrap: str, topics: Sequence[str], timeout_s: float = 5.0) -> int:
+    """The largest record every one of `topics` takes, from the Kafka admin API.
+
+    The smallest topic `max.message.bytes` (DescribeConfigs); for a topic that does
+    not report it, the broker's `message.max.bytes`; when neither answers, Kafka's
+    documented default. Apache Kafka and MSK report both. The local stand-in tansu
+    (as of 2026-11) answers DescribeConfigs with no entries for topics and brokers
+    and enforces no limit, so there the default applies.
+    """
+    admin = AdminClient(_admin_conf(bootstrap))
+    limits: list[int] = []
+    unknown = not topics
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics]
+    try:
+        futures = admin.describe_configs(resources, request_timeout=timeout_s) if topics else {}
+        for fut in futures.values():
+            value = _config_int(fut.result(timeout_s), "max.message.bytes")
+            if value is None:
+                unknown = True
+            else:
+                limits.append(value)
+    except (KafkaException, TimeoutError, ValueError) as exc:
+        log.warning("kafka: cannot read the topics' max.message.bytes: %s", exc)
+        unknown = True
+    if unknown:
+        broker = _broker_limit(admin, timeout_s)
+        limits.append(broker if broker is not None else KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
+        if broker is None:
+            log.info(
+                "kafka: the broker reports no message size limit; assuming Kafka's "
+                "default of %d bytes",
+                KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+            )
+    return min(limits)
+
+
+def _broker_limit(admin: AdminClient, timeout_s: float) -> int | None:
+    try:
+        brokers = admin.list_topics(timeout=timeout_s).brokers
+        if not brokers:
+            return None
+        res = ConfigResource(ConfigResource.Type.BROKER, str(min(brokers)))
+        futures = admin.describe_configs([res], request_timeout=timeout_s)
+        (fut,) = futures.values()
+        return _config_int(fut.result(timeout_s), "message.max.bytes")
+    except (KafkaException, TimeoutError, ValueError) as exc:
+        log.warning("kafka: cannot read the broker's message.max.bytes: %s", exc)
+        return None
+
+
+def _config_int(config: Mapping[str, Any], name: str) -> int | None:
+    entry = config.get(name)
+    value = getattr(entry, "value", None)
+    return int(value) if value else None
 
 
 def _admin_conf(bootstrap: str) -> dict[str, Any]:

@@ -15,10 +15,13 @@ from featureplane.lifecycle import cannot_listen
 
 __all__ = [
     "BATCH_WRITE_SECONDS",
+    "CACHE_ABANDONED",
     "COMMITTED_OFFSET",
     "DLQ",
+    "DLQ_TRUNCATED",
     "FAILURES",
     "FRESHNESS_SECONDS",
+    "INTERNAL_ERRORS",
     "ITEMS_WRITTEN",
     "LAG",
     "RECORDS_IN",
@@ -38,7 +41,8 @@ ITEMS_WRITTEN = Counter(
 )
 FAILURES = Counter(
     "featureplane_ingest_failures",
-    "Records that failed, by reason class (malformed, transient, store_error, timeout, delivery)",
+    "Records that failed, by reason class (malformed, transient, store_error, timeout, "
+    "cache: only the Redis write failed, delivery)",
     ["flow", "reason"],
 )
 RETRIES = Counter(
@@ -46,6 +50,22 @@ RETRIES = Counter(
 )
 DLQ = Counter(
     "featureplane_ingest_dlq", "Records sent to <topic>.dlq, by event topic", ["flow", "topic"]
+)
+DLQ_TRUNCATED = Counter(
+    "featureplane_ingest_dlq_truncated",
+    "Records sent to <topic>.dlq cut to the broker's message size, by event topic",
+    ["flow", "topic"],
+)
+CACHE_ABANDONED = Counter(
+    "featureplane_ingest_cache_abandoned",
+    "Redis writes given up when the retry budget ran out (the store has the items), by topic",
+    ["flow", "topic"],
+)
+INTERNAL_ERRORS = Counter(
+    "featureplane_ingest_internal_errors",
+    "Records a step raised on unexpectedly (decode, dispatch, aggregate: to the DLQ; "
+    "write: to retry), by step",
+    ["flow", "step"],
 )
 COMMITTED_OFFSET = Gauge(
     "featureplane_ingest_committed_offset",

@@ -4,9 +4,13 @@
 
 Each step takes and returns one batch (a list of `Work`). I/O clients (the
 store, the Redis tier, the producer, an asyncio loop) are per worker thread,
-created on first use, and closed by `close()`. No step lets an exception
-escape: an unexpected one marks the batch's unfinished works as transient
-failures, which go to the retry topic.
+created on first use, and closed by `close()`.
+
+No step lets an exception escape, and one record's failure never touches
+the rest of its batch: when a step raises on a batch, it is run again record
+by record. A record it still raises on is decided at once: in decode,
+dispatch and aggregate (pure and deterministic, so a retry would fail the
+same way) it goes to the DLQ; in write it goes to the retry topic.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast
 
 from featureplane.codec import Item
+from featureplane.errors import quote
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
 from featureplane.stores import open_redis, open_store
@@ -27,9 +32,17 @@ from operators import metrics
 from operators.aggregate import Aggregator
 from operators.decode import decode_works
 from operators.dispatch import Dispatcher
-from operators.kafka import Deliverer
-from operators.records import Message, Work
-from operators.route import Outgoing, route_of
+from operators.kafka import Deliverer, max_message_bytes
+from operators.records import Message, Status, Work
+from operators.route import (
+    Abandon,
+    Outgoing,
+    dead_letter,
+    dlq_topic,
+    fit,
+    retry_topic,
+    route_of,
+)
 from operators.write import Writer
 
 if TYPE_CHECKING:
@@ -47,8 +60,8 @@ class PipelineConfig:
     """Tuning of the steps; the defaults suit one ingest process."""
 
     flow: Literal["ingest", "retry"] = "ingest"
-    max_attempts: int = 8
-    """Retries of a transient failure before the record goes to the DLQ."""
+    retry_budget_ms: int = 3_600_000
+    """How long after its first failure a record is still retried before the DLQ."""
     chunk_items: int = 10_000
     """Items per concurrent store write."""
     write_timeout_s: float = 10.0
@@ -75,7 +88,11 @@ class _Resources:
             timeout_s=config.write_timeout_s,
         )
         assert settings.kafka_bootstrap is not None
-        self.deliverer = Deliverer(settings.kafka_bootstrap)
+        outgoing = [f(t) for t in catalog.topics for f in (retry_topic, dlq_topic)]
+        self.deliverer = Deliverer(
+            settings.kafka_bootstrap,
+            max_message_bytes=max_message_bytes(settings.kafka_bootstrap, outgoing),
+        )
 
     def close(self) -> None:
         self.deliverer.close()
@@ -156,13 +173,13 @@ class Pipeline:
         return [[Work(m) for m in messages]] if messages else []
 
     def decode(self, batch: Batch) -> Batch:
-        return _guarded("decode", batch, decode_works)
+        return self._guarded("decode", batch, decode_works, "malformed")
 
     def dispatch(self, batch: Batch) -> Batch:
-        return _guarded("dispatch", batch, self.dispatcher.dispatch)
+        return self._guarded("dispatch", batch, self.dispatcher.dispatch, "malformed")
 
     def aggregate(self, batch: Batch) -> Batch:
-        return _guarded("aggregate", batch, self.aggregator.aggregate)
+        return self._guarded("aggregate", batch, self.aggregator.aggregate, "malformed")
 
     def write(self, batch: Batch) -> Batch:
         if not any(w.status == "pending" for w in batch):
@@ -172,51 +189,97 @@ class Pipeline:
             res = self._res()
             return res.loop.run_until_complete(res.writer.write(works))
 
-        return _guarded("write", batch, run)
+        return self._guarded("write", batch, run, "transient")
 
     def route(self, batch: Batch) -> Batch:
         """Hand malformed and failed records to the DLQ / retry topic, confirmed."""
         now = self.clock()
+        result = list(batch)
         routes: list[tuple[int, Outgoing]] = []
         for i, w in enumerate(batch):
-            out = route_of(w, self.config.max_attempts, now)
-            if out is not None:
+            out = route_of(w, self.config.retry_budget_ms, now)
+            if isinstance(out, Abandon):
+                result[i] = self._abandon(w, out)
+            elif out is not None:
                 routes.append((i, out))
         if not routes:
-            return batch
-        flow = self.config.flow
+            return result
+        deliverer = self._res().deliverer
+        # A copy the broker's size refuses after all (its limit was unreadable and is
+        # lower than assumed) is cut again to a size any broker takes.
+        for limit in (deliverer.max_message_bytes, _SMALL_MESSAGE):
+            sized: list[tuple[int, Outgoing]] = []
+            for i, out in routes:
+                fitted = self._fit(batch[i], out, limit)
+                if isinstance(fitted, Abandon):
+                    result[i] = self._abandon(batch[i], fitted)
+                else:
+                    sized.append((i, fitted))
+            errors = self._deliver(deliverer, [o for _, o in sized])
+            routes = []
+            for (i, out), err in zip(sized, errors, strict=True):
+                if err is not None and _too_large(err) and limit != _SMALL_MESSAGE:
+                    routes.append((i, out))
+                else:
+                    result[i] = self._delivered(batch[i], out, err)
+            if not routes:
+                break
+        return result
+
+    def _fit(self, w: Work, out: Outgoing, limit: int) -> Outgoing | Abandon:
+        fitted = fit(out, limit)
+        if fitted is None:  # a retry copy larger than the retry topic takes
+            size = len(w.message.value or b"")
+            reason = f"{size} bytes, too large for the retry topic: {w.reason or 'unknown'}"
+            if w.cache_only:
+                return Abandon(f"cache write abandoned: {reason}")
+            fitted = fit(dead_letter(w, reason), limit)
+            assert fitted is not None  # a DLQ copy is always cut to fit
+        if fitted is not out and fitted.kind == "dlq" and fitted.value != out.value:
+            metrics.DLQ_TRUNCATED.labels(self.config.flow, w.message.topic).inc()
+        return fitted
+
+    def _deliver(self, deliverer: Deliverer, records: list[Outgoing]) -> list[str | None]:
+        if not records:
+            return []
         try:
-            errors = self._res().deliverer.deliver(
-                [o for _, o in routes], self.config.delivery_timeout_s
-            )
+            return deliverer.deliver(records, self.config.delivery_timeout_s)
         except Exception as exc:  # never let it stop the dataflow
             log.exception("delivery to retry/DLQ topics failed")
-            errors = [str(exc)] * len(routes)
-        result = list(batch)
-        for (i, out), err in zip(routes, errors, strict=True):
-            w = batch[i]
-            if err is None:
-                result[i] = w.with_status("routed")
-                counter = metrics.DLQ if out.kind == "dlq" else metrics.RETRIES
-                counter.labels(flow, w.message.topic).inc()
-                if w.status == "malformed":
-                    metrics.FAILURES.labels(flow, "malformed").inc()
-            else:
-                result[i] = w.with_status("stuck", err)
-                metrics.FAILURES.labels(flow, "delivery").inc()
-                log.error(
-                    "%s: cannot deliver %s[%d]@%d to %s (%s); its offset stays uncommitted "
-                    "and it is read again after a restart",
-                    flow,
-                    w.message.topic,
-                    w.message.partition,
-                    w.message.offset,
-                    out.topic,
-                    err,
-                )
-        n_dlq = sum(1 for _, o in routes if o.kind == "dlq")
-        log.debug("%s: routed %d to retry, %d to dlq", flow, len(routes) - n_dlq, n_dlq)
-        return result
+            return [str(exc)[:500]] * len(records)
+
+    def _delivered(self, w: Work, out: Outgoing, err: str | None) -> Work:
+        flow = self.config.flow
+        if err is None:
+            counter = metrics.DLQ if out.kind == "dlq" else metrics.RETRIES
+            counter.labels(flow, w.message.topic).inc()
+            if w.status == "malformed":
+                metrics.FAILURES.labels(flow, "malformed").inc()
+            return w.with_status("routed")
+        metrics.FAILURES.labels(flow, "delivery").inc()
+        log.error(
+            "%s: cannot deliver %s[%d]@%d to %s (%s); its offset stays uncommitted "
+            "and it is read again after a restart",
+            flow,
+            w.message.topic,
+            w.message.partition,
+            w.message.offset,
+            out.topic,
+            err,
+        )
+        return w.with_status("stuck", err)
+
+    def _abandon(self, w: Work, why: Abandon) -> Work:
+        metrics.CACHE_ABANDONED.labels(self.config.flow, w.message.topic).inc()
+        log.warning(
+            "%s: %s[%d]@%d: %s (the store has its items; cache TTLs heal the rest)",
+            self.config.flow,
+            w.message.origin.topic,
+            w.message.origin.partition,
+            w.message.origin.offset,
+            why.reason,
+        )
+        return w.with_status("done", why.reason)
 
     def ack(self, batch: Batch) -> None:
         """Acknowledge every record that is written or handed over."""
@@ -224,14 +287,49 @@ class Pipeline:
             if w.status in ("done", "routed"):
                 w.message.ack()
 
+    def _guarded(
+        self, step: str, batch: Batch, fn: Callable[[Batch], Batch], failed: Status
+    ) -> Batch:
+        """`fn(batch)`; if it raises, `fn` per record, and a record it still raises on
+        gets status `failed` with a bounded reason: only that record is affected."""
+        try:
+            return fn(batch)
+        except Exception:
+            log.exception("step %s failed on a batch of %d; rerun per record", step, len(batch))
+        out: Batch = []
+        for w in batch:
+            if w.status != "pending":
+                out.append(w)
+                continue
+            try:
+                out.extend(fn([w]))
+            except Exception as exc:
+                metrics.INTERNAL_ERRORS.labels(self.config.flow, step).inc()
+                reason = f"internal error in {step}: {_describe(exc)}"
+                log.error(
+                    "%s: %s[%d]@%d: %s",
+                    self.config.flow,
+                    w.message.topic,
+                    w.message.partition,
+                    w.message.offset,
+                    reason,
+                )
+                out.append(w.with_status(failed, reason))
+        return out
 
-def _guarded(step: str, batch: Batch, fn: Callable[[Batch], Batch]) -> Batch:
+
+_SMALL_MESSAGE = 64 * 1024
+"""A size every Kafka broker takes: the second try of a copy refused as too large."""
+
+
+def _too_large(err: str) -> bool:
+    return "MSG_SIZE_TOO_LARGE" in err or "RECORD_LIST_TOO_LARGE" in err
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message` of an exception, bounded (its message may quote the input)."""
     try:
-        return fn(batch)
-    except Exception as exc:
-        log.exception("step %s failed on a batch of %d; sending it to retry", step, len(batch))
-        reason = f"internal error in {step}: {type(exc).__name__}: {exc}"[:500]
-        return [
-            w.with_status("transient", reason) if w.status == "pending" else w
-            for w in batch
-        ]
+        text = str(exc)
+    except Exception:  # a __str__ that raises
+        text = quote(exc)
+    return f"{type(exc).__name__}: {text[:300]}"

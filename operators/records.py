@@ -3,7 +3,7 @@
 A `Message` is one Kafka record as read, carrying its `OffsetTracker` so a
 later step on the same worker can acknowledge it. A `Work` follows one
 message through decode, dispatch, aggregate, write and route; each step
-returns a new `Work` (via `dataclasses.replace`), never mutating one.
+returns a new `Work` (via its `with_*` copies), never mutating one.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ class Message:
     first_failure_ms: int | None = None
     produced_ms: int = 0
     """The record's Kafka timestamp (epoch ms); for a retry record, when it was handed over."""
+    cache_only: bool = False
+    """A retry record whose items the store already has: only the Redis tier is rewritten."""
     tracker: OffsetTracker | None = field(default=None, compare=False, repr=False)
 
     def ack(self) -> None:
@@ -77,6 +79,8 @@ class Work:
     status: Status = "pending"
     reason: str | None = None
     """Why the record is malformed or failed; sent as the `reason` header."""
+    cache_only: bool = False
+    """Transient and only its Redis write failed: the store has its items."""
 
     # Copies with some fields changed. `dataclasses.replace` costs ~2 us (it walks the
     # fields on every call); these run once per record per step.
@@ -92,7 +96,9 @@ class Work:
     def with_items(self, items: tuple[Item, ...]) -> Work:
         return Work(self.message, self.event, self.rules, items, self.status, self.reason)
 
-    def with_status(self, status: Status, reason: str | None = None) -> Work:
+    def with_status(
+        self, status: Status, reason: str | None = None, *, cache_only: bool = False
+    ) -> Work:
         """A new status; `reason` replaces the old one when given."""
         why = self.reason if reason is None else reason
-        return Work(self.message, self.event, self.rules, self.items, status, why)
+        return Work(self.message, self.event, self.rules, self.items, status, why, cache_only)

@@ -4,7 +4,8 @@ A record read from a retry topic with `attempt` n is due at its Kafka
 timestamp (when it was handed to the retry topic) plus `backoff_ms(n - 1)`
 (exponential, full jitter, capped). Records wait in a heap, so one record's
 wait never holds back another that is already due; their offsets stay
-unacknowledged until processed, so a crash replays them.
+unacknowledged until processed, so a crash replays them. How long a record
+keeps being retried is the retry budget's business (`operators.route`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ class Backoff:
 
     base_ms: float = 1_000.0
     cap_ms: float = 60_000.0
-    max_attempts: int = 8
 
     def delay_ms(self, attempt: int, rand: random.Random | None = None) -> float:
         """Delay before processing retry `attempt` (1-based)."""

@@ -7,11 +7,14 @@ negative markers of every written (group, id).
 
 A batch is cut into chunks of whole records; every chunk's store write and
 cache write run concurrently on the worker's event loop and the batch
-waits for all of them. A record is `done` only when every chunk holding its
-items succeeded; otherwise it is marked for the retry topic (transient
-failures, timeouts, other store errors) or the DLQ (`ValidationError`),
-with the reason. Store writes are idempotent, so rewriting the items of a
-partly failed chunk on retry duplicates nothing.
+waits for all of them. A record is `done` when both tiers of its chunk
+succeeded. When the store write failed it is marked for the retry topic
+(transient failures, timeouts, other store errors) or the DLQ
+(`ValidationError`), with the reason. When only the cache write failed, the
+store has its items: it is marked transient and `cache_only`, so the retry
+flow rewrites the Redis tier alone (a record read back that way,
+`Message.cache_only`, skips the store here). Writes are idempotent, so
+rewriting the items of a partly failed chunk on retry duplicates nothing.
 """
 
 from __future__ import annotations
@@ -108,10 +111,19 @@ class Writer:
         out = list(works)
         now = self.clock()
         fresh = self._freshness
-        for chunk, failure in zip(chunks, failures, strict=True):
+        for chunk, (store_failed, cache_failed) in zip(chunks, failures, strict=True):
             for i in chunk:
                 work = works[i]
-                if failure is None:
+                if store_failed is not None and not work.message.cache_only:
+                    status: Status = "malformed" if store_failed.malformed else "transient"
+                    out[i] = work.with_status(status, store_failed.reason)
+                    if not store_failed.malformed:  # malformed ones are counted when routed
+                        metrics.FAILURES.labels(self.flow, store_failed.kind).inc()
+                elif cache_failed is not None:
+                    # The store has the items: never the DLQ, only the Redis write again.
+                    out[i] = work.with_status("transient", cache_failed.reason, cache_only=True)
+                    metrics.FAILURES.labels(self.flow, "cache").inc()
+                else:
                     out[i] = work.with_status("done")
                     for item in work.items:
                         hist = fresh.get(item.group)
@@ -120,17 +132,15 @@ class Writer:
                                 self.flow, item.group
                             )
                         hist.observe(max(0, now - item.ts) / 1000)
-                else:
-                    status: Status = "malformed" if failure.malformed else "transient"
-                    out[i] = work.with_status(status, failure.reason)
-                    if not failure.malformed:  # malformed ones are counted when routed
-                        metrics.FAILURES.labels(self.flow, failure.kind).inc()
         return out
 
-    async def _chunk(self, works: Sequence[Work]) -> Failure | None:
-        items = [it for w in works for it in w.items]
-        store_items = [it for it in items if it.group in self._to_store]
-        cache_items = [it for it in items if it.group in self._to_cache]
+    async def _chunk(self, works: Sequence[Work]) -> tuple[Failure | None, Failure | None]:
+        """(store failure, cache failure) of one chunk; None where the tier succeeded."""
+        store = self._to_store
+        store_items = [
+            it for w in works if not w.message.cache_only for it in w.items if it.group in store
+        ]
+        cache_items = [it for w in works for it in w.items if it.group in self._to_cache]
         calls: list[tuple[str, list[Item]]] = []
         if store_items and self.store is not None:
             calls.append(("store", store_items))
@@ -139,14 +149,16 @@ class Writer:
         results = await asyncio.gather(
             *(self._call(tier, its) for tier, its in calls), return_exceptions=True
         )
+        failed: dict[str, Failure] = {}
         for (tier, its), res in zip(calls, results, strict=True):
             if isinstance(res, BaseException):
                 if not isinstance(res, Exception):
                     raise res
-                return classify(res, tier)
+                failed[tier] = classify(res, tier)
+                continue
             for group, n in _count(its).items():
                 metrics.ITEMS_WRITTEN.labels(self.flow, group, tier).inc(n)
-        return None
+        return failed.get("store"), failed.get("redis")
 
     async def _call(self, tier: str, items: list[Item]) -> None:
         async with asyncio.timeout(self.timeout_s):

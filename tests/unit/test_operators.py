@@ -10,6 +10,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from featureplane.codec import Item
 from featureplane.errors import TransientStoreError
@@ -19,9 +21,19 @@ from operators.aggregate import Aggregator
 from operators.commit import OffsetTracker
 from operators.decode import MalformedError, decode_event, decode_works
 from operators.dispatch import MISSING, Dispatcher, get_path
-from operators.records import Message, Origin, Work
+from operators.pipeline import Pipeline, PipelineConfig
+from operators.records import Event, Message, Origin, Work
 from operators.retry import Backoff, RetryHold
-from operators.route import parse_retry_headers, route_of
+from operators.route import (
+    TIERS_HEADER,
+    Abandon,
+    Outgoing,
+    RetryHeaders,
+    fit,
+    parse_retry_headers,
+    route_of,
+    wire_size,
+)
 from operators.write import Writer, classify
 
 CATALOG = load_catalog(Path(__file__).resolve().parents[2] / "examples")
@@ -223,23 +235,65 @@ def test_classify() -> None:
 # ---------------------------------------------------------------- route and retry
 
 
-def test_route_transient_to_retry_then_dlq_after_max_attempts() -> None:
+def test_route_transient_to_retry_until_the_budget_then_dlq() -> None:
     w = Work(msg(click(), offset=7), status="transient", reason="redis down")
-    out = route_of(w, max_attempts=2, now_ms=T)
-    assert out is not None and out.kind == "retry" and out.topic == "user-actions.retry"
+    out = route_of(w, budget_ms=60_000, now_ms=T)
+    assert isinstance(out, Outgoing) and out.kind == "retry" and out.topic == "user-actions.retry"
     h = dict(out.headers)
     assert h["attempt"] == b"1" and h["first_failure_ms"] == str(T).encode()
-    assert h["offset"] == b"7" and h["reason"] == b"redis down"
-    topic, origin, attempt, first = parse_retry_headers(list(out.headers), "x.retry", 3, 99)
-    assert (topic, origin, attempt, first) == ("user-actions", Origin("user-actions", 0, 7), 1, T)
-    late = Work(msg(click(), attempt=2), status="transient", reason="still down")
-    out = route_of(late, max_attempts=2, now_ms=T)
-    assert out is not None and out.kind == "dlq" and out.topic == "user-actions.dlq"
-    assert dict(out.headers)["reason"].startswith(b"gave up after 2 retries")
+    assert h["offset"] == b"7" and h["reason"] == b"redis down" and TIERS_HEADER not in h
+    parsed = parse_retry_headers(list(out.headers), "x.retry", 3, 99)
+    assert parsed == RetryHeaders("user-actions", Origin("user-actions", 0, 7), 1, T, False)
+    # attempts do not decide: time since the first failure does
+    again = Work(
+        Message("user-actions", 0, 0, b"k", b"{}", Origin("user-actions", 0, 7), 50, T),
+        status="transient",
+        reason="still down",
+    )
+    out = route_of(again, budget_ms=60_000, now_ms=T + 59_999)
+    assert isinstance(out, Outgoing) and out.kind == "retry"
+    assert dict(out.headers)["attempt"] == b"51"
+    out = route_of(again, budget_ms=60_000, now_ms=T + 60_000)
+    assert isinstance(out, Outgoing) and out.kind == "dlq" and out.topic == "user-actions.dlq"
+    assert dict(out.headers)["reason"] == b"gave up after 50 retries over 60s: still down"
+    assert dict(out.headers)["first_failure_ms"] == str(T).encode()
     bad = Work(msg(b"{"), status="malformed", reason="not valid JSON")
     out = route_of(bad, 5, T)
-    assert out is not None and out.kind == "dlq" and out.value == b"{"
+    assert isinstance(out, Outgoing) and out.kind == "dlq" and out.value == b"{"
     assert route_of(Work(msg(click()), status="done"), 5, T) is None
+
+
+def test_a_redis_only_failure_retries_the_cache_and_never_reaches_the_dlq() -> None:
+    w = Work(msg(click()), status="transient", reason="redis: down", cache_only=True)
+    out = route_of(w, budget_ms=1_000, now_ms=T)
+    assert isinstance(out, Outgoing) and out.kind == "retry"
+    assert dict(out.headers)[TIERS_HEADER] == b"redis"
+    assert parse_retry_headers(list(out.headers), "user-actions.retry", 0, 0).cache_only
+    late = Work(
+        Message("user-actions", 0, 0, b"k", b"{}", Origin("user-actions", 0, 0), 9, T, True),
+        status="transient",
+        reason="redis: down",
+        cache_only=True,
+    )
+    gone = route_of(late, budget_ms=1_000, now_ms=T + 5_000)
+    assert isinstance(gone, Abandon) and "cache write abandoned after 9 retries" in gone.reason
+
+
+def test_fit_cuts_a_dlq_copy_to_the_limit_with_headers_and_refuses_a_retry_copy() -> None:
+    small = Outgoing("dlq", "t.dlq", b"k", b"v" * 10, (("reason", b"r"),))
+    assert fit(small, 4096) is small
+    big = Outgoing("dlq", "t.dlq", b"k", b"v" * 1_048_576, (("reason", b"bad"),))
+    cut = fit(big, 1_048_588)
+    assert cut is not None and wire_size(cut) <= 1_048_588
+    h = dict(cut.headers)
+    assert h["truncated"] == b"true" and h["original_size"] == b"1048576"
+    assert h["reason"] == b"bad" and cut.value == big.value[: len(cut.value or b"")]
+    assert len(cut.value or b"") > 1_000_000
+    huge_key = Outgoing("dlq", "t.dlq", b"k" * 50_000, b"v" * 50_000, ())
+    cut = fit(huge_key, 20_000)
+    assert cut is not None and wire_size(cut) <= 20_000 and len(cut.key or b"") == 1024
+    assert dict(cut.headers)["original_key_size"] == b"50000"
+    assert fit(Outgoing("retry", "t.retry", None, b"v" * 5000, ()), 4096) is None
 
 
 def test_retry_hold_releases_in_due_order_without_blocking() -> None:
@@ -254,3 +308,162 @@ def test_retry_hold_releases_in_due_order_without_blocking() -> None:
     now[0] = T + 8000
     assert [m.offset for m in hold.pop_due(10)] == [1]
     assert len(hold) == 0 and hold.next_due_ms() is None
+
+
+# ---------------------------------------------------------------- per tier
+
+
+class DownCache:
+    async def write_through(self, items: Sequence[Item]) -> None:
+        raise TransientStoreError("redis down")
+
+
+def test_a_cache_failure_after_a_store_success_is_cache_only() -> None:
+    store = FakeStore()
+    works = steps(msg(click()), msg(click(event_id="e2"), offset=1))
+    out = asyncio.run(Writer(CATALOG, store, DownCache()).write(works))
+    assert [w.status for w in out] == ["transient", "transient"]
+    assert all(w.cache_only and "redis down" in (w.reason or "") for w in out)
+    assert len(store.items) == 4  # the store has every item
+    # both tiers failed: the whole record is retried, not the cache alone
+    out = asyncio.run(
+        Writer(CATALOG, FakeStore(TransientStoreError("x")), DownCache()).write(works)
+    )
+    assert [w.cache_only for w in out] == [False, False]
+
+
+def test_a_cache_only_retry_skips_the_store() -> None:
+    store, cache = FakeStore(), FakeCache()
+    m = msg(click())
+    retried = Message(m.topic, 0, 0, m.key, m.value, m.origin, 3, T, cache_only=True)
+    out = asyncio.run(Writer(CATALOG, store, cache).write(steps(retried, msg(click(), offset=1))))
+    assert [w.status for w in out] == ["done", "done"]
+    assert len(store.items) == 2 and len(cache.items) == 4
+    # a failing store does not touch the cache-only record
+    out = asyncio.run(
+        Writer(CATALOG, FakeStore(TransientStoreError("x")), cache).write(steps(retried))
+    )
+    assert out[0].status == "done"
+
+
+# ---------------------------------------------------------------- one record, one outcome
+
+
+def deep(depth: int, leaf: object = 1) -> object:
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def deep_json(depth: int) -> str:
+    return "[" * depth + "1" + "]" * depth
+
+
+@pytest.mark.parametrize("field", ["ts", "event_id", "event_type", "user_id", "session"])
+def test_a_value_nested_1000_deep_is_one_malformed_record_with_a_short_reason(field: str) -> None:
+    # json.dumps recurses: write the nesting by hand
+    body = json.dumps(click(**{field: "__X__"})).replace('"__X__"', deep_json(1000)).encode()
+    works = steps(msg(body), msg(click(), offset=1))
+    assert works[0].status == "malformed" and len(works[0].reason or "") < 300, works[0].reason
+    assert works[1].status == "pending" and len(works[1].items) == 2
+
+
+def test_nesting_beyond_orjsons_limit_is_not_valid_json() -> None:
+    body = ('{"event_id":"e","event_type":"click","ts":1,"x":' + deep_json(5000) + "}").encode()
+    (w,) = steps(msg(body))
+    assert w.status == "malformed" and "not valid JSON" in (w.reason or "")
+
+
+def pipeline() -> Pipeline:
+    from featureplane.settings import Settings
+
+    return Pipeline(Settings(kafka_bootstrap="127.0.0.1:1"), CATALOG, PipelineConfig())
+
+
+def test_a_step_that_raises_on_one_record_affects_only_that_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = pipeline()
+    real = p.aggregator.item
+
+    def item(rule: object, event: Event) -> Item:
+        if event.event_id == "boom":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(rule, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(p.aggregator, "item", item)
+    batch = p.to_batch([msg(click(event_id=f"e{i}"), offset=i) for i in range(5)])[0]
+    batch[2] = Work(msg(click(event_id="boom"), offset=2))
+    out = p.aggregate(p.dispatch(p.decode(batch)))
+    assert [w.status for w in out] == ["pending", "pending", "malformed", "pending", "pending"]
+    assert (
+        out[2].reason
+        == "internal error in aggregate: RecursionError: maximum recursion depth exceeded"
+    )
+    assert all(len(w.items) == 2 for i, w in enumerate(out) if i != 2)
+
+
+def test_an_unexpected_write_error_is_transient_for_that_record_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = pipeline()
+    batch = p.aggregate(p.dispatch(p.decode([Work(msg(click(), offset=i)) for i in range(3)])))
+
+    def run(works: list[Work]) -> list[Work]:
+        if any(w.message.offset == 1 for w in works):
+            raise ValueError("bug")
+        return [w.with_status("done") for w in works]
+
+    out = p._guarded("write", batch, run, "transient")
+    assert [w.status for w in out] == ["done", "transient", "done"]
+    assert out[1].reason == "internal error in write: ValueError: bug"
+
+
+# ---------------------------------------------------------------- any input
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    raw=st.one_of(
+        st.binary(max_size=200),
+        JSON.map(lambda v: json.dumps(v).encode()),
+        st.fixed_dictionaries(
+            {"event_id": JSON, "event_type": st.sampled_from(["click", "search", "x"]), "ts": JSON}
+        ).map(lambda v: json.dumps(v).encode()),
+        st.builds(
+            lambda f, v: json.dumps(click(**{f: v})).encode(),
+            st.sampled_from(["user_id", "session", "article", "ts", "event_id"]),
+            JSON,
+        ),
+        st.integers(1, 3000).map(
+            lambda d: (
+                '{"event_id":"e","event_type":"click","ts":1,"user_id":' + deep_json(d) + "}"
+            ).encode()
+        ),
+    )
+)
+def test_any_value_is_decided_by_the_pure_steps_without_raising(raw: bytes) -> None:
+    works = steps(msg(raw), msg(click(), offset=1))
+    assert works[0].status in ("pending", "done", "malformed")
+    assert len(works[0].reason or "") <= 600
+    assert works[1].status == "pending" and len(works[1].items) == 2
+
+
+def test_tracker_knows_where_it_started_and_what_it_committed() -> None:
+    t = OffsetTracker("t", 0)
+    assert t.first_read is None and t.last_committed is None
+    t.track(40)
+    t.track(41)
+    t.ack(40)
+    t.committed(41)
+    assert t.first_read == 40 and t.last_committed == 41
