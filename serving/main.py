@@ -20,10 +20,10 @@ Hostile clients: a connection must send each request head within
 These events are counted in /metrics and summarised in the log at most once a
 minute per kind, never one line each.
 
-SIGTERM or Ctrl-C: /readyz turns 503 while requests are still served for
+SIGTERM: /readyz turns 503 while requests are still served for
 `--drain-delay` (so load balancers stop sending), then the server stops
 accepting, finishes in-flight requests (`--shutdown-timeout`) and closes
-every client.
+every client. Ctrl-C (SIGINT) does the same without the drain delay.
 """
 
 from __future__ import annotations
@@ -112,10 +112,17 @@ def run(args: argparse.Namespace) -> int:
              settings.port)
 
     async def main() -> None:
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop: asyncio.Future[float] = loop.create_future()
+
+        def on_signal(drain_delay: float) -> None:
+            if not stop.done():
+                stop.set_result(drain_delay)
+
+        # SIGTERM comes from an orchestrator that must see /readyz fail before we stop
+        # accepting; Ctrl-C comes from a person at a terminal, who wants it stopped now.
+        loop.add_signal_handler(signal.SIGTERM, on_signal, config.drain_delay)
+        loop.add_signal_handler(signal.SIGINT, on_signal, 0.0)
         await serve(app, config, settings.host, settings.port, stop)
 
     factory = None
@@ -129,8 +136,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(app: web.Application, config: ServeConfig, host: str, port: int,
-                stop: asyncio.Event) -> None:
-    """Serve `app` on host:port until `stop` is set, then drain and shut down.
+                stop: asyncio.Future[float]) -> None:
+    """Serve `app` on host:port until `stop` gives a drain delay: /readyz answers 503 for
+    that many seconds while requests are still served, then the server shuts down.
 
     aiohttp's runner owns the app's life (start-up, shutdown, cleanup); the listening
     socket is ours, so each connection goes through `ConnectionGuard` (cap, timeouts).
@@ -144,9 +152,9 @@ async def serve(app: web.Application, config: ServeConfig, host: str, port: int,
         listener = await asyncio.get_running_loop().create_server(
             guard, host, port, reuse_address=True, backlog=1024)
         try:
-            await stop.wait()
+            delay = await stop
             drain(app)
-            await asyncio.sleep(config.drain_delay)
+            await asyncio.sleep(delay)
         finally:
             listener.close()
     finally:

@@ -131,6 +131,7 @@ async def test_401_404_405(client: TestClient[Any, Any]) -> None:
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
     resp = await client.delete("/v1/features", headers=AUTH)
     assert resp.status == 405 and "error" in await resp.json()
+    assert resp.headers["Allow"] == "POST"
 
 
 async def test_groups_health_ready_metrics_openapi(client: TestClient[Any, Any]) -> None:
@@ -138,7 +139,9 @@ async def test_groups_health_ready_metrics_openapi(client: TestClient[Any, Any])
     assert {g["name"] for g in groups["groups"]} == set(CATALOG.groups)
     assert (await client.get("/healthz")).status == 200
     ready = await client.get("/readyz")
-    assert ready.status == 200 and (await ready.json())["tiers"] == {"store": True, "redis": True}
+    assert ready.status == 200
+    assert await ready.json() == {"ready": True, "status": "ok",
+                                  "tiers": {"store": "up", "redis": "up"}}
     await client.get(f"/v1/features/{RECENT}/u1", headers=AUTH)
     text = await (await client.get("/metrics")).text()
     assert "featureplane_http_request_seconds_bucket" in text
