@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator
 
-from featureplane.errors import SpecError, SpecProblem
+from featureplane._spec_yaml import read_yaml
+from featureplane.errors import SpecError, SpecProblem, quote
 from featureplane.types import FeatureType, parse_type
 
 __all__ = [
@@ -40,14 +40,16 @@ def parse_duration(value: Any) -> int:
     """`500ms`, `30s`, `5m`, `2h`, `30d` -> milliseconds."""
     if isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
         return int(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f"bad duration {value!r} (expected a number and ms, s, m, h or d, e.g. 30s)")
+    raise ValueError(
+        f"bad duration {quote(value)} (expected a number and ms, s, m, h or d, e.g. 30s)"
+    )
 
 
 def _type(value: Any) -> FeatureType:
     if isinstance(value, FeatureType):
         return value
     if not isinstance(value, str):
-        raise ValueError(f"type must be a string, got {value!r}")
+        raise ValueError(f"type must be a string, got {quote(value)}")
     return parse_type(value)
 
 
@@ -175,7 +177,10 @@ def load_catalog(path: str | Path) -> Catalog:
     """Load a YAML file or a folder of `*.yaml`/`*.yml` files; raise `SpecError`."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
+        # rglob does not follow symlinked folders, so a symlink loop cannot make it endless.
+        files = sorted(
+            p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and not p.is_dir()
+        )
         if not files:
             raise SpecError([SpecProblem(str(path), 0, "-", "no .yaml or .yml files")])
     elif path.exists():
@@ -260,7 +265,9 @@ class _Loc:
 def _field(path: tuple[Any, ...]) -> str:
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if not isinstance(part, int):  # a key of the spec's own: any length
+            part = part if isinstance(part, str) and len(part) <= 60 else quote(part, 60)
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
     return out or "-"
 
 
@@ -275,13 +282,9 @@ def _parse_file(
 ) -> Iterator[tuple[FeatureGroup | IngestionRule, _Loc]]:
     name = str(file)
     try:
-        data, lines = _read_yaml(file)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        problems.append(
-            SpecProblem(name, line, "-", f"not valid YAML: {getattr(exc, 'problem', exc)}")
-        )
+        data, lines = read_yaml(file)
+    except SpecError as exc:
+        problems.extend(exc.problems)
         return
     if data is None:
         return
@@ -296,7 +299,7 @@ def _parse_file(
                 SpecProblem(
                     name,
                     lines.get((key,), 1),
-                    str(key),
+                    _field((key,)),
                     "unknown section (expected feature_groups or ingestion)",
                 )
             )
@@ -311,7 +314,7 @@ def _parse_file(
                 yield model.model_validate(entry), loc
             except pydantic.ValidationError as exc:
                 if model is FeatureGroup and isinstance(entry, dict):
-                    invalid.add(entry.get("name"))
+                    invalid.add(_hashable(entry.get("name")))
                     problems.extend(_raw_duplicate_features(entry, loc))
                 errors = exc.errors()
                 for err in errors:
@@ -326,10 +329,10 @@ def _raw_duplicate_features(entry: dict[str, Any], loc: _Loc) -> Iterator[SpecPr
     """Duplicate feature names, found even when other parts of the group fail to parse."""
     features = entry.get("features")
     if isinstance(features, list):
-        names = [f.get("name") if isinstance(f, dict) else None for f in features]
+        names = [_hashable(f.get("name")) if isinstance(f, dict) else None for f in features]
         if (dup := _duplicate([n for n in names if n is not None])) is not None:
             i = [k for k, n in enumerate(names) if n == dup[1]][1]
-            yield loc.problem(("features", i, "name"), f"duplicate feature name {dup[1]!r}")
+            yield loc.problem(("features", i, "name"), f"duplicate feature name {quote(dup[1])}")
 
 
 def _message(err: Any) -> str:
@@ -339,33 +342,14 @@ def _message(err: Any) -> str:
     if err["type"] == "missing":
         return "required field is missing"
     if err["type"] == "literal_error":
-        return f"{msg}, got {err.get('input')!r}"
+        return f"{msg}, got {quote(err.get('input'))}"
     return msg
 
 
-def _read_yaml(file: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
-    """Parse YAML and record the line (1-based) of every mapping key and list item."""
-    loader = yaml.SafeLoader(file.read_text(encoding="utf-8"))
+def _hashable(value: Any) -> Any:
+    """`value`, or None when it cannot go in a set (a name written as a list)."""
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None, {}
-        data = loader.construct_document(node)
-    finally:
-        loader.dispose()
-    lines: dict[tuple[Any, ...], int] = {}
-
-    def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                key = (*path, k.value)
-                lines[key] = k.start_mark.line + 1
-                walk(v, key)
-        elif isinstance(n, yaml.SequenceNode):
-            for i, v in enumerate(n.value):
-                lines[(*path, i)] = v.start_mark.line + 1
-                walk(v, (*path, i))
-
-    lines[()] = node.start_mark.line + 1
-    walk(node, ())
-    return data, lines
+        hash(value)
+    except TypeError:
+        return None
+    return value

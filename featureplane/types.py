@@ -26,6 +26,8 @@ Kind = Literal["string", "int", "float", "bool", "bytes", "list", "set", "map", 
 SCALARS = ("string", "int", "float", "bool", "bytes")
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 MAX_VECTOR_DIM = 4096
+MAX_TYPE_DEPTH = 32  # map<string,list<float>> is 3; 5,000 raised RecursionError
+MAX_TYPE_CHARS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,14 @@ _CONTAINER = re.compile(r"(list|set)<\s*(.+)>")
 
 def parse_type(text: str) -> FeatureType:
     """Parse `int`, `set<string>`, `map<string,list<float>>`, `vector<float,64>`..."""
+    if len(text) > MAX_TYPE_CHARS:
+        raise ValueError(f"type is longer than {MAX_TYPE_CHARS} characters")
+    return _parse_type(text, 1)
+
+
+def _parse_type(text: str, depth: int) -> FeatureType:
+    if depth > MAX_TYPE_DEPTH:
+        raise ValueError(f"type is nested more than {MAX_TYPE_DEPTH} levels deep")
     text = text.strip()
     if text in SCALARS:
         return FeatureType(text)  # type: ignore[arg-type]
@@ -62,14 +72,14 @@ def parse_type(text: str) -> FeatureType:
             raise ValueError(f"vector dimension must be 1..{MAX_VECTOR_DIM}, got {dim}")
         return FeatureType("vector", dim=dim)
     if m := _MAP.fullmatch(text):
-        return FeatureType("map", item=parse_type(m.group(1)))
+        return FeatureType("map", item=_parse_type(m.group(1), depth + 1))
     if m := _CONTAINER.fullmatch(text):
-        item = parse_type(m.group(2))
+        item = _parse_type(m.group(2), depth + 1)
         if m.group(1) == "set" and item.kind not in SCALARS:
             raise ValueError(f"set elements must be a scalar type, got {item}")
         return FeatureType(m.group(1), item=item)  # type: ignore[arg-type]
     raise ValueError(
-        f"unknown type {text!r} (expected string, int, float, bool, bytes, list<T>, "
+        f"unknown type {quote(text)} (expected string, int, float, bool, bytes, list<T>, "
         "set<T>, map<string,T> or vector<float,N>)"
     )
 

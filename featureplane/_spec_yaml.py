@@ -1,0 +1,179 @@
+"""Reading one spec file as YAML, in bounded time and memory whatever it holds.
+
+`read_yaml(file)` returns the document and the line of every mapping key and
+list item, or raises `SpecError` with one problem located at the line where
+reading stopped. A spec is small and shallow (a group is ~30 nodes, 6 levels
+deep), so the limits below refuse only hostile or broken files, before they
+cost anything: PyYAML alone spent 3 GB and then raised MemoryError on a
+billion-laughs alias bomb, and RecursionError on 5,000-deep nesting.
+
+Events come from libyaml (`CParser`, in PyYAML's wheels); the nodes are
+composed in Python by a `Composer` subclass that counts every node as it is
+made, an alias counting as all the nodes it stands for, so a bomb is refused
+after a few hundred events. Only PyYAML's safe constructor runs (no
+`!!python/...` tags).
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml._yaml import CParser
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.resolver import Resolver
+
+from featureplane.errors import SpecError, SpecProblem, quote
+
+__all__ = ["MAX_DEPTH", "MAX_FILE_BYTES", "MAX_NODES", "read_yaml"]
+
+MAX_FILE_BYTES = 4 << 20
+"""A larger spec file is refused unread (a 1 MiB spec holds ~3,000 groups)."""
+MAX_NODES = 100_000
+"""YAML nodes per file, aliases counted expanded (~3,000 groups); composing 100k took
+~1 s on a busy 2-core machine, so a file of millions of nodes is refused within that."""
+MAX_DEPTH = 32
+"""Levels of nesting per file, aliases counted expanded (a spec needs 6)."""
+
+
+class _Refused(yaml.MarkedYAMLError):
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+class _Loader(Composer, CParser, SafeConstructor, Resolver):
+    """libyaml's events, composed in Python with a budget of nodes and depth."""
+
+    def __init__(self, text: str) -> None:
+        CParser.__init__(self, text)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+        self.nodes = 0  # composed so far, expanded
+        self.level = 0  # of the node being composed; the root is 1
+        self.deepest = 0  # deepest level reached under the node being composed
+        self.shapes: dict[str, tuple[int, int]] = {}  # anchor -> (nodes, height), once composed
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        event: Any = self.peek_event()
+        level = self.level + 1
+        if isinstance(event, yaml.AliasEvent):
+            anchor = str(event.anchor)
+            if anchor in self.anchors and anchor not in self.shapes:
+                raise _Refused(f"alias *{quote(anchor)} is inside its own node", event.start_mark)
+            nodes, height = self.shapes.get(anchor, (0, 1))  # undefined: the composer says so
+            self._count(nodes, level + height - 1, event.start_mark)
+            return super().compose_node(parent, index)
+        before, deepest = self.nodes, self.deepest
+        self._count(1, level, event.start_mark)
+        self.level, self.deepest = level, level
+        node = super().compose_node(parent, index)
+        if event.anchor is not None:
+            self.shapes[event.anchor] = (self.nodes - before, self.deepest - level + 1)
+        self.level, self.deepest = level - 1, max(deepest, self.deepest)
+        return node
+
+    def _count(self, nodes: int, level: int, mark: Any) -> None:
+        self.nodes += nodes
+        self.deepest = max(self.deepest, level)
+        if level > MAX_DEPTH:
+            raise _Refused(f"nested more than {MAX_DEPTH} levels deep", mark)
+        if self.nodes > MAX_NODES:
+            raise _Refused(
+                f"more than {MAX_NODES:,} YAML nodes (aliases counted expanded); "
+                "split the spec into several files",
+                mark,
+            )
+
+    def compose_mapping_node(self, anchor: Any) -> MappingNode:
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if isinstance(key, ScalarNode):
+                first = seen.setdefault((key.tag, key.value), key.start_mark.line + 1)
+                if first != key.start_mark.line + 1:
+                    raise _Refused(
+                        f"duplicate key {quote(key.value)} (first at line {first})",
+                        key.start_mark,
+                    )
+        return node
+
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:  # 2024-13-45, an int of 5,000 digits
+            raise _Refused(f"bad {node.tag.rsplit(':', 1)[-1]}: {exc}", node.start_mark) from None
+
+
+def read_yaml(file: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """Parse one YAML file and record the line (1-based) of every mapping key and list item."""
+    name = str(file)
+    text = _read_text(file)
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        data = None if node is None else loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise SpecError([SpecProblem(name, _line(exc, text), "-", _yaml_message(exc))]) from None
+    finally:
+        loader.dispose()
+    if node is None:
+        return None, {}
+    lines: dict[tuple[Any, ...], int] = {(): node.start_mark.line + 1}
+
+    def walk(n: Node, path: tuple[Any, ...]) -> None:  # depth <= MAX_DEPTH
+        if isinstance(n, MappingNode):
+            for k, v in n.value:
+                key = (*path, k.value if isinstance(k, ScalarNode) else None)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(n, SequenceNode):
+            for i, v in enumerate(n.value):
+                lines[(*path, i)] = v.start_mark.line + 1
+                walk(v, (*path, i))
+
+    walk(node, ())
+    return data, lines
+
+
+def _read_text(file: Path) -> str:
+    def refuse(line: int, message: str) -> SpecError:
+        return SpecError([SpecProblem(str(file), line, "-", message)])
+
+    try:
+        if not stat.S_ISREG(file.stat().st_mode):  # a FIFO or a device would never end
+            raise refuse(1, "not a regular file")
+        with file.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:  # unreadable, a dangling symlink, a symlink loop
+        raise refuse(1, f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise refuse(1, f"larger than {MAX_FILE_BYTES >> 20} MiB; split the spec into files")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise refuse(line, f"not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
+
+
+def _line(exc: yaml.YAMLError, text: str) -> int:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is not None:
+        return int(mark.line) + 1
+    position = getattr(exc, "position", None)  # a ReaderError: a control character
+    return text.count("\n", 0, position) + 1 if isinstance(position, int) else 1
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, _Refused):
+        return str(exc.problem)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context, mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and mark is not None:  # "while scanning a quoted scalar (line 3): ..."
+        problem = f"{context} (line {mark.line + 1}): {problem}"
+    text = f"not valid YAML: {problem}"  # may quote an anchor or a tag: bounded
+    return text if len(text) <= 200 else text[:197] + "..."
