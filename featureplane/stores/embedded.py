@@ -16,17 +16,35 @@ Layout: `items(pk BLOB, sk TEXT, ts INTEGER, ver TEXT, v BLOB)`, primary key
 (pk, sk), as `keys` describes. One upsert serves both kinds: it overwrites
 only when the incoming version is not older, which for timeseries (where
 ver = sk) always holds and for latest makes the newest version win.
+
+Items past their group's `retention` are hidden on read and deleted by the
+writing process: after a write, when a purge is due, one bounded pass walks
+the keys in order from where the last pass stopped and deletes the expired
+(oldest) items of each, in its own short transaction on the writer's
+connection (readers in WAL mode are never blocked by it). A pass does at most
+max(`purge_batch`, twice the items just written) work, keys visited plus items
+deleted; one stopped by that budget leaves the next pass due at once, so
+purging outpaces writing; a finished sweep waits `purge_every_ms`. SQLite reuses the freed
+pages, so under steady churn the file stops growing. Nothing else is
+deleted: items beyond `max_items` stay readable with `until` until they
+expire, and timeseries without retention keep everything. The counter
+`featureplane_store_items_purged` and the gauge `featureplane_store_file_bytes`
+(in the writer's default Prometheus registry, served by ingest) show it, and
+an INFO line at most once a minute sums it up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from prometheus_client import Counter, Gauge
 
 from featureplane.codec import Item, Record
 from featureplane.errors import StoreError, TransientStoreError
@@ -37,6 +55,14 @@ from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
 __all__ = ["EmbeddedStore"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+PURGED = Counter(
+    "featureplane_store_items_purged", "Expired items deleted from the embedded store"
+)
+FILE_BYTES = Gauge(
+    "featureplane_store_file_bytes", "Size of the embedded store's files (db, wal)", ["file"]
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -53,7 +79,11 @@ _RANGE = """
 SELECT ts, ver, v FROM items WHERE pk = ? AND sk BETWEEN ? AND ? ORDER BY sk DESC LIMIT ?
 """
 _LATEST = "SELECT ts, ver, v FROM items WHERE pk = ? AND sk = ?"
-_PURGE = "DELETE FROM items WHERE pk >= ? AND pk < ? AND sk < ?"
+_NEXT_KEY = "SELECT pk FROM items WHERE pk > ? ORDER BY pk LIMIT 1"
+_PURGE_KEY = """
+DELETE FROM items WHERE pk = ? AND sk IN (
+    SELECT sk FROM items WHERE pk = ? AND sk < ? ORDER BY sk LIMIT ?)
+"""
 _INLINE_READS = 64  # larger reads go to a thread so the event loop stays free
 # The writer's tuning, measured on the ingest write shape (bench/ingest.py rows, 2,000-event
 # transactions, 300k events): 28.9k -> 43.4k events/s. Its page cache holds the upper
@@ -61,7 +91,9 @@ _INLINE_READS = 64  # larger reads go to a thread so the event loop stays free
 # pages (~40 MB of WAL) instead of 1,000 copies a leaf touched by several commits back
 # to the database once. mmap_size, temp_store and page sizes of 1-2 KiB measured no
 # better or worse.
-_WRITER_PRAGMAS = ("PRAGMA cache_size = -65536", "PRAGMA wal_autocheckpoint = 10000")
+# journal_size_limit: after a checkpoint the WAL file is cut back to 64 MiB instead of
+# keeping the size of its largest burst.
+_WRITER_PRAGMAS = ("PRAGMA cache_size = -65536", "PRAGMA journal_size_limit = 67108864")
 
 
 _ROW_KEY = itemgetter(0, 1)
@@ -83,10 +115,23 @@ class EmbeddedStore(Store):
         *,
         clock: Clock = wall_clock_ms,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        checkpoint_pages: int = 10_000,
+        purge_batch: int = 2_000,
+        purge_every_ms: int = 60_000,
     ) -> None:
+        """`checkpoint_pages`: WAL pages between checkpoints. `purge_batch`: the work of one
+        purge pass (keys visited + items deleted). `purge_every_ms`: pause after a sweep."""
         super().__init__(catalog, clock)
         self.path = Path(data_dir) / "features.db"
         self.synchronous = synchronous
+        self.checkpoint_pages = checkpoint_pages
+        self.purge_batch = purge_batch
+        self.purge_every_ms = purge_every_ms
+        self.purged = 0  # items deleted by this process, in total
+        self._purge_from = b""  # the pass resumes after this key
+        self._purge_due = 0  # clock time of the next pass
+        self._purging = False
+        self._logged_at, self._logged_purged = clock(), 0
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -105,6 +150,7 @@ class EmbeddedStore(Store):
             writer.execute("PRAGMA journal_mode = WAL")
             for pragma in _WRITER_PRAGMAS:
                 writer.execute(pragma)
+            writer.execute(f"PRAGMA wal_autocheckpoint = {int(self.checkpoint_pages)}")
             writer.execute(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open embedded store {self.path}: {exc}") from exc
@@ -137,6 +183,14 @@ class EmbeddedStore(Store):
         # rows of one key keep their batch order (it decides ties of equal versions).
         rows.sort(key=_ROW_KEY)
         await self._run(self._write, rows)
+        if self.clock() >= self._purge_due and not self._purging:
+            self._purging = True  # concurrent writes: one pass at a time
+            try:
+                await self.purge_expired(2 * len(rows))
+            except StoreError as exc:  # the write is done; purging waits for the next one
+                log.warning("embedded store: purge failed, retried after the next write: %s", exc)
+            finally:
+                self._purging = False
 
     def _write(self, rows: list[tuple[bytes, str, int, str, bytes]]) -> None:
         db = self._writer
@@ -174,20 +228,75 @@ class EmbeddedStore(Store):
             out.append([Record(ts, ver, v) for ts, ver, v in rows])
         return out
 
-    async def purge_expired(self) -> int:
-        """Delete items past their group's retention; returns how many went."""
-        total = 0
+    async def purge_expired(self, budget: int = 0) -> int:
+        """One purge pass of at most max(`budget`, `purge_batch`) work (keys visited + items
+        deleted; see the module docstring); returns the items deleted."""
+        cutoffs: dict[bytes, str] = {}
         for group in self.catalog.groups.values():
-            cutoff = self.cutoff(group)
-            if cutoff is not None:
-                low = f"{group.name}#".encode()
-                high = f"{group.name}$".encode()  # '$' follows '#'
-                total += await self._run(self._purge, low, high, version_bounds(cutoff, None)[0])
-        return total
+            if (cutoff := self.cutoff(group)) is not None:
+                cutoffs[group.name.encode()] = version_bounds(cutoff, None)[0]
+        deleted, self._purge_from, done = await self._run(
+            self._purge, cutoffs, self._purge_from, max(budget, self.purge_batch)
+        )
+        now = self.clock()
+        self._purge_due = now + self.purge_every_ms if done else now
+        self.purged += deleted
+        PURGED.inc(deleted)
+        sizes = self._file_sizes()
+        if now - self._logged_at >= 60_000 and self.purged > self._logged_purged:
+            log.info(
+                "embedded store: purged %d expired items in %.0f s; db %.1f MiB, wal %.1f MiB",
+                self.purged - self._logged_purged,
+                (now - self._logged_at) / 1000,
+                sizes["db"] / 2**20,
+                sizes["wal"] / 2**20,
+            )
+            self._logged_at, self._logged_purged = now, self.purged
+        return deleted
 
-    def _purge(self, low: bytes, high: bytes, sk: str) -> int:
-        assert self._writer is not None, "store not started"
-        return self._writer.execute(_PURGE, (low, high, sk)).rowcount
+    def _purge(
+        self, cutoffs: dict[bytes, str], start: bytes, limit: int
+    ) -> tuple[int, bytes, bool]:
+        """Delete expired items key by key after `start`: (deleted, resume after, sweep done)."""
+        db = self._writer
+        assert db is not None, "store not started"
+        work = deleted = 0
+        after, done = start, False
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            while work < limit:
+                row = db.execute(_NEXT_KEY, (after,)).fetchone()
+                if row is None:
+                    after, done = b"", True
+                    break
+                pk: bytes = row[0]
+                group = pk.partition(b"#")[0]
+                low = cutoffs.get(group)
+                if low is None:  # no retention (or no longer in the spec): skip the group
+                    after = group + b"$"  # '$' sorts right after '#'
+                else:
+                    left = limit - work
+                    n = db.execute(_PURGE_KEY, (pk, pk, low, left)).rowcount
+                    deleted, work = deleted + n, work + n
+                    if n < left:  # this key is clean: go on after it
+                        after = pk
+                work += 1
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return deleted, after, done
+
+    def _file_sizes(self) -> dict[str, int]:
+        sizes = {}
+        for name in ("db", "wal"):
+            path = self.path if name == "db" else self.path.with_name(self.path.name + "-wal")
+            try:
+                sizes[name] = path.stat().st_size
+            except OSError:
+                sizes[name] = 0
+            FILE_BYTES.labels(name).set(sizes[name])
+        return sizes
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
