@@ -147,11 +147,27 @@ def test_types_parse_and_print(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["str", "set<list<int>>", "vector<float,0>", "map<int,int>", "list<>"]
+    "bad",
+    [
+        "str",
+        "set<list<int>>",
+        "vector<float,0>",
+        "map<int,int>",
+        "list<>",
+        "list<" * 32 + "int" + ">" * 32,  # 33 levels
+        "list<" * 5000 + "int" + ">" * 5000,  # was a RecursionError
+        "vector<float," + "9" * 5000 + ">",  # was int()'s 4,300-digit ValueError
+    ],
 )
 def test_bad_types(bad: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as caught:
         parse_type(bad)
+    assert len(str(caught.value)) < 200
+
+
+def test_types_nest_up_to_32_levels() -> None:
+    text = "list<" * 31 + "int" + ">" * 31
+    assert str(parse_type(text)) == text
 
 
 def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
