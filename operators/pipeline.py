@@ -235,8 +235,6 @@ class Pipeline:
                 return Abandon(f"cache write abandoned: {reason}")
             fitted = fit(dead_letter(w, reason), limit)
             assert fitted is not None  # a DLQ copy is always cut to fit
-        if fitted is not out and fitted.kind == "dlq" and fitted.value != out.value:
-            metrics.DLQ_TRUNCATED.labels(self.config.flow, w.message.topic).inc()
         return fitted
 
     def _deliver(self, deliverer: Deliverer, records: list[Outgoing]) -> list[str | None]:
@@ -253,6 +251,8 @@ class Pipeline:
         if err is None:
             counter = metrics.DLQ if out.kind == "dlq" else metrics.RETRIES
             counter.labels(flow, w.message.topic).inc()
+            if any(k == "truncated" for k, _ in out.headers):
+                metrics.DLQ_TRUNCATED.labels(flow, w.message.topic).inc()
             if w.status == "malformed":
                 metrics.FAILURES.labels(flow, "malformed").inc()
             return w.with_status("routed")
