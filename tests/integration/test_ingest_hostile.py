@@ -39,7 +39,10 @@ def env(tmp_path: Path, kafka_bootstrap: str) -> Iterator[Env]:
 
 
 def headers_of(m: KafkaMessage) -> dict[str, str]:
-    return {k: (v or b"").decode() for k, v in m.headers() or ()}
+    out: dict[str, str] = {}
+    for k, v in list(m.headers() or ()):
+        out[str(k)] = v.decode() if isinstance(v, bytes) else str(v or "")
+    return out
 
 
 def nested(depth: int) -> bytes:
