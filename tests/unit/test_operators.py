@@ -467,3 +467,21 @@ def test_tracker_knows_where_it_started_and_what_it_committed() -> None:
     t.ack(40)
     t.committed(41)
     assert t.first_read == 40 and t.last_committed == 41
+
+
+def test_route_abandons_a_spent_cache_only_retry_acknowledges_and_counts_it() -> None:
+    from prometheus_client import REGISTRY
+
+    p = pipeline()  # no delivery happens, so no broker is needed
+    tracker = OffsetTracker("user-actions", 0)
+    tracker.track(0)
+    m = msg(click(), tracker=tracker)
+    old = Message(m.topic, 0, 0, m.key, m.value, m.origin, 7, T - 7_200_000, True, tracker=tracker)
+    labels = {"flow": "ingest", "topic": "user-actions"}
+    before = REGISTRY.get_sample_value("featureplane_ingest_cache_abandoned_total", labels) or 0
+    (w,) = p.route([Work(old, status="transient", reason="redis down", cache_only=True)])
+    assert w.status == "done" and "cache write abandoned after 7 retries" in (w.reason or "")
+    p.ack([w])
+    assert tracker.position == 1
+    after = REGISTRY.get_sample_value("featureplane_ingest_cache_abandoned_total", labels)
+    assert after == before + 1
