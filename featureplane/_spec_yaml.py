@@ -93,22 +93,28 @@ class _Loader(Composer, CParser, SafeConstructor, Resolver):
 
     def compose_mapping_node(self, anchor: Any) -> MappingNode:
         node = super().compose_mapping_node(anchor)
-        seen: dict[tuple[str, str], int] = {}
+        seen: dict[tuple[str, str], int] = {}  # (tag, text) -> line
         for key, _ in node.value:
             if isinstance(key, ScalarNode):
-                first = seen.setdefault((key.tag, key.value), key.start_mark.line + 1)
-                if first != key.start_mark.line + 1:
+                if (first := seen.get((key.tag, key.value))) is not None:
                     raise _Refused(
                         f"duplicate key {quote(key.value)} (first at line {first})",
                         key.start_mark,
                     )
+                seen[key.tag, key.value] = key.start_mark.line + 1
         return node
 
     def construct_object(self, node: Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
-        except (ValueError, OverflowError) as exc:  # 2024-13-45, an int of 5,000 digits
-            raise _Refused(f"bad {node.tag.rsplit(':', 1)[-1]}: {exc}", node.start_mark) from None
+        except yaml.YAMLError:
+            raise
+        except Exception as exc:  # PyYAML's constructors on hostile scalars: 2024-13-45 and an
+            # int of 5,000 digits (ValueError), `!!bool maybe` (KeyError), `!!timestamp x`
+            # (AttributeError)
+            detail = f": {exc}" if isinstance(exc, ValueError) else ""
+            tag = node.tag.rsplit(":", 1)[-1]
+            raise _Refused(f"not a valid {tag}{detail}", node.start_mark) from None
 
 
 def read_yaml(file: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
@@ -172,10 +178,11 @@ def _line(exc: yaml.YAMLError, text: str) -> int:
 
 def _yaml_message(exc: yaml.YAMLError) -> str:
     if isinstance(exc, _Refused):
-        return str(exc.problem)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    context, mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-    if context and mark is not None:  # "while scanning a quoted scalar (line 3): ..."
-        problem = f"{context} (line {mark.line + 1}): {problem}"
-    text = f"not valid YAML: {problem}"  # may quote an anchor or a tag: bounded
-    return text if len(text) <= 200 else text[:197] + "..."
+        text = str(exc.problem)
+    else:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and mark is not None:  # "while scanning a quoted scalar (line 3): ..."
+            problem = f"{context} (line {mark.line + 1}): {problem}"
+        text = f"not valid YAML: {problem}"
+    return text if len(text) <= 200 else text[:197] + "..."  # it may quote an anchor, a tag

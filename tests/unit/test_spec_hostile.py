@@ -84,8 +84,11 @@ CASES: dict[str, tuple[bytes | str, int, str, str]] = {
         "-",
         r"not valid YAML: unacceptable character #x0007: control characters are not allowed",
     ),
-    "bad_date": ("x: 2024-13-45\n", 1, "-", r"bad timestamp: month must be in 1\.\.12"),
-    "huge_int": ("x: " + "9" * 5000 + "\n", 1, "-", r"bad int"),
+    "bad_date": ("x: 2024-13-45\n", 1, "-", r"not a valid timestamp: month must be in 1\.\.12"),
+    "huge_int": ("x: " + "9" * 5000 + "\n", 1, "-", r"not a valid int: Exceeds the limit"),
+    "bad_bool_tag": ("x:\n  - !!bool maybe\n", 2, "-", r"not a valid bool$"),
+    "bad_timestamp_tag": ("x: !!timestamp soon\n", 1, "-", r"not a valid timestamp$"),
+    "duplicate_key_in_flow": ("x: {a: 1, a: 2}\n", 1, "-", r"duplicate key 'a' \(first at line 1\)"),
     "two_documents": (
         "a: 1\n---\nb: 2\n",
         2,
