@@ -68,6 +68,9 @@ class PipelineConfig:
     """A write slower than this is a transient failure."""
     delivery_timeout_s: float = 30.0
     """How long to wait for the broker to confirm a retry/DLQ record."""
+    redeliver_every_ms: int = 10_000
+    """How often a record whose retry/DLQ delivery failed is tried again (with later
+    batches): its offset, and so the commit, waits for it."""
 
 
 class _Resources:
@@ -93,6 +96,9 @@ class _Resources:
             settings.kafka_bootstrap,
             max_message_bytes=max_message_bytes(settings.kafka_bootstrap, outgoing),
         )
+        self.stuck: list[tuple[Work, Outgoing]] = []
+        """Records whose delivery failed, tried again every `redeliver_every_ms`."""
+        self.redeliver_at = 0
 
     def close(self) -> None:
         self.deliverer.close()
@@ -194,6 +200,9 @@ class Pipeline:
     def route(self, batch: Batch) -> Batch:
         """Hand malformed and failed records to the DLQ / retry topic, confirmed."""
         now = self.clock()
+        held: _Resources | None = getattr(self._local, "res", None)
+        if held is not None and held.stuck and now >= held.redeliver_at:
+            self._redeliver(held, now)
         result = list(batch)
         routes: list[tuple[int, Outgoing]] = []
         for i, w in enumerate(batch):
@@ -204,7 +213,8 @@ class Pipeline:
                 routes.append((i, out))
         if not routes:
             return result
-        deliverer = self._res().deliverer
+        res = self._res()
+        deliverer = res.deliverer
         # A copy the broker's size refuses after all (its limit was unreadable and is
         # lower than assumed) is cut again to a size any broker takes.
         for limit in (deliverer.max_message_bytes, _SMALL_MESSAGE):
@@ -220,8 +230,11 @@ class Pipeline:
             for (i, out), err in zip(sized, errors, strict=True):
                 if err is not None and _too_large(err) and limit != _SMALL_MESSAGE:
                     routes.append((i, out))
-                else:
-                    result[i] = self._delivered(batch[i], out, err)
+                    continue
+                result[i] = self._delivered(batch[i], out, err)
+                if err is not None:
+                    res.stuck.append((batch[i], out))
+                    res.redeliver_at = now + self.config.redeliver_every_ms
             if not routes:
                 break
         return result
@@ -237,11 +250,37 @@ class Pipeline:
             assert fitted is not None  # a DLQ copy is always cut to fit
         return fitted
 
-    def _deliver(self, deliverer: Deliverer, records: list[Outgoing]) -> list[str | None]:
+    def _redeliver(self, res: _Resources, now: int) -> None:
+        """Try the stuck records again, briefly; acknowledge the ones delivered now."""
+        stuck, res.stuck = res.stuck, []
+        errors = self._deliver(res.deliverer, [o for _, o in stuck], timeout_s=5.0, rounds=1)
+        for (w, out), err in zip(stuck, errors, strict=True):
+            if err is None:
+                self._delivered(w, out, None)
+                w.message.ack()
+                log.info(
+                    "%s: delivered %s[%d]@%d to %s at last",
+                    self.config.flow,
+                    w.message.topic,
+                    w.message.partition,
+                    w.message.offset,
+                    out.topic,
+                )
+            else:
+                res.stuck.append((w, out))
+        res.redeliver_at = now + self.config.redeliver_every_ms
+
+    def _deliver(
+        self,
+        deliverer: Deliverer,
+        records: list[Outgoing],
+        timeout_s: float | None = None,
+        rounds: int = 3,
+    ) -> list[str | None]:
         if not records:
             return []
         try:
-            return deliverer.deliver(records, self.config.delivery_timeout_s)
+            return deliverer.deliver(records, timeout_s or self.config.delivery_timeout_s, rounds)
         except Exception as exc:  # never let it stop the dataflow
             log.exception("delivery to retry/DLQ topics failed")
             return [str(exc)[:500]] * len(records)
@@ -258,8 +297,8 @@ class Pipeline:
             return w.with_status("routed")
         metrics.FAILURES.labels(flow, "delivery").inc()
         log.error(
-            "%s: cannot deliver %s[%d]@%d to %s (%s); its offset stays uncommitted "
-            "and it is read again after a restart",
+            "%s: cannot deliver %s[%d]@%d to %s (%s); it is tried again with later batches, "
+            "and its offset (so the commit) waits for it",
             flow,
             w.message.topic,
             w.message.partition,

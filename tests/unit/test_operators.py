@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from featureplane.codec import Item
 from featureplane.errors import TransientStoreError
+from featureplane.settings import Settings
 from featureplane.spec import load_catalog
 from featureplane.stores.base import Query, Store
 from operators.aggregate import Aggregator
@@ -375,10 +377,9 @@ def test_nesting_beyond_orjsons_limit_is_not_valid_json() -> None:
     assert w.status == "malformed" and "not valid JSON" in (w.reason or "")
 
 
-def pipeline() -> Pipeline:
-    from featureplane.settings import Settings
-
-    return Pipeline(Settings(kafka_bootstrap="127.0.0.1:1"), CATALOG, PipelineConfig())
+def pipeline(clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> Pipeline:
+    """A pipeline whose clients are made on first use (these tests make none)."""
+    return Pipeline(Settings(kafka_bootstrap="127.0.0.1:1"), CATALOG, PipelineConfig(), clock)
 
 
 def test_a_step_that_raises_on_one_record_affects_only_that_record(
@@ -485,3 +486,37 @@ def test_route_abandons_a_spent_cache_only_retry_acknowledges_and_counts_it() ->
     assert tracker.position == 1
     after = REGISTRY.get_sample_value("featureplane_ingest_cache_abandoned_total", labels)
     assert after == before + 1
+
+
+class FakeDeliverer:
+    max_message_bytes = 1_048_588
+
+    def __init__(self) -> None:
+        self.error: str | None = "broker down"
+        self.sent: list[Outgoing] = []
+
+    def deliver(self, records: Sequence[Outgoing], timeout_s: float, rounds: int) -> list[object]:
+        if self.error is None:
+            self.sent.extend(records)
+        return [self.error] * len(records)
+
+
+def test_a_record_whose_dlq_delivery_failed_is_delivered_with_a_later_batch() -> None:
+    from types import SimpleNamespace
+
+    now = [T]
+    p = pipeline(lambda: now[0])
+    deliverer = FakeDeliverer()
+    p._local.res = SimpleNamespace(deliverer=deliverer, stuck=[], redeliver_at=0)
+    tracker = OffsetTracker("user-actions", 0)
+    tracker.track(0)
+    (w,) = p.route([Work(msg(b"{", tracker=tracker), status="malformed", reason="not JSON")])
+    p.ack([w])
+    assert w.status == "stuck" and tracker.position is None
+    deliverer.error = None
+    now[0] += 5_000
+    p.route([])
+    assert tracker.position is None and not deliverer.sent  # not yet: every 10 s
+    now[0] += 5_000
+    p.route([])
+    assert tracker.position == 1 and [o.kind for o in deliverer.sent] == ["dlq"]
