@@ -7,8 +7,11 @@ Each record is decoded and validated, dispatched to every rule it matches
 written to the store (and, for `write: through` groups, the Redis tier)
 batch by batch with concurrent I/O. Offsets are committed only when a
 record's items are written, or the record is confirmed delivered to
-<topic>.dlq (malformed: bad JSON, missing field, wrong type, over 8 KiB)
-or <topic>.retry (transient store failure; see `featureplane retry`). The
+<topic>.dlq (malformed: bad JSON, missing field, wrong type, over 8 KiB;
+a copy larger than the broker's max.message.bytes is cut, with headers
+truncated=true and original_size) or <topic>.retry (transient store
+failure, or tiers=redis when only the Redis write failed; see `featureplane
+retry`). A record a step fails on affects only itself, never its batch. The
 retry and DLQ topics (and missing event topics) are created at start.
 SIGTERM stops reading, finishes writes in flight, commits and exits 0.
 Metrics are served on FEATUREPLANE_METRICS_PORT (0 picks a free port).
