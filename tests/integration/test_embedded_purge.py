@@ -223,4 +223,3 @@ async def test_file_reaches_a_steady_state_under_churn(tmp_path: Path, catalog: 
     assert max(wal for _, _, wal in sizes) < 16
     # The reader (another process) was never blocked long by the writer or a purge.
     assert stats["reads"] == 20 * rounds and stats["worst_s"] < 0.5
-

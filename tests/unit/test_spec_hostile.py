@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from featureplane.errors import SpecError
 from featureplane.spec import load_catalog
@@ -36,13 +38,19 @@ def _type(t: str) -> str:
 CASES: dict[str, tuple[bytes | str, int, str, str]] = {
     "alias_bomb": (_bomb(), 5, "-", r"more than 50,000 YAML nodes \(aliases counted expanded\)"),
     "alias_bomb_in_a_group": (
-        GROUP + "    tags: &t0 [x, x, x, x, x, x, x, x, x]\n"
+        GROUP
+        + "    tags: &t0 [x, x, x, x, x, x, x, x, x]\n"
         + "".join(f"    t{i}: &t{i} [{', '.join([f'*t{i - 1}'] * 9)}]\n" for i in range(1, 9)),
         9,
         "-",
         r"more than 50,000 YAML nodes",
     ),
-    "recursive_alias": ("feature_groups: &a\n  - *a\n", 2, "-", r"alias \*a is inside its own node"),
+    "recursive_alias": (
+        "feature_groups: &a\n  - *a\n",
+        2,
+        "-",
+        r"alias \*a is inside its own node",
+    ),
     "deep_flow_list": (  # libyaml's own limit (1,000) answers first
         "feature_groups: " + "[" * 5000 + "]" * 5000 + "\n",
         1,
@@ -50,7 +58,10 @@ CASES: dict[str, tuple[bytes | str, int, str, str]] = {
         r"not valid YAML: while increasing flow level \(line 1\): exceeded maximum nesting depth",
     ),
     "deep_flow_map": (
-        "x: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n", 1, "-", r"nested more than 32 levels deep"
+        "x: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n",
+        1,
+        "-",
+        r"nested more than 32 levels deep",
     ),
     "deep_block_list": ("x:\n  " + "- " * 5000 + "1\n", 2, "-", r"nested more than 32 levels deep"),
     "deep_type": (
@@ -66,7 +77,10 @@ CASES: dict[str, tuple[bytes | str, int, str, str]] = {
         "type is nested more than 32 levels deep",
     ),
     "latin1": (
-        (GROUP + "    owner: caf\xe9\n").encode("latin-1"), 5, "-", r"not UTF-8 text \(byte 0xe9\)"
+        (GROUP + "    owner: caf\xe9\n").encode("latin-1"),
+        5,
+        "-",
+        r"not UTF-8 text \(byte 0xe9\)",
     ),
     "utf16": ("feature_groups: []\n".encode("utf-16"), 1, "-", r"not UTF-8 text"),
     "python_tag": (
@@ -76,7 +90,10 @@ CASES: dict[str, tuple[bytes | str, int, str, str]] = {
         r"not valid YAML: could not determine a constructor for the tag",
     ),
     "duplicate_key": (
-        GROUP + "    kind: timeseries\n", 5, "-", r"duplicate key 'kind' \(first at line 4\)"
+        GROUP + "    kind: timeseries\n",
+        5,
+        "-",
+        r"duplicate key 'kind' \(first at line 4\)",
     ),
     "control_character": (
         GROUP + "    entity: a\x07b\n",
@@ -88,7 +105,12 @@ CASES: dict[str, tuple[bytes | str, int, str, str]] = {
     "huge_int": ("x: " + "9" * 5000 + "\n", 1, "-", r"not a valid int: Exceeds the limit"),
     "bad_bool_tag": ("x:\n  - !!bool maybe\n", 2, "-", r"not a valid bool$"),
     "bad_timestamp_tag": ("x: !!timestamp soon\n", 1, "-", r"not a valid timestamp$"),
-    "duplicate_key_in_flow": ("x: {a: 1, a: 2}\n", 1, "-", r"duplicate key 'a' \(first at line 1\)"),
+    "duplicate_key_in_flow": (
+        "x: {a: 1, a: 2}\n",
+        1,
+        "-",
+        r"duplicate key 'a' \(first at line 1\)",
+    ),
     "two_documents": (
         "a: 1\n---\nb: 2\n",
         2,
@@ -112,13 +134,17 @@ CASES: dict[str, tuple[bytes | str, int, str, str]] = {
     # Heavy ones: each refused by a budget, after reading some MiB or 50k nodes.
     "too_large": ("# " + "x" * (5 << 20) + "\n", 1, "-", r"larger than 4 MiB"),
     "huge_string": (
-        GROUP.replace("name: g", "name: " + "g" * (3 << 20)) + "    features: [{name: f, type: int}]\n",
+        GROUP.replace("name: g", "name: " + "g" * (3 << 20))
+        + "    features: [{name: f, type: int}]\n",
         2,
         r"feature_groups[0].name",
         r"String should match pattern",
     ),
     "million_items": (
-        "x: [" + ",".join(["1"] * 1_000_000) + "]\n", 1, "-", r"more than 50,000 YAML nodes"
+        "x: [" + ",".join(["1"] * 1_000_000) + "]\n",
+        1,
+        "-",
+        r"more than 50,000 YAML nodes",
     ),
     "many_groups": (
         "feature_groups:\n"
@@ -253,3 +279,25 @@ def test_anchors_and_aliases_within_budget_still_work(tmp_path: Path) -> None:
     catalog = load_catalog(spec)
     assert len(catalog.groups) == 201
     assert catalog.group("g199").ttl.hard == 60_000
+
+
+YAMLISH = st.lists(
+    st.sampled_from([*"ab1:-[]{}&*!?,'\"|>#%@` \n\t.~<", "!!", "!!int ", "!!bool ", "\n  "]),
+    max_size=80,
+).map("".join)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(content=st.one_of(st.binary(max_size=300), YAMLISH, st.text(max_size=300)))
+def test_any_content_is_a_catalog_or_spec_problems(tmp_path: Path, content: bytes | str) -> None:
+    path = tmp_path / "fuzz.yaml"
+    if isinstance(content, str):
+        path.write_text(content, encoding="utf-8", errors="surrogatepass")
+    else:
+        path.write_bytes(content)
+    try:
+        load_catalog(path)
+    except SpecError as exc:
+        assert all(p.file == str(path) and p.line >= 1 for p in exc.problems)
