@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 from featureplane.services import free_port
+from featureplane.spec import parse_duration
+from featureplane.up import DRAIN, plan_children, stop_timeout
 
 GROUP = "recent_user_clicked_fleaMarketArticles"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -48,6 +53,27 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _metrics_port(log: Path) -> int:
+    m = re.search(r"Prometheus metrics on [\d.]+:(\d+)/metrics", log.read_text())
+    assert m, log.read_text()
+    return int(m.group(1))
+
+
+def _listening(port: int) -> list[str]:
+    """Addresses with a TCP socket listening on `port` (from /proc/net/tcp and tcp6)."""
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:  # 0A = LISTEN
+                if len(addr) == 8:
+                    found.append(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
+                else:
+                    found.append(table + ":" + addr)
+    return found
 
 
 def _start_up(tmp_path: Path, port: int, *flags: str) -> subprocess.Popen[str]:
@@ -114,9 +140,18 @@ def test_up_demo_serves_growing_features_and_stops_cleanly(tmp_path: Path) -> No
         assert status == 200
         children = _descendants(proc.pid)
         assert len(children) >= 4  # broker, ingest, retry, serve, demo feeder
+        # The dataflows' metrics are for this machine only.
+        logs = tmp_path / "data" / "logs"
+        for flow in ("ingest", "retry"):
+            mport = _metrics_port(logs / f"{flow}.log")
+            assert _listening(mport) == ["127.0.0.1"], f"{flow} metrics on {_listening(mport)}"
     finally:
         out = _stop(proc)
     assert "featureplane is up" in out and "curl" in out
+    # A graceful stop: every dataflow drained and committed, none was killed.
+    assert "did not stop in time" not in out, out
+    for flow in ("ingest", "retry"):
+        assert f"{flow}: stopped after" in (logs / f"{flow}.log").read_text(), flow
     time.sleep(0.5)
     left = [p for p in children if _alive(p)]
     assert not left, f"processes left behind: {left}"
@@ -140,3 +175,16 @@ def test_up_help_explains() -> None:
         check=True,
     ).stdout
     assert "--demo" in out and "FEATUREPLANE_DATA_DIR" in out
+
+
+def test_up_stop_timeout_outlasts_the_dataflows_drain(tmp_path: Path) -> None:
+    """Under up a dataflow drains for DRAIN and then closes: up must not SIGKILL it before."""
+    args = argparse.Namespace(host=None, port=None, demo=False, rate=1.0)
+    children = plan_children(tmp_path / "spec", tmp_path, "127.0.0.1:9092", args)
+    for child in children:
+        if child.name in ("ingest", "retry"):
+            assert child.env["FEATUREPLANE_DRAIN_TIMEOUT"] == DRAIN
+            assert child.env["FEATUREPLANE_METRICS_HOST"] == "127.0.0.1"
+    drain_s = parse_duration(DRAIN) / 1000
+    assert stop_timeout(drain_s) >= drain_s + 15
+    assert stop_timeout(60.0) > 60.0  # a longer FEATUREPLANE_DRAIN_TIMEOUT moves it too
