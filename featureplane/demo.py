@@ -22,6 +22,7 @@ from confluent_kafka import Producer
 
 from featureplane.cli import add_kafka_options, settings_from
 from featureplane.errors import FeatureplaneError
+from featureplane.lifecycle import check_kafka_reachable
 
 __all__ = ["add_arguments", "events", "run"]
 
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if not settings.kafka_bootstrap:
         raise FeatureplaneError("no broker: pass --bootstrap or set FEATUREPLANE_KAFKA_BOOTSTRAP")
+    check_kafka_reachable(settings.kafka_bootstrap)
     producer = Producer(
         {"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20, "enable.idempotence": True}
     )
