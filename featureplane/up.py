@@ -4,11 +4,16 @@ Starts, supervises and stops together: the embedded Kafka-compatible broker
 (tansu; skipped when FEATUREPLANE_KAFKA_BOOTSTRAP or --bootstrap names one),
 the ingest and retry dataflows, and the HTTP server, all on the embedded
 store in --data-dir (plus the Redis tier when FEATUREPLANE_REDIS_URL is set).
-It creates the topics the spec needs, waits until every part is ready,
+Before starting anything it checks that the HTTP port is free and that a
+named broker answers, and says in one line what to change if not. It
+creates the topics the spec needs, waits until every part is ready,
 prints what runs where, restarts a part that dies (at most 3 times a
 minute, else it exits non-zero with the reason) and stops everything on
-Ctrl-C or SIGTERM. With --demo it uses the example catalog and feeds a
-steady stream of sample events, so features appear within seconds.
+Ctrl-C or SIGTERM: the dataflows get 10s to finish the records in flight
+(FEATUREPLANE_DRAIN_TIMEOUT) and 20s more to commit and close before they
+are killed. Their metrics listen on 127.0.0.1 only. With --demo it uses the
+example catalog and feeds a steady stream of sample events, so features
+appear within seconds.
 """
 
 from __future__ import annotations

@@ -13,8 +13,13 @@ truncated=true and original_size) or <topic>.retry (transient store
 failure, or tiers=redis when only the Redis write failed; see `featureplane
 retry`). A record a step fails on affects only itself, never its batch. The
 retry and DLQ topics (and missing event topics) are created at start.
-SIGTERM stops reading, finishes writes in flight, commits and exits 0.
-Metrics are served on FEATUREPLANE_METRICS_PORT (0 picks a free port).
+SIGTERM stops reading, finishes writes in flight, commits and exits 0 (a
+SIGTERM during start-up too). A broker that does not answer, or a metrics
+port that is taken, stops the start with one line saying what to change.
+Metrics are served on FEATUREPLANE_METRICS_PORT [9100; retry's is 9101]
+(0 picks a free port). Scale out by starting more processes in the same
+FEATUREPLANE_KAFKA_GROUP: they share the topics' partitions, and a process
+that dies has its partitions moved to the others after the session timeout.
 
 Cluster mode: python -m bytewax.run flows.ingest:flow -w WORKERS [-i ID -a ADDRS]
 reads the same FEATUREPLANE_* variables.

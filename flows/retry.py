@@ -13,6 +13,8 @@ first failure, then to <topic>.dlq with the reason; a Redis-only record is
 never dead-lettered: its cache write is abandoned, logged and counted in
 featureplane_ingest_cache_abandoned. Offsets are committed only once a record
 is written or handed over with delivery confirmed. SIGTERM stops gracefully.
+Metrics are served on FEATUREPLANE_METRICS_PORT [9101, so that ingest's 9100
+and retry's do not collide on one host].
 
 Cluster mode: python -m bytewax.run flows.retry:flow reads the same variables.
 """
