@@ -155,8 +155,9 @@ async def test_file_reaches_a_steady_state_under_churn(tmp_path: Path, catalog: 
     rounds, per_round, ids = 60, 1_000, 200  # a minute a round; retention is 10 rounds
     sizes: list[tuple[int, float, float]] = []
     # A checkpoint every 1,000 WAL pages (4 MiB) instead of 10,000, so that this test
-    # goes through many checkpoints in its ~25 MiB of WAL writes.
-    store = EmbeddedStore(catalog, data, clock=clock, checkpoint_pages=1_000)
+    # goes through many checkpoints in its ~25 MiB of WAL writes; a sweep may start every
+    # round (a minute) instead of every 10 minutes, as the retention is only 10 rounds.
+    store = EmbeddedStore(catalog, data, clock=clock, checkpoint_pages=1_000, purge_every_ms=MINUTE)
     async with store:
         reader = subprocess.Popen(
             [sys.executable, "-c", READER, str(data), str(tmp_path / "spec.yaml")],
