@@ -2,7 +2,9 @@
 
 `load_catalog(path)` reads one YAML file or a folder of them and returns a
 frozen `Catalog`, or raises `SpecError` listing every problem as
-`file:line: field: message`.
+`file:line: field: message`. Each file is read by `_spec_yaml.read_yaml`
+within limits of size, YAML nodes and depth, so a hostile file is a problem
+too, found in bounded time and memory.
 """
 
 from __future__ import annotations
