@@ -39,9 +39,9 @@ class ApiError(FeatureplaneError):
         # Messages quote input through `quote`; this bound is the backstop that keeps the
         # body under 4 KiB (CONTRACT section 3) even if one does not: 600 characters are at
         # most 3,600 bytes once JSON-escaped. Lone surrogates would make orjson raise.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         if len(message) > MAX_MESSAGE:
             message = message[: MAX_MESSAGE - 3] + "..."
-        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
 
