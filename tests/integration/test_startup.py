@@ -44,6 +44,16 @@ def _cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
     )
 
 
+def _finish(proc: subprocess.Popen[str], timeout: float = 60) -> str:
+    """The process's output once it exits; killed (and the test failed) if it does not."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out = proc.communicate()[0]
+        pytest.fail(f"still running after {timeout:.0f}s:\n{out[-3000:]}")
+
+
 def _catches_sigterm(pid: int) -> bool:
     """Whether the process has a SIGTERM handler installed (SigCgt in /proc/PID/status)."""
     try:
@@ -103,7 +113,7 @@ def test_sigterm_during_start_up_is_a_clean_stop(tmp_path: Path, kafka_bootstrap
         installed_after.append(time.monotonic() - started)
         time.sleep(max(0.0, started + delay - time.monotonic()))
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        out = _finish(proc)
         assert proc.returncode == 0, f"SIGTERM {delay}s after start: exit {proc.returncode}\n{out}"
         assert "Traceback" not in out, out
     # Before the fix the handlers came after ~1.5 s of imports (and Bytewax's own).
@@ -122,7 +132,7 @@ def test_sigterm_during_start_up_is_a_clean_stop(tmp_path: Path, kafka_bootstrap
         assert proc.poll() is None, proc.communicate()[0]
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    out = _finish(proc)
     assert proc.returncode == 0, out
     assert not _processes_mentioning(str(tmp_path / "up")), "up left processes behind"
 
@@ -139,7 +149,7 @@ def test_dead_broker_is_one_clear_line(tmp_path: Path, command: str) -> None:
     env = _env(FEATUREPLANE_METRICS_PORT="0")
     started = time.monotonic()
     proc = _cli(*args, env=env, cwd=tmp_path)
-    out, _ = proc.communicate(timeout=60)
+    out = _finish(proc)
     assert proc.returncode not in (0, None), out
     assert "Traceback" not in out, out
     lines = out.strip().splitlines()
@@ -155,7 +165,7 @@ def test_dead_broker_is_one_clear_line(tmp_path: Path, command: str) -> None:
 def test_taken_http_port_is_reported_before_anything_starts(tmp_path: Path, listener: int) -> None:
     data = tmp_path / "data"
     proc = _cli("up", "--data-dir", str(data), "--port", str(listener), env=_env(), cwd=tmp_path)
-    out, _ = proc.communicate(timeout=60)
+    out = _finish(proc)
     assert proc.returncode not in (0, None), out
     assert "Traceback" not in out, out
     lines = out.strip().splitlines()
@@ -173,7 +183,7 @@ def test_taken_metrics_port_is_a_clear_error(
     env = _env(FEATUREPLANE_KAFKA_BOOTSTRAP=kafka_bootstrap)
     args = ["ingest", "--metrics-port", str(listener), "--data-dir", str(tmp_path / "data")]
     proc = _cli(*args, env=env, cwd=tmp_path)
-    out, _ = proc.communicate(timeout=60)
+    out = _finish(proc)
     assert proc.returncode not in (0, None), out
     assert "Traceback" not in out, out
     lines = out.strip().splitlines()
@@ -219,6 +229,6 @@ def test_ingest_and_retry_metrics_both_come_up_on_one_host(
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
-        outs = [p.communicate(timeout=60)[0] for p in procs]
+        outs = [_finish(p) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
     assert "0.0.0.0:9100/metrics" in outs[0] and "0.0.0.0:9101/metrics" in outs[1]
