@@ -15,6 +15,13 @@ store has its items: it is marked transient and `cache_only`, so the retry
 flow rewrites the Redis tier alone (a record read back that way,
 `Message.cache_only`, skips the store here). Writes are idempotent, so
 rewriting the items of a partly failed chunk on retry duplicates nothing.
+
+After a cache failure that looks like an outage (a timeout or a transient
+error), the cache is not tried for a pause that doubles while the failures
+go on (1 s up to 15 s) and ends with the first success: the records of that
+pause go to retry for their Redis write at once. A hung Redis would
+otherwise cost every batch the write timeout and slow ingestion to a crawl;
+the cap bounds how long the cache lags once Redis is back.
 """
 
 from __future__ import annotations
@@ -80,6 +87,7 @@ class Writer:
         chunk_items: int = 10_000,
         timeout_s: float = 10.0,
         clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        cache_pause_ms: tuple[int, int] = (1_000, 15_000),
     ) -> None:
         self.catalog = catalog
         self.store = store
@@ -88,6 +96,9 @@ class Writer:
         self.chunk_items = chunk_items
         self.timeout_s = timeout_s
         self.clock = clock
+        self.cache_pause_ms = cache_pause_ms
+        self._pause_ms = 0
+        self._paused_until = 0
         self._freshness: dict[str, Histogram] = {}
         self._to_store = {n for n, g in catalog.groups.items() if "store" in g.tiers}
         # Every item goes to `write_through`: it writes `write: through` groups with a redis
@@ -106,10 +117,15 @@ class Writer:
             chunks[-1].append(i)
             size += len(works[i].items)
         started = time.perf_counter()
-        failures = await asyncio.gather(*(self._chunk([works[i] for i in c]) for c in chunks))
+        skip_cache = self.clock() < self._paused_until
+        failures = await asyncio.gather(
+            *(self._chunk([works[i] for i in c], skip_cache) for c in chunks)
+        )
         metrics.BATCH_WRITE_SECONDS.labels(self.flow).observe(time.perf_counter() - started)
         out = list(works)
         now = self.clock()
+        if not skip_cache:
+            self._pace_cache([cache for _, cache in failures], now)
         fresh = self._freshness
         for chunk, (store_failed, cache_failed) in zip(chunks, failures, strict=True):
             for i in chunk:
@@ -134,7 +150,25 @@ class Writer:
                         hist.observe(max(0, now - item.ts) / 1000)
         return out
 
-    async def _chunk(self, works: Sequence[Work]) -> tuple[Failure | None, Failure | None]:
+    def _pace_cache(self, failures: Sequence[Failure | None], now: int) -> None:
+        """Pause the cache tier after an outage-like failure; resume on a success."""
+        if any(f is not None and f.kind in ("timeout", "transient") for f in failures):
+            low, high = self.cache_pause_ms
+            self._pause_ms = min(high, max(low, self._pause_ms * 2))
+            self._paused_until = now + self._pause_ms
+            log.warning(
+                "%s: the Redis tier failed; not trying it for %.0fs (records go to retry for "
+                "their Redis write)",
+                self.flow,
+                self._pause_ms / 1000,
+            )
+        elif self._pause_ms and any(f is None for f in failures):
+            log.info("%s: the Redis tier answers again", self.flow)
+            self._pause_ms = 0
+
+    async def _chunk(
+        self, works: Sequence[Work], skip_cache: bool = False
+    ) -> tuple[Failure | None, Failure | None]:
         """(store failure, cache failure) of one chunk; None where the tier succeeded."""
         store = self._to_store
         store_items = [
@@ -144,12 +178,14 @@ class Writer:
         calls: list[tuple[str, list[Item]]] = []
         if store_items and self.store is not None:
             calls.append(("store", store_items))
-        if cache_items and self.cache is not None:
+        if cache_items and self.cache is not None and not skip_cache:
             calls.append(("redis", cache_items))
         results = await asyncio.gather(
             *(self._call(tier, its) for tier, its in calls), return_exceptions=True
         )
         failed: dict[str, Failure] = {}
+        if skip_cache and cache_items and self.cache is not None:
+            failed["redis"] = Failure("paused", "redis: paused after failures, not tried")
         for (tier, its), res in zip(calls, results, strict=True):
             if isinstance(res, BaseException):
                 if not isinstance(res, Exception):

@@ -520,3 +520,39 @@ def test_a_record_whose_dlq_delivery_failed_is_delivered_with_a_later_batch() ->
     now[0] += 5_000
     p.route([])
     assert tracker.position == 1 and [o.kind for o in deliverer.sent] == ["dlq"]
+
+
+class FlakyCache:
+    def __init__(self) -> None:
+        self.down = True
+        self.calls = 0
+
+    async def write_through(self, items: Sequence[Item]) -> None:
+        self.calls += 1
+        if self.down:
+            raise TransientStoreError("redis down")
+
+
+def test_an_unreachable_cache_is_paused_with_doubling_waits_and_resumed_on_success() -> None:
+    now = [T]
+    cache, store = FlakyCache(), FakeStore()
+    writer = Writer(CATALOG, store, cache, clock=lambda: now[0], cache_pause_ms=(1_000, 4_000))
+
+    def write() -> list[Work]:
+        return asyncio.run(writer.write(steps(msg(click()))))
+
+    assert write()[0].cache_only and cache.calls == 1  # failed: paused for 1 s
+    now[0] += 500
+    (w,) = write()
+    assert w.status == "transient" and w.cache_only and cache.calls == 1  # not tried
+    assert "paused" in (w.reason or "") and len(store.items) == 4  # the store still is
+    now[0] += 500
+    assert write()[0].cache_only and cache.calls == 2  # tried again, failed: 2 s
+    now[0] += 1_999
+    write()
+    assert cache.calls == 2
+    now[0] += 1
+    cache.down = False
+    assert write()[0].status == "done" and cache.calls == 3
+    now[0] += 1
+    assert write()[0].status == "done" and cache.calls == 4  # no pause after a success
