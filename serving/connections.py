@@ -112,6 +112,17 @@ class _Handler(web.RequestHandler):
         self._guard.open -= 1
         super().connection_lost(exc)
 
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # After the app answered 400 to a body that failed to decode (bad gzip, broken
+        # chunks), aiohttp drains the rest of it, meets the same error again and logs it
+        # as an unhandled exception with a traceback: a client's fault, counted instead.
+        if isinstance(kw.get("exc_info"), web.RequestPayloadError):
+            self._guard.metrics.protocol_errors.inc()
+            self._guard.events.event("payload_error", "dropped the rest of a malformed "
+                                     f"body: {quote(str(kw['exc_info']), 200)}")
+            return
+        super().log_exception(*args, **kw)
+
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

@@ -10,6 +10,7 @@ redis-server where Redis matters), exactly as an operator starts it.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import multiprocessing
@@ -212,12 +213,24 @@ def test_protocol_errors_405_and_server_header(server: Server) -> None:
     assert json.loads(body)["error"]["code"] == "method_not_allowed"
     for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n",
                 b"GET /\x00\xff HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03"
-                b"\r\n\r\n", b"POST /v1/features HTTP/1.1\r\nContent-Length: x\r\n\r\n"):
+                b"\r\n\r\n", b"POST /v1/features HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+                _request("POST", b"/v1/features", b"not gzip").replace(
+                    b"\r\n\r\n", b"\r\nContent-Encoding: gzip\r\n\r\n"),
+                b"POST /v1/features HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                b"POST /v1/features HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+                b"Content-Length: 3\r\n\r\n0\r\n\r\n"):
         answer = _exchange(server.port, raw)
         assert answer[0] == 400, answer
         _check(answer)
         assert "aiohttp" not in answer[1]["server"] and "Python" not in answer[1]["server"]
     _quiet_log(server)
+
+
+def test_a_gzip_bomb_is_a_413(server: Server) -> None:
+    bomb = gzip.compress(b"\0" * 100_000_000, 9)  # 97 KiB on the wire, 100 MB inflated
+    status, _, body = _exchange(server.port, _request("POST", b"/v1/features", bomb).replace(
+        b"\r\n\r\n", b"\r\nContent-Encoding: gzip\r\n\r\n", 1))
+    assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
 
 
 def test_client_vanishing_mid_body_is_no_server_error(server: Server) -> None:
