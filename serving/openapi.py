@@ -21,8 +21,9 @@ def openapi(catalog: Catalog) -> dict[str, Any]:
         "400": _json(error, "malformed body, unknown group or feature, bad limit or range, "
                      "more than 1,000 (group, id) pairs"),
         "401": _json(error, "a token is configured and the request lacks it"),
+        "408": _json(error, "the body did not arrive within --body-timeout (then disconnected)"),
         "413": _json(error, "body over 1 MiB"),
-        "503": _json(error, "no tier can answer"),
+        "503": _json(error, "no tier can answer, or the server is at --max-connections"),
     }
     ts = {"type": "integer", "minimum": 0, "maximum": MAX_TS}
     group = {"type": "string", "enum": names} if names else {"type": "string"}
