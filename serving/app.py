@@ -25,6 +25,7 @@ from featureplane.stores.redis import RedisStore
 from serving.api import ApiError, FeatureRequest, parse_body, parse_query, render
 from serving.config import ServeConfig
 from serving.local import LocalCache
+from serving.logs import RateLimitedLog
 from serving.metrics import CONTENT_TYPE, Metrics
 from serving.ondemand import OnDemandError, OnDemandFn, compute, load_functions
 from serving.openapi import openapi
@@ -71,6 +72,7 @@ class _Service:
         self.store, self.redis = store, redis
         self.body_timeout = body_timeout
         self.phase = "starting"  # -> "serving" once the tiers started -> "draining"
+        self.events = RateLimitedLog(log)
 
     async def results(self, reqs: list[FeatureRequest]) -> list[dict[str, Any]]:
         lookups: list[Lookup] = []
@@ -104,6 +106,12 @@ class _Service:
 _SERVICE = web.AppKey("service", _Service)
 
 
+def _route_name(request: web.Request) -> str:
+    """The route's pattern (bounded label and log text), never the path the client sent."""
+    route = request.match_info.route.resource
+    return route.canonical if route is not None else "unmatched"
+
+
 @web.middleware
 async def _middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     start = time.perf_counter()
@@ -123,12 +131,12 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
         resp = _error(ApiError(exc.status, code, exc.reason))
         if (allow := exc.headers.get("Allow")) is not None:  # 405 must say what is allowed
             resp.headers["Allow"] = allow
-    except Exception:  # a bug: answer JSON, log it, never leak a traceback
-        log.exception("unhandled error on %s %s", request.method, request.path)
+    except Exception as exc:  # a bug: answer JSON, log it (not once a request), never leak it
+        route = _route_name(request)
+        svc.events.event(f"bug {route}", f"unhandled error on {quote(request.method, 20)} "
+                         f"{route}", exc)
         resp = _error(ApiError(500, "internal", "internal error"))
-    route = request.match_info.route.resource
-    name = route.canonical if route is not None else "unmatched"
-    request.app[METRICS].observe(name, resp.status, time.perf_counter() - start)
+    request.app[METRICS].observe(_route_name(request), resp.status, time.perf_counter() - start)
     resp.headers["Server"] = SERVER
     return resp
 

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import resource
-import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -28,9 +25,10 @@ from featureplane.errors import quote
 from serving.api import ApiError
 from serving.app import SERVER
 from serving.config import ServeConfig
+from serving.logs import RateLimitedLog
 from serving.metrics import Metrics
 
-__all__ = ["ConnectionGuard", "RateLimitedLog", "fit_to_fd_limit"]
+__all__ = ["ConnectionGuard", "fit_to_fd_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +46,6 @@ _REFUSED = (
     b"Content-Length: %d\r\nConnection: close\r\nRetry-After: 1\r\nServer: %s\r\n\r\n%s"
     % (len(_REFUSED_BODY), SERVER.encode(), _REFUSED_BODY)
 )
-
-
-class RateLimitedLog:
-    """Counts events by kind and logs a WARNING for a kind at most once per `interval` s,
-    saying how many happened since its previous line."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._logger, self._interval, self._clock = logger, interval, clock
-        self._counts: dict[str, int] = {}
-        self._last: dict[str, float] = {}
-
-    def event(self, kind: str, text: str) -> bool:
-        """Count one `kind` event; True when this call logged."""
-        self._counts[kind] = self._counts.get(kind, 0) + 1
-        now = self._clock()
-        if now - self._last.get(kind, -math.inf) < self._interval:
-            return False
-        self._last[kind] = now
-        n = self._counts.pop(kind)
-        self._logger.warning("%s (%d such event%s since the last line of this kind)", text, n,
-                             "" if n == 1 else "s")
-        return True
 
 
 def fit_to_fd_limit(wanted: int, reserve: int = _FD_RESERVE) -> int:

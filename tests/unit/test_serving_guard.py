@@ -16,7 +16,8 @@ from featureplane.spec import Catalog, FeatureGroup
 from serving.api import ApiError, parse_body, parse_query
 from serving.app import create_app, drain
 from serving.config import ServeConfig
-from serving.connections import RateLimitedLog, fit_to_fd_limit
+from serving.connections import fit_to_fd_limit
+from serving.logs import RateLimitedLog
 from tests.unit.test_serving_reader import FakeStore
 
 GROUP = FeatureGroup.model_validate({
