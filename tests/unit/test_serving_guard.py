@@ -122,3 +122,13 @@ def test_k8s_probes_match_the_endpoints_and_the_drain() -> None:
     assert serve["livenessProbe"]["periodSeconds"] * serve["livenessProbe"][
         "failureThreshold"] > config.header_timeout
     assert pod["terminationGracePeriodSeconds"] > config.drain_delay + config.shutdown_timeout
+
+
+def test_rate_limited_log_keeps_the_traceback_of_a_bug(caplog: pytest.LogCaptureFixture) -> None:
+    events = RateLimitedLog(logging.getLogger("t"), interval=60.0, clock=lambda: 0.0)
+    bug = RuntimeError("boom")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(1_000):
+            events.event("bug /v1/features", "unhandled error", bug)
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR and record.exc_info is not None
