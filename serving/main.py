@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import socket
 from typing import Any
@@ -39,9 +40,10 @@ from typing import Any
 from aiohttp import web
 
 from featureplane.cli import add_spec_option, add_store_options, load_spec, settings_from
+from featureplane.errors import FeatureplaneError
 from featureplane.stores import open_redis, open_store
 from featureplane.stores.redis import RedisStore
-from serving.app import METRICS, create_app, drain
+from serving.app import METRICS, READER, create_app, drain
 from serving.config import ServeConfig
 from serving.connections import ConnectionGuard, fit_to_fd_limit
 
@@ -112,8 +114,6 @@ def run(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 50)
-    log.info("serving %d groups on http://%s:%d", len(catalog.groups), settings.host,
-             settings.port)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -139,8 +139,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, not yet listening: a port in use is reported before
+    any tier is started, and no client connects until the app is ready."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise FeatureplaneError(f"cannot listen on {host}:{port}: {why}; choose another "
+                                "with --host/--port or FEATUREPLANE_HOST/_PORT") from None
+    return sock
 
 
 async def serve(app: web.Application, config: ServeConfig, host: str, port: int,
@@ -151,19 +162,21 @@ async def serve(app: web.Application, config: ServeConfig, host: str, port: int,
     aiohttp's runner owns the app's life (start-up, shutdown, cleanup); the listening
     socket is ours, so each connection goes through `ConnectionGuard` (cap, timeouts).
     """
+    sock = _bind(host, port)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_timeout)
-    await runner.setup()
     try:
+        await runner.setup()
         assert runner.server is not None
         guard = ConnectionGuard(runner.server, config, app[METRICS],
                                 fit_to_fd_limit(config.max_connections))
-        sock = socket.create_server((host, port), family=_family(host))
         # asyncio accepts up to `backlog` connections per loop turn and sets them all up
         # before serving anyone else: 1,024 cost a probe ~150 ms in a 3,000-connection
         # storm. So accept in small batches, while the kernel queues a storm's worth.
         listener = await asyncio.get_running_loop().create_server(
             guard, sock=sock, backlog=_ACCEPT_BATCH)
         sock.listen(_LISTEN_QUEUE)
+        log.info("serving %d groups on http://%s:%d", len(app[READER].catalog.groups), host,
+                 port)
         try:
             delay = await stop
             drain(app)
@@ -171,4 +184,5 @@ async def serve(app: web.Application, config: ServeConfig, host: str, port: int,
         finally:
             listener.close()
     finally:
+        sock.close()
         await runner.cleanup()

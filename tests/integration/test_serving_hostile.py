@@ -448,3 +448,18 @@ def test_readyz_degraded_with_redis_killed_and_503_while_draining(tmp_path: Path
             _stop(server)
     finally:
         redis.cleanup()
+
+
+def test_a_port_in_use_is_one_line_naming_the_flag(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FEATUREPLANE_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "featureplane.cli", "serve", "--spec", str(EXAMPLES),
+             "--data-dir", str(tmp_path), "--port", str(port)],
+            env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
