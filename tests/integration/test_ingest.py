@@ -116,6 +116,7 @@ def test_m_to_n_dispatch_where_and_unmatched(env: Env, redis_url: str) -> None:
 # ---------------------------------------------------------------- 2. crash
 
 
+@pytest.mark.slow
 def test_kill_9_mid_stream_loses_and_duplicates_nothing(env: Env) -> None:
     n = 20_000
     t = now_ms() - 3_600_000
@@ -212,6 +213,7 @@ OUTAGE_S = 180.0
 """Issue 8: Redis down for 3 minutes under ingest."""
 
 
+@pytest.mark.slow
 def test_a_3_minute_redis_outage_sends_nothing_to_the_dlq_and_redis_catches_up(
     env: Env, own_redis: Service, tmp_path: Path
 ) -> None:

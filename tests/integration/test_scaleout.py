@@ -188,6 +188,7 @@ def _committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
         c.close()
 
 
+@pytest.mark.slow
 def test_three_members_kill_9_and_one_added_lose_and_duplicate_nothing(
     tmp_path: Path, kafka_bootstrap: str, dynamodb_endpoint: str, table: str
 ) -> None:

@@ -9,11 +9,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from featureplane.services import free_port
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_errors(tmp_path: Path, redis_url: str) -> None:
     port = free_port()
     env = {**os.environ, "FEATUREPLANE_SPEC": str(REPO / "examples"),

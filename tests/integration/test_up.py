@@ -14,6 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from featureplane.services import free_port
 from featureplane.spec import parse_duration
 from featureplane.up import DRAIN, plan_children, stop_timeout
@@ -118,6 +120,7 @@ def _stop(proc: subprocess.Popen[str]) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_up_demo_serves_growing_features_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
