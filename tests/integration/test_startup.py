@@ -137,6 +137,16 @@ def test_sigterm_during_start_up_is_a_clean_stop(tmp_path: Path, kafka_bootstrap
     assert not _processes_mentioning(str(tmp_path / "up")), "up left processes behind"
 
 
+def _one_line_error(proc: subprocess.Popen[str]) -> str:
+    """The whole output of a CLI that must fail with exactly one line, no traceback."""
+    out = _finish(proc)
+    assert proc.returncode not in (0, None), out
+    assert "Traceback" not in out, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    return lines[0]
+
+
 # ---------------------------------------------------------------- dead broker
 
 
@@ -149,13 +159,9 @@ def test_dead_broker_is_one_clear_line(tmp_path: Path, command: str) -> None:
     env = _env(FEATUREPLANE_METRICS_PORT="0")
     started = time.monotonic()
     proc = _cli(*args, env=env, cwd=tmp_path)
-    out = _finish(proc)
-    assert proc.returncode not in (0, None), out
-    assert "Traceback" not in out, out
-    lines = out.strip().splitlines()
-    assert len(lines) == 1, out
-    assert f"cannot reach Kafka at {dead}" in lines[0] and "--bootstrap" in lines[0], out
-    assert "FEATUREPLANE_KAFKA_BOOTSTRAP" in lines[0]
+    line = _one_line_error(proc)
+    assert f"cannot reach Kafka at {dead}" in line and "--bootstrap" in line, line
+    assert "FEATUREPLANE_KAFKA_BOOTSTRAP" in line
     assert time.monotonic() - started < 20, "a dead broker must be reported at once"
 
 
@@ -165,13 +171,9 @@ def test_dead_broker_is_one_clear_line(tmp_path: Path, command: str) -> None:
 def test_taken_http_port_is_reported_before_anything_starts(tmp_path: Path, listener: int) -> None:
     data = tmp_path / "data"
     proc = _cli("up", "--data-dir", str(data), "--port", str(listener), env=_env(), cwd=tmp_path)
-    out = _finish(proc)
-    assert proc.returncode not in (0, None), out
-    assert "Traceback" not in out, out
-    lines = out.strip().splitlines()
-    assert len(lines) == 1, out
-    assert f"port {listener}" in lines[0] and "already in use" in lines[0], out
-    assert "--port" in lines[0] and "FEATUREPLANE_PORT" in lines[0], out
+    line = _one_line_error(proc)
+    assert f"port {listener}" in line and "already in use" in line, line
+    assert "--port" in line and "FEATUREPLANE_PORT" in line, line
     # Nothing was started: no broker, no dataflow, no log folder.
     assert not (data / "broker").exists() and not (data / "logs").exists()
     assert not _processes_mentioning(str(data))
@@ -183,13 +185,9 @@ def test_taken_metrics_port_is_a_clear_error(
     env = _env(FEATUREPLANE_KAFKA_BOOTSTRAP=kafka_bootstrap)
     args = ["ingest", "--metrics-port", str(listener), "--data-dir", str(tmp_path / "data")]
     proc = _cli(*args, env=env, cwd=tmp_path)
-    out = _finish(proc)
-    assert proc.returncode not in (0, None), out
-    assert "Traceback" not in out, out
-    lines = out.strip().splitlines()
-    assert len(lines) == 1, out
-    assert f"port {listener}" in lines[0] and "already in use" in lines[0], out
-    assert "--metrics-port" in lines[0] and "FEATUREPLANE_METRICS_PORT" in lines[0], out
+    line = _one_line_error(proc)
+    assert f"port {listener}" in line and "already in use" in line, line
+    assert "--metrics-port" in line and "FEATUREPLANE_METRICS_PORT" in line, line
 
 
 # ---------------------------------------------------------------- metrics defaults
