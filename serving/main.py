@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import gc
 import logging
-import os
 import signal
 import socket
 from typing import Any
@@ -40,7 +39,7 @@ from typing import Any
 from aiohttp import web
 
 from featureplane.cli import add_spec_option, add_store_options, load_spec, settings_from
-from featureplane.errors import FeatureplaneError
+from featureplane.lifecycle import cannot_listen
 from featureplane.stores import open_redis, open_store
 from featureplane.stores.redis import RedisStore
 from serving.app import METRICS, READER, create_app, drain
@@ -148,9 +147,8 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        why = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise FeatureplaneError(f"cannot listen on {host}:{port}: {why}; choose another "
-                                "with --host/--port or FEATUREPLANE_HOST/_PORT") from None
+        raise cannot_listen(host, port, "the HTTP API", "--host/--port or "
+                            "FEATUREPLANE_HOST/FEATUREPLANE_PORT", exc) from None
     return sock
 
 

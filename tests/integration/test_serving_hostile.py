@@ -461,5 +461,6 @@ def test_a_port_in_use_is_one_line_naming_the_flag(tmp_path: Path) -> None:
              "--data-dir", str(tmp_path), "--port", str(port)],
             env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
+    assert f"port {port} (the HTTP API, 127.0.0.1:{port}) is already in use" in done.stderr
+    assert "--port" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
