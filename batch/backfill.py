@@ -30,8 +30,8 @@ from datetime import datetime
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from batch.progress import Progress
-from batch.sink import Sink
+from featureplane.batch.progress import Progress
+from featureplane.batch.sink import Sink
 from featureplane.cli import (
     add_kafka_options,
     add_spec_option,
@@ -40,13 +40,13 @@ from featureplane.cli import (
     settings_from,
 )
 from featureplane.errors import FeatureplaneError
+from featureplane.operators.aggregate import Aggregator
+from featureplane.operators.decode import decode_works
+from featureplane.operators.dispatch import Dispatcher
+from featureplane.operators.records import Message, Origin, Work
 from featureplane.spec import Catalog, parse_duration
 from featureplane.stores import open_redis, open_store
 from featureplane.stores.redis import RedisStore
-from operators.aggregate import Aggregator
-from operators.decode import decode_works
-from operators.dispatch import Dispatcher
-from operators.records import Message, Origin, Work
 
 __all__ = ["add_arguments", "parse_time", "run"]
 

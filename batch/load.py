@@ -33,8 +33,8 @@ from typing import Any
 
 import orjson
 
-from batch.progress import Progress
-from batch.sink import Sink
+from featureplane.batch.progress import Progress
+from featureplane.batch.sink import Sink
 from featureplane.cli import add_spec_option, add_store_options, load_spec, settings_from
 from featureplane.codec import Item, make_item
 from featureplane.errors import FeatureplaneError, ValidationError

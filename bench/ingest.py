@@ -35,7 +35,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from featureplane.services import Service, free_port, start_dynalite, start_redis, start_tansu
+from tests.services import Service, free_port, start_dynalite, start_redis, start_tansu
 
 REPO = Path(__file__).resolve().parent.parent
 PARTITIONS = 4

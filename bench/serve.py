@@ -43,11 +43,12 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from featureplane.cache import CacheFill  # noqa: E402
 from featureplane.codec import Record, make_item  # noqa: E402
-from featureplane.services import free_port, start_redis  # noqa: E402
 from featureplane.spec import load_catalog  # noqa: E402
 from featureplane.stores.embedded import EmbeddedStore  # noqa: E402
-from featureplane.stores.redis import CacheFill, RedisStore  # noqa: E402
+from featureplane.stores.redis import RedisStore  # noqa: E402
+from tests.services import free_port, start_redis  # noqa: E402
 
 SPEC = """
 feature_groups:
@@ -64,9 +65,11 @@ feature_groups:
      features: [{name: article_id, type: string}, {name: category, type: string}]}
 """
 BODY_A = '{"requests":[{"group":"last_click","ids":["%d"]}]}'
-BODY_B = ('{"requests":[{"group":"keywords","ids":["%d"]},{"group":"stats","ids":["%d"]},'
-          '{"group":"recent","ids":["%d"]}]}')
-CEILING = '''
+BODY_B = (
+    '{"requests":[{"group":"keywords","ids":["%d"]},{"group":"stats","ids":["%d"]},'
+    '{"group":"recent","ids":["%d"]}]}'
+)
+CEILING = """
 import sys
 from aiohttp import web
 body = open(sys.argv[2], "rb").read()
@@ -76,8 +79,8 @@ async def handler(request):
 app = web.Application()
 app.router.add_post("/v1/features", handler)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
-'''
-LUA = '''
+"""
+LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 local n = %d
@@ -86,7 +89,7 @@ request = function()
   local id = math.random(0, n - 1)
   return wrk.format(nil, "/v1/features", nil, string.format(template, id, id, id))
 end
-'''
+"""
 
 
 async def load_data(catalog: Any, data_dir: Path, redis_url: str, n: int) -> None:
@@ -98,20 +101,39 @@ async def load_data(catalog: Any, data_dir: Path, redis_url: str, n: int) -> Non
             items, fills = [], []
             for i in range(lo, min(lo + step, n)):
                 uid = str(i)
-                one = [make_item(groups["last_click"], uid, now, f"c{i}",
-                                 {"article_id": f"a{i}", "category": "bike"}),
-                       make_item(groups["keywords"], uid, now, f"k{i}",
-                                 {"keywords": {"bike", "desk", f"k{i % 97}"}, "updated_by": "app"}),
-                       make_item(groups["stats"], uid, now, f"s{i}",
-                                 {"clicks": i, "score": i / 7})]
-                recent = [make_item(groups["recent"], uid, now - j * 1000, f"r{i}-{j}",
-                                    {"article_id": f"a{(i + j) % 5000}", "category": "bike"})
-                          for j in range(30)]
+                one = [
+                    make_item(
+                        groups["last_click"],
+                        uid,
+                        now,
+                        f"c{i}",
+                        {"article_id": f"a{i}", "category": "bike"},
+                    ),
+                    make_item(
+                        groups["keywords"],
+                        uid,
+                        now,
+                        f"k{i}",
+                        {"keywords": {"bike", "desk", f"k{i % 97}"}, "updated_by": "app"},
+                    ),
+                    make_item(groups["stats"], uid, now, f"s{i}", {"clicks": i, "score": i / 7}),
+                ]
+                recent = [
+                    make_item(
+                        groups["recent"],
+                        uid,
+                        now - j * 1000,
+                        f"r{i}-{j}",
+                        {"article_id": f"a{(i + j) % 5000}", "category": "bike"},
+                    )
+                    for j in range(30)
+                ]
                 items += one + recent
                 for it in one[1:]:
                     fills.append(CacheFill(it.group, uid, [Record(it.ts, it.version, it.value)]))
-                fills.append(CacheFill("recent", uid, [Record(r.ts, r.version, r.value)
-                                                       for r in recent]))
+                fills.append(
+                    CacheFill("recent", uid, [Record(r.ts, r.version, r.value) for r in recent])
+                )
             await store.write(items)
             await redis.fill(fills)
 
@@ -139,14 +161,19 @@ async def warm_local(port: int, n: int) -> None:
     async with aiohttp.ClientSession() as s:
         for lo in range(0, n, 1000):
             ids = [str(i) for i in range(lo, min(lo + 1000, n))]
-            async with s.post(f"http://127.0.0.1:{port}/v1/features",
-                              json={"requests": [{"group": "last_click", "ids": ids}]}) as r:
+            async with s.post(
+                f"http://127.0.0.1:{port}/v1/features",
+                json={"requests": [{"group": "last_click", "ids": ids}]},
+            ) as r:
                 assert r.status == 200, await r.text()
 
 
 def response_size(port: int, body: str) -> bytes:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/features", data=body.encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/features",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req) as resp:
         return bytes(resp.read())
 
@@ -159,29 +186,67 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(port: int, lua: Path, duration: float, pid: int | None, profile: Path | None
-        ) -> dict[str, float]:
-    subprocess.run(["wrk", "-t1", "-c32", "-d3s", "-s", str(lua), f"http://127.0.0.1:{port}"],
-                   capture_output=True, check=True)  # warm-up
+def wrk(
+    port: int, lua: Path, duration: float, pid: int | None, profile: Path | None
+) -> dict[str, float]:
+    subprocess.run(
+        ["wrk", "-t1", "-c32", "-d3s", "-s", str(lua), f"http://127.0.0.1:{port}"],
+        capture_output=True,
+        check=True,
+    )  # warm-up
     spy = None
     if profile is not None and pid is not None:
-        spy = subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(int(duration)),
-                                "-f", "raw", "-o", str(profile), "-r", "200"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spy = subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "-p",
+                str(pid),
+                "-d",
+                str(int(duration)),
+                "-f",
+                "raw",
+                "-o",
+                str(profile),
+                "-r",
+                "200",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     cpu0, t0 = (_cpu_seconds(pid) if pid else 0.0), time.monotonic()
-    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{int(duration)}s", "--latency", "-s",
-                          str(lua), f"http://127.0.0.1:{port}"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            "-c32",
+            f"-d{int(duration)}s",
+            "--latency",
+            "-s",
+            str(lua),
+            f"http://127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     cpu = (_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) if pid else 0.0
     if spy is not None:
         spy.wait(timeout=60)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    lat = {p: float(v) * _UNITS[u] for p, v, u in
-           re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out, re.M)}
+    lat = {
+        p: float(v) * _UNITS[u]
+        for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out, re.M)
+    }
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50": lat["50"], "p99": lat["99"],
-            "non2xx": float(errors.group(1)) if errors else 0.0, "cpu": cpu,
-            "load": os.getloadavg()[0]}
+    return {
+        "rps": rps,
+        "p50": lat["50"],
+        "p99": lat["99"],
+        "non2xx": float(errors.group(1)) if errors else 0.0,
+        "cpu": cpu,
+        "load": os.getloadavg()[0],
+    }
 
 
 def hottest(profile: Path, top: int = 8) -> list[str]:
@@ -199,8 +264,9 @@ def hottest(profile: Path, top: int = 8) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per measurement")
     ap.add_argument("--ids", type=int, default=100_000, help="distinct entity ids")
     ap.add_argument("--profile", action="store_true", help="py-spy the server per scenario")
@@ -216,15 +282,21 @@ def main() -> int:
         url = f"redis://{redis.address}/0"
         t = time.time()
         asyncio.run(load_data(catalog, tmp / "data", url, args.ids))
-        print(f"loaded {args.ids} ids x (3 latest + 30 timeseries items) in "
-              f"{time.time() - t:.0f} s", file=sys.stderr)
-        env = {"FEATUREPLANE_SPEC": str(tmp / "spec.yaml"), "FEATUREPLANE_DATA_DIR":
-               str(tmp / "data"), "FEATUREPLANE_REDIS_URL": url}
+        print(
+            f"loaded {args.ids} ids x (3 latest + 30 timeseries items) in {time.time() - t:.0f} s",
+            file=sys.stderr,
+        )
+        env = {
+            "FEATUREPLANE_SPEC": str(tmp / "spec.yaml"),
+            "FEATUREPLANE_DATA_DIR": str(tmp / "data"),
+            "FEATUREPLANE_REDIS_URL": url,
+        }
         with_redis, without = free_port(), free_port()
         procs.append(serve(with_redis, env, args.uvloop))
         no_redis_env = {k: v for k, v in env.items() if k != "FEATUREPLANE_REDIS_URL"}
-        procs.append(serve(without, {**no_redis_env, "FEATUREPLANE_SERVE_LOCAL_CACHE_MB": "0"},
-                           args.uvloop))
+        procs.append(
+            serve(without, {**no_redis_env, "FEATUREPLANE_SERVE_LOCAL_CACHE_MB": "0"}, args.uvloop)
+        )
         wait_up(with_redis)
         wait_up(without)
         asyncio.run(warm_local(with_redis, args.ids))
@@ -246,8 +318,13 @@ def main() -> int:
                 cport = free_port()
                 cargv = [sys.executable, "-c", CEILING, str(cport), str(tmp / "fixed.json")]
                 if args.uvloop:
-                    cargv = [sys.executable, "-c", "import uvloop; uvloop.install()\n" + CEILING,
-                             str(cport), str(tmp / "fixed.json")]
+                    cargv = [
+                        sys.executable,
+                        "-c",
+                        "import uvloop; uvloop.install()\n" + CEILING,
+                        str(cport),
+                        str(tmp / "fixed.json"),
+                    ]
                 ceiling = subprocess.Popen(cargv)
                 wait_up(cport, "/")
                 ceilings[size] = wrk(cport, lua, args.duration, ceiling.pid, None)
@@ -262,14 +339,20 @@ def main() -> int:
                 print(f"\n{title}: hottest functions (self time)", file=sys.stderr)
                 for line in hottest(prof):
                     print("   ", line, file=sys.stderr)
-        print(f"\nwrk -t1 -c32, {args.duration:.0f} s after a 3 s warm-up, {args.ids} ids, "
-              f"{'uvloop' if args.uvloop else 'asyncio'} loop, {os.cpu_count()} cores")
-        print(f"{'scenario':58} {'RPS':>8} {'p50 ms':>7} {'p99 ms':>7} {'RPS/ceil':>8} "
-              f"{'non-2xx':>7} {'srv CPU':>7} {'load':>5}")
+        print(
+            f"\nwrk -t1 -c32, {args.duration:.0f} s after a 3 s warm-up, {args.ids} ids, "
+            f"{'uvloop' if args.uvloop else 'asyncio'} loop, {os.cpu_count()} cores"
+        )
+        print(
+            f"{'scenario':58} {'RPS':>8} {'p50 ms':>7} {'p99 ms':>7} {'RPS/ceil':>8} "
+            f"{'non-2xx':>7} {'srv CPU':>7} {'load':>5}"
+        )
         for name, r, c in rows:
             ratio = f"{r['rps'] / c['rps']:.0%}" if c else "-"
-            print(f"{name:58} {r['rps']:8.0f} {r['p50']:7.2f} {r['p99']:7.2f} {ratio:>8} "
-                  f"{r['non2xx']:7.0f} {r['cpu']:7.0%} {r['load']:5.2f}")
+            print(
+                f"{name:58} {r['rps']:8.0f} {r['p50']:7.2f} {r['p99']:7.2f} {ratio:>8} "
+                f"{r['non2xx']:7.0f} {r['cpu']:7.0%} {r['load']:5.2f}"
+            )
         print(json.dumps({n: r for n, r, _ in rows}), file=sys.stderr)
         for port in (with_redis, without):
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()

@@ -24,12 +24,12 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from featureplane.codec import make_item
-from featureplane.services import start_dynalite, start_redis
 from featureplane.spec import load_catalog
 from featureplane.stores.base import Query, Store
 from featureplane.stores.dynamodb import DynamoStore
 from featureplane.stores.embedded import EmbeddedStore
 from featureplane.stores.redis import RedisStore, key_of, lex_range
+from tests.services import start_dynalite, start_redis
 
 CATALOG_YAML = """
 feature_groups:

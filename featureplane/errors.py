@@ -3,11 +3,20 @@
     FeatureplaneError
     ├── SpecError            a catalog that does not validate (carries every problem)
     ├── ValidationError      a value that does not fit its feature group (malformed input)
-    │   └── ItemTooLargeError    an encoded item over 8 KiB
-    └── StoreError           a store or cache operation that failed
-        └── TransientStoreError  ... and may succeed if retried (timeout, throttling, outage)
+    │   ├── MalformedError       an event that cannot be decoded (bad JSON, missing field)
+    │   ├── ItemTooLargeError    an encoded item over 8 KiB
+    │   └── UnknownGroupError    a feature group the catalog lacks (`.group`)
+    ├── StoreError           a store or cache operation that failed
+    │   ├── TransientStoreError  ... and may succeed if retried (timeout, throttling, outage)
+    │   └── NotStartedError      a store or cache used before `start()` or after `aclose()`
+    ├── StartupError         a process cannot start: a port taken, a broker that does not
+    │                        answer, a binary missing (the message says what to change)
+    ├── OnDemandError        an on-demand group's function failed (serving/ondemand.py)
+    └── ApiError             an HTTP request the API refuses: status, code, message
+                             (serving/api.py)
 
-HTTP status codes are decided in `serving/`, never here. Every message that
+The exceptions of `serving/` subclass the root there: HTTP status codes are
+decided in `serving/`, never here. Every message that
 quotes user input quotes it through `quote`, so no input (1 MiB long, nested
 10,000 deep, any bytes) can make an error message large or raise while it
 is built.
@@ -22,10 +31,14 @@ from typing import Any
 __all__ = [
     "FeatureplaneError",
     "ItemTooLargeError",
+    "MalformedError",
+    "NotStartedError",
     "SpecError",
     "SpecProblem",
+    "StartupError",
     "StoreError",
     "TransientStoreError",
+    "UnknownGroupError",
     "ValidationError",
     "quote",
 ]
@@ -74,8 +87,20 @@ class ValidationError(FeatureplaneError):
     """A value does not fit the spec: the record carrying it is malformed."""
 
 
+class MalformedError(ValidationError):
+    """An event cannot be decoded: bad JSON, a missing or mistyped envelope field."""
+
+
 class ItemTooLargeError(ValidationError):
     """An encoded item is larger than the 8 KiB limit."""
+
+
+class UnknownGroupError(ValidationError):
+    """A feature group the catalog does not declare."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        super().__init__(f"unknown feature group {quote(group)}")
 
 
 class StoreError(FeatureplaneError):
@@ -84,3 +109,15 @@ class StoreError(FeatureplaneError):
 
 class TransientStoreError(StoreError):
     """A store failure worth retrying: timeout, throttling, connection loss."""
+
+
+class NotStartedError(StoreError):
+    """A store or cache was used before `start()` (or after `aclose()`)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(f"{what} is not started: call start() or use `async with`")
+
+
+class StartupError(FeatureplaneError):
+    """A process cannot start; the message says in one line what to change."""

@@ -18,11 +18,10 @@ import socket
 import threading
 from types import FrameType
 
-from featureplane.errors import FeatureplaneError
+from featureplane.errors import StartupError
 
 __all__ = [
     "STOP",
-    "StartupError",
     "cannot_listen",
     "check_kafka_reachable",
     "check_port_free",
@@ -33,10 +32,6 @@ log = logging.getLogger(__name__)
 
 STOP = threading.Event()
 """Set by the first SIGTERM or SIGINT: stop reading, drain, commit and exit 0."""
-
-
-class StartupError(FeatureplaneError):
-    """Something a command needs is not there (a free port, a reachable broker)."""
 
 
 def install_stop_handlers() -> None:

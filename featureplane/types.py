@@ -169,4 +169,3 @@ def _bytes_wire(value: Any, where: str) -> str:
             raise ValidationError(f"{where}: bytes must be base64 text") from None
         return base64.b64encode(raw).decode("ascii")
     raise ValidationError(f"{where}: expected bytes (base64), got {type(value).__name__}")
-

@@ -22,18 +22,18 @@ from confluent_kafka import Message as KafkaMessage
 
 from featureplane import lifecycle
 from featureplane.errors import FeatureplaneError
+from featureplane.flows.options import METRICS_PORTS, FlowOptions
+from featureplane.flows.source import GroupPartition, GroupSource
+from featureplane.operators import metrics
+from featureplane.operators.commit import OffsetTracker
+from featureplane.operators.kafka import GroupConsumer, ensure_topics, topic_partitions
+from featureplane.operators.pipeline import Pipeline, PipelineConfig
+from featureplane.operators.records import Message, Origin
+from featureplane.operators.retry import Backoff, RetryHold
+from featureplane.operators.route import dlq_topic, parse_retry_headers, retry_topic
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
 from featureplane.stores.base import wall_clock_ms
-from flows.options import METRICS_PORTS, FlowOptions
-from flows.source import GroupPartition, GroupSource
-from operators import metrics
-from operators.commit import OffsetTracker
-from operators.kafka import GroupConsumer, ensure_topics, topic_partitions
-from operators.pipeline import Pipeline, PipelineConfig
-from operators.records import Message, Origin
-from operators.retry import Backoff, RetryHold
-from operators.route import dlq_topic, parse_retry_headers, retry_topic
 
 __all__ = ["STOP", "Built", "build", "install_signal_handlers", "prepare_topics", "run"]
 

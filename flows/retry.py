@@ -25,8 +25,8 @@ import argparse
 from typing import Any
 
 from featureplane.cli import load_spec, settings_from
-from flows import dataflow
-from flows.options import add_arguments_of, options_from
+from featureplane.flows import dataflow
+from featureplane.flows.options import add_arguments_of, options_from
 
 __all__ = ["add_arguments", "run"]
 

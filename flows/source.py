@@ -22,9 +22,9 @@ from datetime import UTC, datetime, timedelta
 
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 
-from operators.kafka import GroupConsumer
-from operators.records import Message
-from operators.retry import RetryHold
+from featureplane.operators.kafka import GroupConsumer
+from featureplane.operators.records import Message
+from featureplane.operators.retry import RetryHold
 
 __all__ = ["GroupPartition", "GroupSource"]
 

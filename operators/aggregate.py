@@ -16,9 +16,9 @@ from typing import Any
 
 from featureplane.codec import Item, make_item
 from featureplane.errors import ValidationError, quote
+from featureplane.operators.dispatch import MISSING, get_parts
+from featureplane.operators.records import Event, Work
 from featureplane.spec import Catalog, FeatureGroup, IngestionRule
-from operators.dispatch import MISSING, get_parts
-from operators.records import Event, Work
 
 __all__ = ["Aggregator"]
 

@@ -14,15 +14,11 @@ from typing import Any
 
 import orjson
 
-from featureplane.errors import quote
+from featureplane.errors import MalformedError, quote
 from featureplane.keys import MAX_TS
-from operators.records import Event, Work
+from featureplane.operators.records import Event, Work
 
 __all__ = ["MalformedError", "decode_event", "decode_works"]
-
-
-class MalformedError(ValueError):
-    """A record value that is not a valid event; the message is the DLQ reason."""
 
 
 def decode_event(value: bytes | None) -> Event:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from featureplane.operators.records import Work
 from featureplane.spec import Catalog, IngestionRule
-from operators.records import Work
 
 __all__ = ["MISSING", "Dispatcher", "get_parts", "get_path"]
 

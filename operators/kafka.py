@@ -25,10 +25,10 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka import Message as KafkaMessage
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from operators import metrics
-from operators.commit import OffsetTracker
-from operators.records import Message
-from operators.route import Outgoing
+from featureplane.operators import metrics
+from featureplane.operators.commit import OffsetTracker
+from featureplane.operators.records import Message
+from featureplane.operators.route import Outgoing
 
 __all__ = [
     "KAFKA_DEFAULT_MAX_MESSAGE_BYTES",

@@ -24,17 +24,13 @@ from typing import TYPE_CHECKING, Literal, cast
 
 from featureplane.codec import Item
 from featureplane.errors import quote
-from featureplane.settings import Settings
-from featureplane.spec import Catalog
-from featureplane.stores import open_redis, open_store
-from featureplane.stores.base import Store, wall_clock_ms
-from operators import metrics
-from operators.aggregate import Aggregator
-from operators.decode import decode_works
-from operators.dispatch import Dispatcher
-from operators.kafka import Deliverer, max_message_bytes
-from operators.records import Message, Status, Work
-from operators.route import (
+from featureplane.operators import metrics
+from featureplane.operators.aggregate import Aggregator
+from featureplane.operators.decode import decode_works
+from featureplane.operators.dispatch import Dispatcher
+from featureplane.operators.kafka import Deliverer, max_message_bytes
+from featureplane.operators.records import Message, Status, Work
+from featureplane.operators.route import (
     Abandon,
     Outgoing,
     dead_letter,
@@ -43,7 +39,11 @@ from operators.route import (
     retry_topic,
     route_of,
 )
-from operators.write import Writer
+from featureplane.operators.write import Writer
+from featureplane.settings import Settings
+from featureplane.spec import Catalog
+from featureplane.stores import open_redis, open_store
+from featureplane.stores.base import Store, wall_clock_ms
 
 if TYPE_CHECKING:
     from featureplane.stores.redis import RedisStore

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from featureplane.codec import Item
+from featureplane.operators.commit import OffsetTracker
 from featureplane.spec import IngestionRule
-from operators.commit import OffsetTracker
 
 __all__ = ["Event", "Message", "Origin", "Status", "Work"]
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from featureplane.backoff import backoff_ms
-from operators.records import Message
+from featureplane.operators.records import Message
 
 __all__ = ["Backoff", "RetryHold"]
 

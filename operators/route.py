@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from operators.records import Message, Origin, Work
+from featureplane.operators.records import Message, Origin, Work
 
 __all__ = [
     "DLQ_SUFFIX",

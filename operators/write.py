@@ -37,10 +37,10 @@ from prometheus_client import Histogram
 
 from featureplane.codec import Item
 from featureplane.errors import TransientStoreError, ValidationError
+from featureplane.operators import metrics
+from featureplane.operators.records import Status, Work
 from featureplane.spec import Catalog
 from featureplane.stores.base import Store
-from operators import metrics
-from operators.records import Status, Work
 
 __all__ = ["CacheWriter", "Failure", "Writer", "classify"]
 

@@ -89,8 +89,16 @@ def parse_body(catalog: Catalog, body: bytes) -> list[FeatureRequest]:
         if pairs > MAX_PAIRS:
             raise _bad("too_many_ids", f"at most {MAX_PAIRS} (group, id) pairs a request")
         out.append(
-            _request(catalog, raw.get("group"), ids, raw.get("limit"), raw.get("since"),
-                     raw.get("until"), raw.get("features"), f"requests[{n}].")
+            _request(
+                catalog,
+                raw.get("group"),
+                ids,
+                raw.get("limit"),
+                raw.get("since"),
+                raw.get("until"),
+                raw.get("features"),
+                f"requests[{n}].",
+            )
         )
     return out
 
@@ -110,17 +118,26 @@ def parse_query(
         try:
             nums[name] = int(text)
         except ValueError:
-            raise _bad("bad_limit" if name == "limit" else "bad_range",
-                       f"{name} must be an integer, got {quote(text)}") from None
+            raise _bad(
+                "bad_limit" if name == "limit" else "bad_range",
+                f"{name} must be an integer, got {quote(text)}",
+            ) from None
     features = query.get("features")
     names = None if features is None else [f for f in features.split(",") if f]
-    return _request(catalog, group, [entity_id], nums["limit"], nums["since"], nums["until"],
-                    names, "")
+    return _request(
+        catalog, group, [entity_id], nums["limit"], nums["since"], nums["until"], names, ""
+    )
 
 
 def _request(
-    catalog: Catalog, group_name: Any, ids: list[Any], limit: Any, since: Any, until: Any,
-    features: Any, where: str,
+    catalog: Catalog,
+    group_name: Any,
+    ids: list[Any],
+    limit: Any,
+    since: Any,
+    until: Any,
+    features: Any,
+    where: str,
 ) -> FeatureRequest:
     if not isinstance(group_name, str):
         raise _bad("bad_request", f"{where}group must be a string")
@@ -137,8 +154,11 @@ def _request(
     if limit is None:
         limit = min(DEFAULT_LIMIT, group.max_items)
     elif not _is_int(limit) or not 1 <= limit <= group.max_items:
-        raise _bad("bad_limit", f"{where}limit must be an integer from 1 to the group's "
-                   f"max_items ({group.max_items}), got {quote(limit)}")
+        raise _bad(
+            "bad_limit",
+            f"{where}limit must be an integer from 1 to the group's "
+            f"max_items ({group.max_items}), got {quote(limit)}",
+        )
     for name, value in (("since", since), ("until", until)):
         if value is not None and (not _is_int(value) or not 0 <= value <= MAX_TS):
             raise _bad("bad_range", f"{where}{name} must be epoch milliseconds, got {quote(value)}")
@@ -150,8 +170,9 @@ def _request(
             raise _bad("bad_request", f"{where}features must be a list of feature names")
         unknown = [f for f in features if f not in group.index]
         if unknown:
-            raise _bad("unknown_feature",
-                       f"group {group.name!r} has no feature {quote(unknown[0])}")
+            raise _bad(
+                "unknown_feature", f"group {group.name!r} has no feature {quote(unknown[0])}"
+            )
         names = tuple(dict.fromkeys(features))
     if group.kind == "latest":  # limit, since and until are for timeseries; ignored here
         limit, since, until = 1, None, None
@@ -169,8 +190,15 @@ def render(req: FeatureRequest, entity_id: str, records: Sequence[Record]) -> di
         if not records:
             return {"group": group.name, "id": entity_id, "found": False}
         r = records[0]
-        return {"group": group.name, "id": entity_id, "found": True, "ts": r.ts,
-                "features": project(group, decode(group, r.value), req.features)}
-    items = [{"ts": r.ts, "features": project(group, decode(group, r.value), req.features)}
-             for r in records]
+        return {
+            "group": group.name,
+            "id": entity_id,
+            "found": True,
+            "ts": r.ts,
+            "features": project(group, decode(group, r.value), req.features),
+        }
+    items = [
+        {"ts": r.ts, "features": project(group, decode(group, r.value), req.features)}
+        for r in records
+    ]
     return {"group": group.name, "id": entity_id, "found": bool(items), "items": items}

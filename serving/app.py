@@ -20,16 +20,16 @@ from aiohttp import web
 
 from featureplane.codec import Record
 from featureplane.errors import quote
+from featureplane.serving.api import ApiError, FeatureRequest, parse_body, parse_query, render
+from featureplane.serving.config import ServeConfig
+from featureplane.serving.local import LocalCache
+from featureplane.serving.logs import RateLimitedLog
+from featureplane.serving.metrics import CONTENT_TYPE, Metrics
+from featureplane.serving.ondemand import OnDemandError, OnDemandFn, compute, load_functions
+from featureplane.serving.openapi import openapi
+from featureplane.serving.tiers import Lookup, ReaderConfig, TieredReader
 from featureplane.stores.base import Clock, Store, wall_clock_ms
 from featureplane.stores.redis import RedisStore
-from serving.api import ApiError, FeatureRequest, parse_body, parse_query, render
-from serving.config import ServeConfig
-from serving.local import LocalCache
-from serving.logs import RateLimitedLog
-from serving.metrics import CONTENT_TYPE, Metrics
-from serving.ondemand import OnDemandError, OnDemandFn, compute, load_functions
-from serving.openapi import openapi
-from serving.tiers import Lookup, ReaderConfig, TieredReader
 
 __all__ = ["MAX_BODY", "METRICS", "READER", "SERVER", "create_app", "drain"]
 
@@ -56,17 +56,28 @@ def _error(exc: ApiError) -> web.Response:
     return resp
 
 
-_HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "body_too_large"}
+_HTTP_CODES = {
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
 _CLIENT_GONE = 499  # nginx's "client closed request": recorded, never sent, never a 5xx
 
 
 class _Service:
     """What the handlers share: the catalog, the tiers and the on-demand functions."""
 
-    def __init__(self, reader: TieredReader, functions: dict[str, OnDemandFn], clock: Clock,
-                 token: str | None, store: Store | None, redis: RedisStore | None,
-                 body_timeout: float) -> None:
+    def __init__(
+        self,
+        reader: TieredReader,
+        functions: dict[str, OnDemandFn],
+        clock: Clock,
+        token: str | None,
+        store: Store | None,
+        redis: RedisStore | None,
+        body_timeout: float,
+    ) -> None:
         self.reader, self.functions, self.clock = reader, functions, clock
         self.auth = None if token is None else b"Bearer " + token.encode()
         self.store, self.redis = store, redis
@@ -82,8 +93,7 @@ class _Service:
             if fn is not None:
                 computed.append(compute(req.group, fn, req.ids, self.clock()))
                 continue
-            lookups.extend(Lookup(req.group, i, req.limit, req.since, req.until)
-                           for i in req.ids)
+            lookups.extend(Lookup(req.group, i, req.limit, req.since, req.until) for i in req.ids)
         try:
             got = await self.reader.read(lookups) if lookups else []
             on_demand = list(await asyncio.gather(*computed)) if computed else []
@@ -97,8 +107,11 @@ class _Service:
             for n, entity_id in enumerate(req.ids):
                 records = rows[n] if rows is not None else next(found)
                 if records is None:
-                    raise ApiError(503, "unavailable", f"no tier can answer {req.group.name!r} "
-                                   f"for id {quote(entity_id)} now")
+                    raise ApiError(
+                        503,
+                        "unavailable",
+                        f"no tier can answer {req.group.name!r} for id {quote(entity_id)} now",
+                    )
                 out.append(render(req, entity_id, records))
         return out
 
@@ -133,8 +146,9 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
             resp.headers["Allow"] = allow
     except Exception as exc:  # a bug: answer JSON, log it (not once a request), never leak it
         route = _route_name(request)
-        svc.events.event(f"bug {route}", f"unhandled error on {quote(request.method, 20)} "
-                         f"{route}", exc)
+        svc.events.event(
+            f"bug {route}", f"unhandled error on {quote(request.method, 20)} {route}", exc
+        )
         resp = _error(ApiError(500, "internal", "internal error"))
     request.app[METRICS].observe(_route_name(request), resp.status, time.perf_counter() - start)
     resp.headers["Server"] = SERVER
@@ -150,11 +164,15 @@ async def _read_body(request: web.Request, timeout: float) -> bytes:
             return await request.read()
     except TimeoutError:
         request.app[METRICS].slow_clients.inc()
-        raise ApiError(408, "request_timeout",
-                       f"the body did not arrive within {timeout:g} s") from None
+        raise ApiError(
+            408, "request_timeout", f"the body did not arrive within {timeout:g} s"
+        ) from None
     except ConnectionError:
-        raise ApiError(_CLIENT_GONE, "client_closed_request",
-                       "the client closed the connection before sending its body") from None
+        raise ApiError(
+            _CLIENT_GONE,
+            "client_closed_request",
+            "the client closed the connection before sending its body",
+        ) from None
     except web.RequestPayloadError:
         raise ApiError(400, "bad_request", "malformed body (length or chunked encoding)") from None
 
@@ -168,8 +186,9 @@ async def _post_features(request: web.Request) -> web.Response:
 
 async def _get_feature(request: web.Request) -> web.Response:
     svc = request.app[_SERVICE]
-    req = parse_query(svc.reader.catalog, request.match_info["group"],
-                      request.match_info["id"], request.query)
+    req = parse_query(
+        svc.reader.catalog, request.match_info["group"], request.match_info["id"], request.query
+    )
     return _json((await svc.results([req]))[0])
 
 
@@ -226,18 +245,28 @@ def create_app(
     metrics = Metrics()
     local = LocalCache(config.local_cache_mb * 1024 * 1024) if config.local_cache_mb else None
     reader = TieredReader(
-        catalog=catalog, store=store, redis=redis, local=local, metrics=metrics, clock=clock,
-        rand=rand, config=ReaderConfig(
-            negative_ttl_ms=config.negative_ttl, redis_timeout_ms=config.redis_timeout,
-            store_timeout_ms=config.store_timeout, breaker_failures=config.breaker_failures,
-            breaker_cooldown_ms=config.breaker_cooldown, xfetch_beta=config.xfetch_beta,
+        catalog=catalog,
+        store=store,
+        redis=redis,
+        local=local,
+        metrics=metrics,
+        clock=clock,
+        rand=rand,
+        config=ReaderConfig(
+            negative_ttl_ms=config.negative_ttl,
+            redis_timeout_ms=config.redis_timeout,
+            store_timeout_ms=config.store_timeout,
+            breaker_failures=config.breaker_failures,
+            breaker_cooldown_ms=config.breaker_cooldown,
+            xfetch_beta=config.xfetch_beta,
         ),
     )
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY)
     app[METRICS] = metrics
     app[READER] = reader
-    svc = app[_SERVICE] = _Service(reader, functions, clock, token, store, redis,
-                                   config.body_timeout)
+    svc = app[_SERVICE] = _Service(
+        reader, functions, clock, token, store, redis, config.body_timeout
+    )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         started: list[Store] = []

@@ -23,9 +23,7 @@ __all__ = ["ServeConfig"]
 class ServeConfig(BaseSettings):
     """Cache sizes, timeouts and breaker of `featureplane serve`."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="FEATUREPLANE_SERVE_", extra="forbid", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="FEATUREPLANE_SERVE_", extra="forbid", frozen=True)
 
     local_cache_mb: int = Field(64, ge=0)
     """Bytes of the in-process tier, in MiB; 0 turns the tier off."""

@@ -22,11 +22,11 @@ import orjson
 from aiohttp import web
 
 from featureplane.errors import quote
-from serving.api import ApiError
-from serving.app import SERVER
-from serving.config import ServeConfig
-from serving.logs import RateLimitedLog
-from serving.metrics import Metrics
+from featureplane.serving.api import ApiError
+from featureplane.serving.app import SERVER
+from featureplane.serving.config import ServeConfig
+from featureplane.serving.logs import RateLimitedLog
+from featureplane.serving.metrics import Metrics
 
 __all__ = ["ConnectionGuard", "fit_to_fd_limit"]
 
@@ -39,8 +39,9 @@ _LINGER = 2.0
 # File descriptors kept for everything but client connections: the store's files, Redis
 # and DynamoDB pools, the listening socket, logs.
 _FD_RESERVE = 256
-_REFUSED_BODY = orjson.dumps({"error": {"code": "too_many_connections",
-                                        "message": "server at its connection limit; retry"}})
+_REFUSED_BODY = orjson.dumps(
+    {"error": {"code": "too_many_connections", "message": "server at its connection limit; retry"}}
+)
 _REFUSED = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b"Content-Length: %d\r\nConnection: close\r\nRetry-After: 1\r\nServer: %s\r\n\r\n%s"
@@ -60,8 +61,13 @@ def fit_to_fd_limit(wanted: int, reserve: int = _FD_RESERVE) -> int:
             soft = new
     cap = wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft - reserve))
     if cap < wanted:
-        log.warning("max connections lowered from %d to %d to fit the file descriptor limit "
-                    "(%d); raise `ulimit -n` to allow more", wanted, cap, soft)
+        log.warning(
+            "max connections lowered from %d to %d to fit the file descriptor limit "
+            "(%d); raise `ulimit -n` to allow more",
+            wanted,
+            cap,
+            soft,
+        )
     return cap
 
 
@@ -93,14 +99,20 @@ class _Handler(web.RequestHandler):
         # as an unhandled exception with a traceback: a client's fault, counted instead.
         if isinstance(kw.get("exc_info"), web.RequestPayloadError):
             self._guard.metrics.protocol_errors.inc()
-            self._guard.events.event("payload_error", "dropped the rest of a malformed "
-                                     f"body: {quote(str(kw['exc_info']), 200)}")
+            self._guard.events.event(
+                "payload_error",
+                f"dropped the rest of a malformed body: {quote(str(kw['exc_info']), 200)}",
+            )
             return
         super().log_exception(*args, **kw)
 
-    def handle_error(self, request: web.BaseRequest, status: int = 500,
-                     exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
         # aiohttp calls this for requests its parser refused (400 with `message`) and for
         # errors outside the app's middleware; its own version answers text/plain naming
         # its version and logs each one with a traceback at ERROR.
@@ -112,11 +124,17 @@ class _Handler(web.RequestHandler):
         else:
             self._guard.metrics.protocol_errors.inc()
             detail = quote(message or str(exc or ""), 200)
-            self._guard.events.event("protocol_error", f"refused a malformed HTTP request "
-                                     f"from {request.remote}: {detail}")
+            self._guard.events.event(
+                "protocol_error",
+                f"refused a malformed HTTP request from {request.remote}: {detail}",
+            )
             error = ApiError(status, "bad_request", f"malformed HTTP request: {detail}")
-        resp = web.Response(status=status, body=error.body(), content_type="application/json",
-                            headers={"Server": SERVER})
+        resp = web.Response(
+            status=status,
+            body=error.body(),
+            content_type="application/json",
+            headers={"Server": SERVER},
+        )
         resp.force_close()
         return resp
 
@@ -125,14 +143,21 @@ class ConnectionGuard:
     """The protocol factory given to `loop.create_server`: one counted aiohttp handler a
     connection while fewer than `cap` are open, a canned 503 beyond."""
 
-    def __init__(self, server: web.Server, config: ServeConfig, metrics: Metrics, cap: int,
-                 events: RateLimitedLog | None = None) -> None:
+    def __init__(
+        self,
+        server: web.Server,
+        config: ServeConfig,
+        metrics: Metrics,
+        cap: int,
+        events: RateLimitedLog | None = None,
+    ) -> None:
         self.metrics, self.cap, self.open = metrics, cap, 0
         self.events = events or RateLimitedLog(log)
         self._server = server
         self._loop = asyncio.get_running_loop()
         self._kwargs: dict[str, Any] = {
-            "keepalive_timeout": config.header_timeout, "lingering_time": _LINGER,
+            "keepalive_timeout": config.header_timeout,
+            "lingering_time": _LINGER,
             "access_log": None,
         }
         metrics.connections.set_function(lambda: self.open)
@@ -140,8 +165,10 @@ class ConnectionGuard:
     def __call__(self) -> asyncio.Protocol:
         if self.open >= self.cap:
             self.metrics.refused.inc()
-            self.events.event("refused", f"refused a connection: {self.open} open, at the "
-                              f"limit (--max-connections)")
+            self.events.event(
+                "refused",
+                f"refused a connection: {self.open} open, at the limit (--max-connections)",
+            )
             return _Refused()
         # Counted here, not in connection_made: asyncio accepts a backlog's worth of
         # connections before the first connection_made runs, which would overshoot the cap.

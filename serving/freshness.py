@@ -22,7 +22,7 @@ from enum import Enum
 
 from featureplane.codec import Record
 from featureplane.spec import TTL, FeatureGroup
-from featureplane.stores.redis import jittered
+from featureplane.ttl import jittered
 
 __all__ = [
     "Entry",
@@ -108,7 +108,10 @@ def rebased(entry: Entry, group: FeatureGroup, r_soft: float, r_hard: float) -> 
         return entry
     soft, hard = _deadlines(group.ttl, entry.stored_at, r_soft, r_hard)
     return Entry(
-        entry.records, entry.complete, entry.stored_at, min(soft, entry.hard_at),
+        entry.records,
+        entry.complete,
+        entry.stored_at,
+        min(soft, entry.hard_at),
         min(hard, entry.hard_at),
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from serving.freshness import Entry
+from featureplane.serving.freshness import Entry
 
 __all__ = ["LocalCache"]
 

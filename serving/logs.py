@@ -14,8 +14,12 @@ class RateLimitedLog:
     """Counts events by kind and logs a WARNING for a kind at most once per `interval` s,
     saying how many happened since its previous line."""
 
-    def __init__(self, logger: logging.Logger, interval: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._logger, self._interval, self._clock = logger, interval, clock
         self._counts: dict[str, int] = {}
         self._last: dict[str, float] = {}
@@ -29,7 +33,12 @@ class RateLimitedLog:
             return False
         self._last[kind] = now
         n = self._counts.pop(kind)
-        self._logger.log(logging.WARNING if exc is None else logging.ERROR,
-                         "%s (%d such event%s since the last line of this kind)", text, n,
-                         "" if n == 1 else "s", exc_info=exc)
+        self._logger.log(
+            logging.WARNING if exc is None else logging.ERROR,
+            "%s (%d such event%s since the last line of this kind)",
+            text,
+            n,
+            "" if n == 1 else "s",
+            exc_info=exc,
+        )
         return True

@@ -40,11 +40,11 @@ from aiohttp import web
 
 from featureplane.cli import add_spec_option, add_store_options, load_spec, settings_from
 from featureplane.lifecycle import cannot_listen
+from featureplane.serving.app import METRICS, READER, create_app, drain
+from featureplane.serving.config import ServeConfig
+from featureplane.serving.connections import ConnectionGuard, fit_to_fd_limit
 from featureplane.stores import open_redis, open_store
 from featureplane.stores.redis import RedisStore
-from serving.app import METRICS, READER, create_app, drain
-from serving.config import ServeConfig
-from serving.connections import ConnectionGuard, fit_to_fd_limit
 
 __all__ = ["add_arguments", "run", "serve"]
 
@@ -55,25 +55,50 @@ log = logging.getLogger(__name__)
 
 _SERVE_FLAGS = {
     "local_cache_mb": ("--local-cache-mb", int, "MiB of the in-process tier; 0 turns it off"),
-    "negative_ttl": ("--negative-ttl", str, "how long a missing (group, id) is remembered "
-                     "(e.g. 5s)"),
+    "negative_ttl": (
+        "--negative-ttl",
+        str,
+        "how long a missing (group, id) is remembered (e.g. 5s)",
+    ),
     "redis_timeout": ("--redis-timeout", str, "timeout of one Redis round trip (e.g. 100ms)"),
     "store_timeout": ("--store-timeout", str, "timeout of one store read (e.g. 1s)"),
-    "breaker_failures": ("--breaker-failures", int, "consecutive failures that open a tier's "
-                         "circuit breaker"),
-    "breaker_cooldown": ("--breaker-cooldown", str, "how long an open breaker skips its tier "
-                         "before a trial call (e.g. 2s)"),
+    "breaker_failures": (
+        "--breaker-failures",
+        int,
+        "consecutive failures that open a tier's circuit breaker",
+    ),
+    "breaker_cooldown": (
+        "--breaker-cooldown",
+        str,
+        "how long an open breaker skips its tier before a trial call (e.g. 2s)",
+    ),
     "xfetch_beta": ("--xfetch-beta", float, "XFetch early-refresh eagerness; 0 = off"),
-    "shutdown_timeout": ("--shutdown-timeout", float, "seconds to finish in-flight requests "
-                         "after SIGTERM"),
-    "drain_delay": ("--drain-delay", float, "seconds /readyz answers 503 after SIGTERM before "
-                    "the server stops accepting"),
-    "header_timeout": ("--header-timeout", float, "seconds a connection has to send a request "
-                       "head, from opening or its previous answer (also the idle keep-alive)"),
-    "body_timeout": ("--body-timeout", float, "seconds a request has to send its body; "
-                     "later: 408 and disconnected"),
-    "max_connections": ("--max-connections", int, "open connections at most (fitted to the fd "
-                        "limit); beyond: 503 and closed"),
+    "shutdown_timeout": (
+        "--shutdown-timeout",
+        float,
+        "seconds to finish in-flight requests after SIGTERM",
+    ),
+    "drain_delay": (
+        "--drain-delay",
+        float,
+        "seconds /readyz answers 503 after SIGTERM before the server stops accepting",
+    ),
+    "header_timeout": (
+        "--header-timeout",
+        float,
+        "seconds a connection has to send a request "
+        "head, from opening or its previous answer (also the idle keep-alive)",
+    ),
+    "body_timeout": (
+        "--body-timeout",
+        float,
+        "seconds a request has to send its body; later: 408 and disconnected",
+    ),
+    "max_connections": (
+        "--max-connections",
+        int,
+        "open connections at most (fitted to the fd limit); beyond: 503 and closed",
+    ),
 }
 
 
@@ -87,16 +112,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = ServeConfig.model_fields
     for field, (flag, kind, text) in _SERVE_FLAGS.items():
         env = f"FEATUREPLANE_SERVE_{field.upper()}"
-        c.add_argument(flag, dest=f"serve_{field}", type=kind,
-                       help=f"{text} [{env}, {defaults[field].default}]")
-    c.add_argument("--uvloop", dest="serve_uvloop", action="store_true", default=None,
-                   help="run on uvloop [FEATUREPLANE_SERVE_UVLOOP, off]")
+        c.add_argument(
+            flag,
+            dest=f"serve_{field}",
+            type=kind,
+            help=f"{text} [{env}, {defaults[field].default}]",
+        )
+    c.add_argument(
+        "--uvloop",
+        dest="serve_uvloop",
+        action="store_true",
+        default=None,
+        help="run on uvloop [FEATUREPLANE_SERVE_UVLOOP, off]",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     given: dict[str, Any] = {
-        f: getattr(args, f"serve_{f}") for f in [*_SERVE_FLAGS, "uvloop"]
+        f: getattr(args, f"serve_{f}")
+        for f in [*_SERVE_FLAGS, "uvloop"]
         if getattr(args, f"serve_{f}", None) is not None
     }
     config = ServeConfig(**given)
@@ -104,7 +139,10 @@ def run(args: argparse.Namespace) -> int:
     redis = open_redis(settings, catalog)
     assert redis is None or isinstance(redis, RedisStore)
     app = create_app(
-        catalog, store=open_store(settings, catalog), redis=redis, config=config,
+        catalog,
+        store=open_store(settings, catalog),
+        redis=redis,
+        config=config,
         token=None if settings.token is None else settings.token.get_secret_value(),
     )
     # Start-up objects (modules, catalog, app) live for good: frozen, no full collection
@@ -147,13 +185,15 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise cannot_listen(host, port, "the HTTP API", "--host/--port or "
-                            "FEATUREPLANE_HOST/FEATUREPLANE_PORT", exc) from None
+        raise cannot_listen(
+            host, port, "the HTTP API", "--host/--port or FEATUREPLANE_HOST/FEATUREPLANE_PORT", exc
+        ) from None
     return sock
 
 
-async def serve(app: web.Application, config: ServeConfig, host: str, port: int,
-                stop: asyncio.Future[float]) -> None:
+async def serve(
+    app: web.Application, config: ServeConfig, host: str, port: int, stop: asyncio.Future[float]
+) -> None:
     """Serve `app` on host:port until `stop` gives a drain delay: /readyz answers 503 for
     that many seconds while requests are still served, then the server shuts down.
 
@@ -165,16 +205,17 @@ async def serve(app: web.Application, config: ServeConfig, host: str, port: int,
     try:
         await runner.setup()
         assert runner.server is not None
-        guard = ConnectionGuard(runner.server, config, app[METRICS],
-                                fit_to_fd_limit(config.max_connections))
+        guard = ConnectionGuard(
+            runner.server, config, app[METRICS], fit_to_fd_limit(config.max_connections)
+        )
         # asyncio accepts up to `backlog` connections per loop turn and sets them all up
         # before serving anyone else: 1,024 cost a probe ~150 ms in a 3,000-connection
         # storm. So accept in small batches, while the kernel queues a storm's worth.
         listener = await asyncio.get_running_loop().create_server(
-            guard, sock=sock, backlog=_ACCEPT_BATCH)
+            guard, sock=sock, backlog=_ACCEPT_BATCH
+        )
         sock.listen(_LISTEN_QUEUE)
-        log.info("serving %d groups on http://%s:%d", len(app[READER].catalog.groups), host,
-                 port)
+        log.info("serving %d groups on http://%s:%d", len(app[READER].catalog.groups), host, port)
         try:
             delay = await stop
             drain(app)

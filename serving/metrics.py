@@ -20,39 +20,55 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
-            "featureplane_http_request_seconds", "HTTP request latency", ["route", "status"],
-            buckets=_BUCKETS, registry=self.registry,
+            "featureplane_http_request_seconds",
+            "HTTP request latency",
+            ["route", "status"],
+            buckets=_BUCKETS,
+            registry=self.registry,
         )
         self.cache = Counter(
-            "featureplane_cache_events", "Cache events: hit, miss, negative_hit, stale, "
+            "featureplane_cache_events",
+            "Cache events: hit, miss, negative_hit, stale, "
             "early_refresh, unanswerable (held but cannot answer exactly)",
-            ["tier", "group", "event"], registry=self.registry,
+            ["tier", "group", "event"],
+            registry=self.registry,
         )
         self.errors = Counter(
-            "featureplane_tier_errors", "Failed or timed-out tier calls", ["tier", "op"],
+            "featureplane_tier_errors",
+            "Failed or timed-out tier calls",
+            ["tier", "op"],
             registry=self.registry,
         )
         self.breaker = Gauge(
-            "featureplane_breaker_state", "Circuit breaker per tier: 0 closed, 1 open, 2 half-open",
-            ["tier"], registry=self.registry,
+            "featureplane_breaker_state",
+            "Circuit breaker per tier: 0 closed, 1 open, 2 half-open",
+            ["tier"],
+            registry=self.registry,
         )
         self.on_demand_errors = Counter(
-            "featureplane_on_demand_errors", "On-demand functions that raised", ["group"],
+            "featureplane_on_demand_errors",
+            "On-demand functions that raised",
+            ["group"],
             registry=self.registry,
         )
         self.connections = Gauge(
-            "featureplane_http_connections", "Open HTTP connections", registry=self.registry,
+            "featureplane_http_connections",
+            "Open HTTP connections",
+            registry=self.registry,
         )
         self.refused = Counter(
-            "featureplane_http_connections_refused", "Connections answered 503 and closed at "
-            "once because the server held --max-connections", registry=self.registry,
+            "featureplane_http_connections_refused",
+            "Connections answered 503 and closed at once because the server held --max-connections",
+            registry=self.registry,
         )
         self.slow_clients = Counter(
-            "featureplane_http_slow_clients", "Requests whose body did not arrive within "
-            "--body-timeout (answered 408, disconnected)", registry=self.registry,
+            "featureplane_http_slow_clients",
+            "Requests whose body did not arrive within --body-timeout (answered 408, disconnected)",
+            registry=self.registry,
         )
         self.protocol_errors = Counter(
-            "featureplane_http_protocol_errors", "Requests refused by the HTTP parser (bad "
+            "featureplane_http_protocol_errors",
+            "Requests refused by the HTTP parser (bad "
             "request line, header too long, ...), answered 400 before any route",
             registry=self.registry,
         )

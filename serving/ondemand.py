@@ -48,9 +48,11 @@ def load_functions(catalog: Catalog) -> dict[str, OnDemandFn]:
     return out
 
 
-async def compute(group: FeatureGroup, fn: OnDemandFn, ids: tuple[str, ...], now: int
-                  ) -> list[list[Record]]:
+async def compute(
+    group: FeatureGroup, fn: OnDemandFn, ids: tuple[str, ...], now: int
+) -> list[list[Record]]:
     """Records per id, newest first, as if read from a store."""
+
     async def one(entity_id: str) -> list[Record]:
         try:
             value = fn(entity_id)
@@ -59,7 +61,8 @@ async def compute(group: FeatureGroup, fn: OnDemandFn, ids: tuple[str, ...], now
             return _records(group, value, now)
         except Exception as exc:
             raise OnDemandError(
-                f"on-demand group {group.name!r} failed: {quote(exc, 200)}") from exc
+                f"on-demand group {group.name!r} failed: {quote(exc, 200)}"
+            ) from exc
 
     return list(await asyncio.gather(*(one(i) for i in ids)))
 

@@ -25,14 +25,12 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from featureplane.cache import Cached, CacheFill
 from featureplane.codec import Record
 from featureplane.errors import StoreError
-from featureplane.spec import Catalog, FeatureGroup
-from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
-from featureplane.stores.redis import Cached, CacheFill, RedisStore
-from serving.breaker import Breaker
-from serving.coalesce import Coalescer
-from serving.freshness import (
+from featureplane.serving.breaker import Breaker
+from featureplane.serving.coalesce import Coalescer
+from featureplane.serving.freshness import (
     Entry,
     Freshness,
     answer,
@@ -42,8 +40,11 @@ from serving.freshness import (
     negative_entry,
     rebased,
 )
-from serving.local import LocalCache
-from serving.metrics import Metrics
+from featureplane.serving.local import LocalCache
+from featureplane.serving.metrics import Metrics
+from featureplane.spec import Catalog, FeatureGroup
+from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
+from featureplane.stores.redis import RedisStore
 
 __all__ = ["Lookup", "ReaderConfig", "TieredReader"]
 
@@ -158,8 +159,12 @@ class TieredReader:
         return out
 
     def _read_local(
-        self, lookups: Sequence[Lookup], clamped: list[tuple[int, int | None, int | None]],
-        pending: list[int], out: list[list[Record] | None], now: int,
+        self,
+        lookups: Sequence[Lookup],
+        clamped: list[tuple[int, int | None, int | None]],
+        pending: list[int],
+        out: list[list[Record] | None],
+        now: int,
     ) -> list[int]:
         assert self.local is not None
         rest: list[int] = []
@@ -183,8 +188,12 @@ class TieredReader:
         return rest
 
     async def _read_redis(
-        self, lookups: Sequence[Lookup], clamped: list[tuple[int, int | None, int | None]],
-        pending: list[int], out: list[list[Record] | None], now: int,
+        self,
+        lookups: Sequence[Lookup],
+        clamped: list[tuple[int, int | None, int | None]],
+        pending: list[int],
+        out: list[list[Record] | None],
+        now: int,
     ) -> list[int]:
         sel = [i for i in pending if "redis" in lookups[i].group.tiers]
         if not sel:
@@ -193,9 +202,13 @@ class TieredReader:
         cached = await self._redis_read(keys)
         if cached is None:
             return pending
-        entries = dict(zip(keys, (self._entry_of(k, c, now) for k, c in zip(keys, cached,
-                                                                           strict=True)),
-                           strict=True))
+        entries = dict(
+            zip(
+                keys,
+                (self._entry_of(k, c, now) for k, c in zip(keys, cached, strict=True)),
+                strict=True,
+            )
+        )
         rest = [i for i in pending if "redis" not in lookups[i].group.tiers]
         for i in sel:
             lk = lookups[i]
@@ -216,8 +229,11 @@ class TieredReader:
         return rest
 
     async def _read_store(
-        self, lookups: Sequence[Lookup], clamped: list[tuple[int, int | None, int | None]],
-        pending: list[int], out: list[list[Record] | None],
+        self,
+        lookups: Sequence[Lookup],
+        clamped: list[tuple[int, int | None, int | None]],
+        pending: list[int],
+        out: list[list[Record] | None],
     ) -> None:
         sel: list[int] = []
         for i in pending:
@@ -244,11 +260,17 @@ class TieredReader:
     # -- tiers
 
     def _serve(
-        self, entry: Entry, tier: str, group: FeatureGroup, key: Key,
-        q: tuple[int, int | None, int | None], now: int,
+        self,
+        entry: Entry,
+        tier: str,
+        group: FeatureGroup,
+        key: Key,
+        q: tuple[int, int | None, int | None],
+        now: int,
     ) -> list[Record] | None:
-        state = freshness(entry, now, self._delta.get(group.name, 1.0),
-                          self.config.xfetch_beta, 1.0 - self.rand())
+        state = freshness(
+            entry, now, self._delta.get(group.name, 1.0), self.config.xfetch_beta, 1.0 - self.rand()
+        )
         if state is Freshness.EXPIRED:
             self.metrics.event(tier, group.name, "miss")
             return None
@@ -309,12 +331,14 @@ class TieredReader:
         entries: dict[Key, Entry | None] = {}
         exact_rows: list[list[Record]] | None = None
         try:
-            queries = [Query(g, i, keys[(g, i)].max_items if keys[(g, i)].kind == "timeseries"
-                             else 1) for g, i in lead]
+            queries = [
+                Query(g, i, keys[(g, i)].max_items if keys[(g, i)].kind == "timeseries" else 1)
+                for g, i in lead
+            ]
             rows = await self._store_read([*queries, *exact]) if queries or exact else []
             now = self.clock()
             if rows is not None:
-                exact_rows = rows[len(queries):]
+                exact_rows = rows[len(queries) :]
                 for key, recs in zip(lead, rows, strict=False):
                     entries[key] = self._store_entry(keys[key], key, recs, now)
         finally:
@@ -335,8 +359,11 @@ class TieredReader:
             self.local.put(key, entry)
         if self.redis is not None and "redis" in group.tiers:
             if len(self._fills) < _MAX_PENDING_FILLS:
-                self._fills.append(CacheFill(group.name, key[1], recs,
-                                             entry.hard_at - now if entry.negative else 0))
+                self._fills.append(
+                    CacheFill(
+                        group.name, key[1], recs, entry.hard_at - now if entry.negative else 0
+                    )
+                )
                 self._fill_ready.set()
             else:
                 self.metrics.errors.labels("redis", "fill_dropped").inc()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from featureplane.services import Service, ServiceError, start_dynalite, start_redis, start_tansu
 from featureplane.spec import Catalog, load_catalog
+from tests.services import Service, ServiceError, start_dynalite, start_redis, start_tansu
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -29,7 +29,9 @@ end
 
 # KEYS[1] the set; ARGV[1] max_items; ARGV[2] cutoff lex bound or ""; ARGV[3] now (ms);
 # ARGV[4] retention (ms) or ""; ARGV[5..] members (version .. value), oldest first.
-TIMESERIES_LUA = _SHARED + """
+TIMESERIES_LUA = (
+    _SHARED
+    + """
 local key = KEYS[1]
 add_members(key, 5, #ARGV)
 if ARGV[2] ~= '' then
@@ -49,19 +51,25 @@ if ARGV[4] ~= '' then
 end
 return redis.call('ZCARD', key)
 """
+)
 
 # KEYS[1] the string; ARGV[1] version .. value.
-LATEST_LUA = _SHARED + """
+LATEST_LUA = (
+    _SHARED
+    + """
 local cur = redis.call('GET', KEYS[1])
 if cur and stored_is_newer(cur, ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 return 1
 """
+)
 
 # Cache writes. KEYS[1] the set; ARGV[1] max_items; ARGV[2] cutoff lex bound or "";
 # ARGV[3] ttl (ms); ARGV[4] "1" = only if the key exists (write-through), "0" = create (fill);
 # ARGV[5..] members, any order. Returns the set's size, or -1 when nothing was written.
-CACHE_TIMESERIES_LUA = _SHARED + """
+CACHE_TIMESERIES_LUA = (
+    _SHARED
+    + """
 local key = KEYS[1]
 if ARGV[4] == '1' and redis.call('EXISTS', key) == 0 then return -1 end
 add_members(key, 5, #ARGV)
@@ -72,21 +80,27 @@ redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(ARGV[1]) + 1))
 if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ARGV[3]) end
 return redis.call('ZCARD', key)
 """
+)
 
 # KEYS[1] the string; ARGV[1] version .. value; ARGV[2] ttl (ms). Newest wins as in
 # LATEST_LUA; the expiry is refreshed only when the value was written.
-CACHE_LATEST_LUA = _SHARED + """
+CACHE_LATEST_LUA = (
+    _SHARED
+    + """
 local cur = redis.call('GET', KEYS[1])
 if cur and stored_is_newer(cur, ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
+)
 
 # Write-through of many keys in one call (the rules of the two scripts above, with ARGV[4]
 # = "1"). KEYS[1..n]: value keys; KEYS[n+1..]: negative markers to delete. ARGV[1]: n;
 # then per value key: "l", ttl, member | "t", ttl, max_items, cutoff or "", count, members.
 # Returns n.
-CACHE_THROUGH_LUA = _SHARED + """
+CACHE_THROUGH_LUA = (
+    _SHARED
+    + """
 local n = tonumber(ARGV[1])
 local a = 2
 for k = 1, n do
@@ -111,6 +125,7 @@ end
 for k = n + 1, #KEYS do redis.call('DEL', KEYS[k]) end
 return n
 """
+)
 
 # Cache reads, one call a batch. KEYS: value key, negative key, ... ; ARGV[i]: "l" (latest)
 # or "t" (timeseries) of the i-th pair. Returns value, PTTL, negative PTTL per pair.

@@ -69,16 +69,18 @@ Call = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 """Runs one DynamoDB operation (`"BatchWriteItem"`, params) and returns its response."""
 
 _T = TypeVar("_T")
-_TRANSIENT_CODES = frozenset({
-    "ProvisionedThroughputExceededException",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "InternalServerError",
-    "ServiceUnavailable",
-    "ServiceUnavailableException",
-    "RequestTimeout",
-    "RequestTimeoutException",
-})
+_TRANSIENT_CODES = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "InternalServerError",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
 _CRED_ENV = (
     "AWS_ACCESS_KEY_ID",
     "AWS_PROFILE",
@@ -214,12 +216,14 @@ async def batch_get_all(
     rand: random.Random | None = None,
 ) -> list[dict[str, Any]]:
     """One BatchGetItem (<= 100 distinct keys), resending UnprocessedKeys with backoff."""
-    pending: dict[str, Any] = {table: {
-        "Keys": keys,
-        "ProjectionExpression": projection,
-        "ExpressionAttributeNames": names,
-        "ConsistentRead": consistent,
-    }}
+    pending: dict[str, Any] = {
+        table: {
+            "Keys": keys,
+            "ProjectionExpression": projection,
+            "ExpressionAttributeNames": names,
+            "ConsistentRead": consistent,
+        }
+    }
     found: list[dict[str, Any]] = []
     for attempt in range(attempts):
         if attempt:
@@ -276,7 +280,9 @@ class DynamoStore(Store):
         self.table = table
         self.endpoint_url = endpoint_url
         self.region = (
-            region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            region
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
             or "us-east-1"
         )
         self.concurrency = concurrency
@@ -372,25 +378,35 @@ class DynamoStore(Store):
     async def _ensure_ttl(self) -> None:
         """Enable TTL on `exp`; a backend without TTL only loses the lazy deletion."""
         try:
-            desc = (await self._call("DescribeTimeToLive", {"TableName": self.table}))
+            desc = await self._call("DescribeTimeToLive", {"TableName": self.table})
             ttl = desc.get("TimeToLiveDescription", {})
             if ttl.get("TimeToLiveStatus") in ("ENABLED", "ENABLING"):
                 if ttl.get("AttributeName") != "exp":
-                    log.warning("DynamoDB table %s has TTL on %r, not 'exp': expired items "
-                                "are hidden on read but not deleted", self.table,
-                                ttl.get("AttributeName"))
+                    log.warning(
+                        "DynamoDB table %s has TTL on %r, not 'exp': expired items "
+                        "are hidden on read but not deleted",
+                        self.table,
+                        ttl.get("AttributeName"),
+                    )
                 return
-            await self._call("UpdateTimeToLive", {
-                "TableName": self.table,
-                "TimeToLiveSpecification": {"Enabled": True, "AttributeName": "exp"},
-            })
+            await self._call(
+                "UpdateTimeToLive",
+                {
+                    "TableName": self.table,
+                    "TimeToLiveSpecification": {"Enabled": True, "AttributeName": "exp"},
+                },
+            )
         except TransientStoreError:
             raise
         except StoreError as exc:
             if _code(exc) == "ValidationException" and "already enabled" in str(exc).lower():
                 return
-            log.warning("could not enable TTL on DynamoDB table %s (%s): expired items are "
-                        "hidden on read but not deleted", self.table, exc)
+            log.warning(
+                "could not enable TTL on DynamoDB table %s (%s): expired items are "
+                "hidden on read but not deleted",
+                self.table,
+                exc,
+            )
 
     # ------------------------------------------------------------ I/O
 
@@ -433,13 +449,16 @@ class DynamoStore(Store):
 
     async def _put_latest(self, item: Item) -> None:
         try:
-            await self._call("PutItem", {
-                "TableName": self.table,
-                "Item": item_attrs(self._group(item.group), item),
-                "ConditionExpression": "attribute_not_exists(pk) OR #ver <= :ver",
-                "ExpressionAttributeNames": {"#ver": "ver"},
-                "ExpressionAttributeValues": {":ver": {"S": item.version}},
-            })
+            await self._call(
+                "PutItem",
+                {
+                    "TableName": self.table,
+                    "Item": item_attrs(self._group(item.group), item),
+                    "ConditionExpression": "attribute_not_exists(pk) OR #ver <= :ver",
+                    "ExpressionAttributeNames": {"#ver": "ver"},
+                    "ExpressionAttributeValues": {":ver": {"S": item.version}},
+                },
+            )
         except StoreError as exc:
             if _code(exc) != "ConditionalCheckFailedException":
                 raise
@@ -469,9 +488,11 @@ class DynamoStore(Store):
         series_keys = list(series)
         jobs: list[Awaitable[Any]] = [
             batch_get_all(
-                self._call, self.table,
+                self._call,
+                self.table,
                 [{"pk": {"S": pk}, "sk": {"S": NULL_SK}} for pk in chunk],
-                projection=_LATEST_PROJECTION, names={"#v": "v", "#ts": "ts", "#ver": "ver"},
+                projection=_LATEST_PROJECTION,
+                names={"#v": "v", "#ts": "ts", "#ver": "ver"},
                 consistent=self.consistent_read,
             )
             for chunk in chunked(pks, READ_CHUNK)

@@ -55,7 +55,6 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -63,21 +62,20 @@ from redis import exceptions as rx
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
+from featureplane.cache import Cached, CacheFill
 from featureplane.codec import Item, Record
 from featureplane.errors import StoreError, TransientStoreError, ValidationError
 from featureplane.keys import partition_key, version_bounds
 from featureplane.spec import Catalog, FeatureGroup
 from featureplane.stores import _redis_lua as lua
 from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
+from featureplane.ttl import Rand, jittered
 
 __all__ = [
     "THROUGH_KEYS",
     "VERSION_LEN",
-    "CacheFill",
-    "Cached",
     "RedisStore",
     "c_packing",
-    "jittered",
     "key_of",
     "latest_winner",
     "lex_range",
@@ -112,6 +110,7 @@ much CPU as one single-key call, and this bounds how long one call holds Redis."
 Call = tuple[str, list[bytes], list[bytes | int | str]]
 """One script call: sha, KEYS, ARGV."""
 
+
 def _hiredis_packer() -> Callable[[tuple[Any, ...]], bytes] | None:
     try:
         import hiredis
@@ -121,39 +120,6 @@ def _hiredis_packer() -> Callable[[tuple[Any, ...]], bytes] | None:
 
 
 _hiredis_pack = _hiredis_packer()
-
-Rand = Callable[[], float]
-"""Returns a float uniform in [0, 1); injected so jitter is testable."""
-
-
-@dataclass(frozen=True, slots=True)
-class CacheFill:
-    """What a lower tier answered for one (group, id), to be written to the cache.
-
-    `records` are the store's newest `max_items` (newest first) for a timeseries, or its
-    one value for a latest group; empty means "the store has nothing": a negative marker
-    with TTL `negative_ttl_ms` is written instead.
-    """
-
-    group: str
-    id: str
-    records: Sequence[Record]
-    negative_ttl_ms: int = 5_000
-
-
-@dataclass(frozen=True, slots=True)
-class Cached:
-    """One (group, id) as the cache holds it.
-
-    `records`: every member newest first ([] when the key is missing); `pttl`: the key's
-    remaining life in ms (None when missing); `negative_pttl`: the negative marker's
-    remaining life in ms (None when there is no marker).
-    """
-
-    records: list[Record]
-    pttl: int | None
-    negative_pttl: int | None
-
 
 # ---------------------------------------------------------------- pure layout
 
@@ -172,11 +138,6 @@ def negative_key_of(prefix: str, group: str, entity_id: str) -> bytes:
     Group names never contain ':', so `prefix + "neg:"...` cannot collide with a value key.
     """
     return key_of(prefix + "neg:", group, entity_id)
-
-
-def jittered(ms: int, jitter: float, r: float) -> int:
-    """`ms` shortened by up to `jitter` of itself: r in [0, 1) picks how much; at least 1."""
-    return max(1, int(ms * (1.0 - jitter * r)))
 
 
 def member_of(item: Item) -> bytes:
@@ -389,8 +350,9 @@ class RedisStore(Store):
                 results = await pipe.execute(raise_on_error=False)
             # NOSCRIPT after a restart or SCRIPT FLUSH: reload and rerun only those calls,
             # which is safe because every script call is idempotent.
-            missing = [c for c, r in zip(pending, results, strict=True)
-                       if isinstance(r, rx.NoScriptError)]
+            missing = [
+                c for c, r in zip(pending, results, strict=True) if isinstance(r, rx.NoScriptError)
+            ]
             _first_error([r for r in results if not isinstance(r, rx.NoScriptError)], "write")
             if not missing:
                 return
@@ -463,9 +425,7 @@ class RedisStore(Store):
                 entries.append((None, neg, []))
                 continue
             low = version_bounds(cutoff, None)[0] if cutoff is not None else ""
-            entries.append(
-                (key, neg, [b"t", ttl, group.max_items, low, len(members), *members])
-            )
+            entries.append((key, neg, [b"t", ttl, group.max_items, low, len(members), *members]))
         calls = [
             through_call(chunk) for chunk in through_chunks(entries, THROUGH_KEYS, self._slot_of())
         ]
@@ -557,10 +517,10 @@ class RedisStore(Store):
             with _translated("cache write"):
                 results = await pipe.execute(raise_on_error=False)
             mine = results[: len(pending)]
-            missing = [c for c, r in zip(pending, mine, strict=True)
-                       if isinstance(r, rx.NoScriptError)]
-            _first_error([r for r in results if not isinstance(r, rx.NoScriptError)],
-                         "cache write")
+            missing = [
+                c for c, r in zip(pending, mine, strict=True) if isinstance(r, rx.NoScriptError)
+            ]
+            _first_error([r for r in results if not isinstance(r, rx.NoScriptError)], "cache write")
             if not missing:
                 return
             if attempt == 0:

@@ -19,10 +19,10 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from featureplane.cli import main
 from featureplane.codec import decode
-from featureplane.services import Service, ServiceError, start_moto
 from featureplane.spec import load_catalog
 from featureplane.stores.base import Query
 from featureplane.stores.embedded import EmbeddedStore
+from tests.services import Service, ServiceError, start_moto
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CATALOG = load_catalog(EXAMPLES)

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from featureplane.services import Service, start_redis
 from featureplane.stores.base import Query
 from featureplane.stores.redis import RedisStore
 from tests.integration.ingest_env import Env, click, now_ms, wait_for
+from tests.services import Service, start_redis
 
 
 @pytest.fixture

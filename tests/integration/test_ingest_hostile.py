@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
+from featureplane.operators.commit import OffsetTracker
+from featureplane.operators.kafka import GroupConsumer, ensure_topics
+from featureplane.operators.records import Message, Origin
 from featureplane.stores.base import Query
-from operators.commit import OffsetTracker
-from operators.kafka import GroupConsumer, ensure_topics
-from operators.records import Message, Origin
 from tests.integration.ingest_env import Env, click, now_ms, wait_for
 
 MIB = 1024 * 1024

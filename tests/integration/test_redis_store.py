@@ -9,20 +9,20 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from featureplane.cache import CacheFill
 from featureplane.codec import Item, Record, make_item
 from featureplane.errors import StoreError, TransientStoreError
-from featureplane.services import free_port, start_redis
 from featureplane.spec import load_catalog
 from featureplane.stores.base import Query
 from featureplane.stores.redis import (
     THROUGH_KEYS,
     VERSION_LEN,
-    CacheFill,
     RedisStore,
     key_of,
     member_of,
     negative_key_of,
 )
+from tests.services import free_port, start_redis
 
 CATALOG = load_catalog(Path(__file__).parent.parent / "contract" / "catalog.yaml")
 T0 = 1_763_800_000_000

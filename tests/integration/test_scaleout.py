@@ -29,10 +29,10 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from featureplane.keys import partition_key, version
+from featureplane.operators.kafka import ensure_topics
+from featureplane.operators.route import dlq_topic, retry_topic
 from featureplane.spec import load_catalog
 from featureplane.stores.dynamodb import DynamoStore
-from operators.kafka import ensure_topics
-from operators.route import dlq_topic, retry_topic
 
 REPO = Path(__file__).resolve().parents[2]
 PARTITIONS = 6

@@ -14,15 +14,16 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from featureplane.cache import CacheFill
 from featureplane.codec import make_item
-from featureplane.services import start_redis
+from featureplane.serving.app import READER, create_app
+from featureplane.serving.config import ServeConfig
+from featureplane.serving.freshness import answer, entry_from_cache, entry_from_store
 from featureplane.spec import Catalog, load_catalog
 from featureplane.stores.base import Query, wall_clock_ms
 from featureplane.stores.embedded import EmbeddedStore
-from featureplane.stores.redis import CacheFill, RedisStore
-from serving.app import READER, create_app
-from serving.config import ServeConfig
-from serving.freshness import answer, entry_from_cache, entry_from_store
+from featureplane.stores.redis import RedisStore
+from tests.services import start_redis
 
 CATALOG = load_catalog(Path(__file__).parent.parent.parent / "examples")
 T0 = 1_763_800_000_000
@@ -38,19 +39,39 @@ async def _seed(data_dir: Path) -> None:
     async with EmbeddedStore(CATALOG, data_dir) as store:
         recent = CATALOG.group(RECENT)
         now = NOW
-        await store.write([
-            make_item(recent, "u1", now - i * 1000, f"c{i}",
-                      {"article_id": f"a{i}", "session_id": "s", "category": "bike"})
-            for i in range(40)
-        ] + [make_item(CATALOG.group("user_notification_keywords"), "u1", now, "k",
-                       {"keywords": {"bike", "desk"}, "updated_by": "app"})])
+        await store.write(
+            [
+                make_item(
+                    recent,
+                    "u1",
+                    now - i * 1000,
+                    f"c{i}",
+                    {"article_id": f"a{i}", "session_id": "s", "category": "bike"},
+                )
+                for i in range(40)
+            ]
+            + [
+                make_item(
+                    CATALOG.group("user_notification_keywords"),
+                    "u1",
+                    now,
+                    "k",
+                    {"keywords": {"bike", "desk"}, "updated_by": "app"},
+                )
+            ]
+        )
 
 
 @pytest.fixture
 async def client(tmp_path: Path, redis_url: str) -> AsyncIterator[TestClient[Any, Any]]:
     await _seed(tmp_path)
-    app = create_app(CATALOG, store=EmbeddedStore(CATALOG, tmp_path), redis=_redis(redis_url),
-                     token="s3cret", clock=lambda: NOW)
+    app = create_app(
+        CATALOG,
+        store=EmbeddedStore(CATALOG, tmp_path),
+        redis=_redis(redis_url),
+        token="s3cret",
+        clock=lambda: NOW,
+    )
     async with TestClient(TestServer(app)) as c:
         yield c
 
@@ -60,54 +81,89 @@ AUTH = {"Authorization": "Bearer s3cret"}
 
 async def test_post_features_shapes_and_order(client: TestClient[Any, Any]) -> None:
     now = NOW
-    body = {"requests": [
-        {"group": RECENT, "ids": ["u1", "nobody"], "limit": 2, "features": ["article_id"]},
-        {"group": "user_notification_keywords", "ids": ["u1", "nobody"]},
-        {"group": RECENT, "ids": ["u1"], "limit": 3, "since": now - 5000, "until": now - 3000},
-    ]}
+    body = {
+        "requests": [
+            {"group": RECENT, "ids": ["u1", "nobody"], "limit": 2, "features": ["article_id"]},
+            {"group": "user_notification_keywords", "ids": ["u1", "nobody"]},
+            {"group": RECENT, "ids": ["u1"], "limit": 3, "since": now - 5000, "until": now - 3000},
+        ]
+    }
     for _ in range(2):  # cold (store), then warm (local / redis)
         resp = await client.post("/v1/features", json=body, headers=AUTH)
         assert resp.status == 200 and resp.content_type == "application/json"
         assert (await resp.json())["results"] == [
-            {"group": RECENT, "id": "u1", "found": True, "items": [
-                {"ts": now, "features": {"article_id": "a0"}},
-                {"ts": now - 1000, "features": {"article_id": "a1"}}]},
+            {
+                "group": RECENT,
+                "id": "u1",
+                "found": True,
+                "items": [
+                    {"ts": now, "features": {"article_id": "a0"}},
+                    {"ts": now - 1000, "features": {"article_id": "a1"}},
+                ],
+            },
             {"group": RECENT, "id": "nobody", "found": False, "items": []},
-            {"group": "user_notification_keywords", "id": "u1", "found": True, "ts": now,
-             "features": {"keywords": ["bike", "desk"], "updated_by": "app"}},
+            {
+                "group": "user_notification_keywords",
+                "id": "u1",
+                "found": True,
+                "ts": now,
+                "features": {"keywords": ["bike", "desk"], "updated_by": "app"},
+            },
             {"group": "user_notification_keywords", "id": "nobody", "found": False},
-            {"group": RECENT, "id": "u1", "found": True, "items": [
-                {"ts": now - 3000 - 1000 * i,
-                 "features": {"article_id": f"a{3 + i}", "session_id": "s", "category": "bike"}}
-                for i in range(3)]},
+            {
+                "group": RECENT,
+                "id": "u1",
+                "found": True,
+                "items": [
+                    {
+                        "ts": now - 3000 - 1000 * i,
+                        "features": {
+                            "article_id": f"a{3 + i}",
+                            "session_id": "s",
+                            "category": "bike",
+                        },
+                    }
+                    for i in range(3)
+                ],
+            },
         ]
         await client.app[READER].idle()  # type: ignore[index]
 
 
 async def test_get_one_result(client: TestClient[Any, Any]) -> None:
-    resp = await client.get(f"/v1/features/{RECENT}/u1?limit=1&features=category",
-                            headers=AUTH)
+    resp = await client.get(f"/v1/features/{RECENT}/u1?limit=1&features=category", headers=AUTH)
     assert resp.status == 200
     got = await resp.json()
     assert got["found"] and got["items"][0]["features"] == {"category": "bike"}
 
 
-@pytest.mark.parametrize(("body", "code"), [
-    (b"{not json", "bad_request"),
-    (b"[]", "bad_request"),
-    (b'{"requests": {}}', "bad_request"),
-    (b'{"requests": [{"group": "nope", "ids": ["1"]}]}', "unknown_group"),
-    (b'{"requests": [{"group": "user_last_click", "ids": ["1"], "features": ["zz"]}]}',
-     "unknown_feature"),
-    (f'{{"requests": [{{"group": "{RECENT}", "ids": ["1"], "limit": 51}}]}}'.encode(),
-     "bad_limit"),
-    (f'{{"requests": [{{"group": "{RECENT}", "ids": ["1"], "limit": 0}}]}}'.encode(),
-     "bad_limit"),
-    (f'{{"requests": [{{"group": "{RECENT}", "ids": ["1"], "since": 5, "until": 4}}]}}'.encode(),
-     "bad_range"),
-    (b'{"requests": [{"group": "user_last_click", "ids": [1]}]}', "bad_request"),
-    (b'{"requests": [{"group": "user_last_click", "ids": [""]}]}', "bad_request"),
-])
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{not json", "bad_request"),
+        (b"[]", "bad_request"),
+        (b'{"requests": {}}', "bad_request"),
+        (b'{"requests": [{"group": "nope", "ids": ["1"]}]}', "unknown_group"),
+        (
+            b'{"requests": [{"group": "user_last_click", "ids": ["1"], "features": ["zz"]}]}',
+            "unknown_feature",
+        ),
+        (
+            f'{{"requests": [{{"group": "{RECENT}", "ids": ["1"], "limit": 51}}]}}'.encode(),
+            "bad_limit",
+        ),
+        (
+            f'{{"requests": [{{"group": "{RECENT}", "ids": ["1"], "limit": 0}}]}}'.encode(),
+            "bad_limit",
+        ),
+        (
+            f'{{"requests": [{{"group": "{RECENT}", "ids": ["1"], "since": 5, "until": 4}}]}}'.encode(),
+            "bad_range",
+        ),
+        (b'{"requests": [{"group": "user_last_click", "ids": [1]}]}', "bad_request"),
+        (b'{"requests": [{"group": "user_last_click", "ids": [""]}]}', "bad_request"),
+    ],
+)
 async def test_400s(client: TestClient[Any, Any], body: bytes, code: str) -> None:
     resp = await client.post("/v1/features", data=body, headers=AUTH)
     assert resp.status == 400
@@ -116,8 +172,9 @@ async def test_400s(client: TestClient[Any, Any], body: bytes, code: str) -> Non
 
 async def test_too_many_ids_and_body_too_large(client: TestClient[Any, Any]) -> None:
     ids = [str(i) for i in range(1001)]
-    resp = await client.post("/v1/features", headers=AUTH,
-                             json={"requests": [{"group": "user_last_click", "ids": ids}]})
+    resp = await client.post(
+        "/v1/features", headers=AUTH, json={"requests": [{"group": "user_last_click", "ids": ids}]}
+    )
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "too_many_ids"
     resp = await client.post("/v1/features", headers=AUTH, data=b" " * (1024 * 1024 + 1))
     assert resp.status == 413 and (await resp.json())["error"]["code"] == "body_too_large"
@@ -140,15 +197,25 @@ async def test_groups_health_ready_metrics_openapi(client: TestClient[Any, Any])
     assert (await client.get("/healthz")).status == 200
     ready = await client.get("/readyz")
     assert ready.status == 200
-    assert await ready.json() == {"ready": True, "status": "ok",
-                                  "tiers": {"store": "up", "redis": "up"}}
+    assert await ready.json() == {
+        "ready": True,
+        "status": "ok",
+        "tiers": {"store": "up", "redis": "up"},
+    }
     await client.get(f"/v1/features/{RECENT}/u1", headers=AUTH)
     text = await (await client.get("/metrics")).text()
     assert "featureplane_http_request_seconds_bucket" in text
     assert 'featureplane_cache_events_total{event="miss",group="' + RECENT in text
     spec = await (await client.get("/openapi.json")).json()
-    assert set(spec["paths"]) >= {"/v1/features", "/v1/features/{group}/{id}", "/v1/groups",
-                                  "/healthz", "/readyz", "/metrics", "/openapi.json"}
+    assert set(spec["paths"]) >= {
+        "/v1/features",
+        "/v1/features/{group}/{id}",
+        "/v1/groups",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+    }
 
 
 # ---------------------------------------------------------------- tier equivalence
@@ -173,7 +240,8 @@ def scenarios(draw: Any) -> tuple[str, list[int], list[int], tuple[int, int | No
 @given(case=scenarios())
 def test_every_tier_gives_the_same_answer(
     case: tuple[str, list[int], list[int], tuple[int, int | None, int | None]],
-    redis_url: str, tmp_path_factory: pytest.TempPathFactory,
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     asyncio.run(_equivalence(case, redis_url, tmp_path_factory.getbasetemp() / "equiv"))
 
@@ -185,14 +253,16 @@ async def _equivalence(case: Any, redis_url: str, data_dir: Path) -> None:
     clock = lambda: T0 + 40 * 60_000 if name == "aged" else T0  # noqa: E731
     uid = uuid.uuid4().hex
     data_dir.mkdir(exist_ok=True)
-    items = [make_item(group, uid, base + t * 60_000, f"e{n}", {"x": n})
-             for n, t in enumerate(tss)]
-    news = [make_item(group, uid, base + t * 60_000, f"n{n}", {"x": -n})
-            for n, t in enumerate(later)]
+    items = [make_item(group, uid, base + t * 60_000, f"e{n}", {"x": n}) for n, t in enumerate(tss)]
+    news = [
+        make_item(group, uid, base + t * 60_000, f"n{n}", {"x": -n}) for n, t in enumerate(later)
+    ]
     s = None if since is None else base + since * 60_000
     u = None if until is None else base + until * 60_000
-    async with EmbeddedStore(CONTRACT, data_dir, clock=clock) as store, \
-            RedisStore(CONTRACT, redis_url, clock=clock, prefix=f"q{uid[:8]}:") as redis:
+    async with (
+        EmbeddedStore(CONTRACT, data_dir, clock=clock) as store,
+        RedisStore(CONTRACT, redis_url, clock=clock, prefix=f"q{uid[:8]}:") as redis,
+    ):
         await store.write(items)
         newest = (await store.read([Query(name, uid, group.max_items)]))[0]
         await redis.fill([CacheFill(name, uid, newest)])
@@ -206,8 +276,9 @@ async def _equivalence(case: Any, redis_url: str, data_dir: Path) -> None:
         [cached] = await redis.read_cached([(name, uid)])
         if cached.records:
             assert cached.pttl is not None
-            via_redis = answer(entry_from_cache(group, cached.records, cached.pttl, T0, 0),
-                               "timeseries", *q)
+            via_redis = answer(
+                entry_from_cache(group, cached.records, cached.pttl, T0, 0), "timeseries", *q
+            )
             assert via_redis is None or via_redis == truth
         if s is None and u is None:  # no range: the newest-max_items entry always answers
             assert local == truth
@@ -220,15 +291,23 @@ async def test_redis_killed_during_load_no_errors(tmp_path: Path) -> None:
     svc = start_redis(workdir=tmp_path / "redis")
     try:
         await _seed(tmp_path)
-        groups = {n: g.model_copy(update={"tiers": ("redis", "store")})
-                  for n, g in CATALOG.groups.items()}
+        groups = {
+            n: g.model_copy(update={"tiers": ("redis", "store")}) for n, g in CATALOG.groups.items()
+        }
         catalog = Catalog(groups=groups)
-        app = create_app(catalog, store=EmbeddedStore(catalog, tmp_path),
-                         redis=RedisStore(catalog, f"redis://{svc.address}/0"),
-                         config=ServeConfig(local_cache_mb=0),
-                         clock=lambda: NOW)
-        body = {"requests": [{"group": RECENT, "ids": ["u1"], "limit": 5},
-                             {"group": "user_notification_keywords", "ids": ["u1", "x"]}]}
+        app = create_app(
+            catalog,
+            store=EmbeddedStore(catalog, tmp_path),
+            redis=RedisStore(catalog, f"redis://{svc.address}/0"),
+            config=ServeConfig(local_cache_mb=0),
+            clock=lambda: NOW,
+        )
+        body = {
+            "requests": [
+                {"group": RECENT, "ids": ["u1"], "limit": 5},
+                {"group": "user_notification_keywords", "ids": ["u1", "x"]},
+            ]
+        }
         statuses: list[int] = []
         answers: list[Any] = []
         async with TestClient(TestServer(app)) as client:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from featureplane.cache import CacheFill
 from featureplane.codec import Item, Record, make_item
 from featureplane.spec import load_catalog
-from featureplane.stores.redis import CacheFill, RedisStore, jittered
+from featureplane.stores.redis import RedisStore
+from featureplane.ttl import jittered
 
 CATALOG = load_catalog(Path(__file__).parent.parent / "contract" / "catalog.yaml")
 T0 = 1_763_800_000_000

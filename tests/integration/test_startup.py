@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from featureplane.services import free_port
+from tests.services import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from featureplane.services import free_port
 from featureplane.spec import parse_duration
-from featureplane.up import DRAIN, plan_children, stop_timeout
+from featureplane.cli.up import DRAIN, plan_children, stop_timeout
+from tests.services import free_port
 
 GROUP = "recent_user_clicked_fleaMarketArticles"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

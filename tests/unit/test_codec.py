@@ -116,4 +116,3 @@ def test_check_id_fast_path_keeps_the_limits() -> None:
         check_id("\u00e9" * (MAX_ID_BYTES // 2 + 1))  # 2 bytes a character
     with pytest.raises(ValidationError, match="unicode"):
         check_id("a\ud800")
-

@@ -43,8 +43,10 @@ def profile(uid: str, ts: int, event: str) -> Any:
 
 def client_error(code: str, status: int = 400, message: str = "boom") -> ClientError:
     return ClientError(
-        {"Error": {"Code": code, "Message": message},
-         "ResponseMetadata": {"HTTPStatusCode": status}},
+        {
+            "Error": {"Code": code, "Message": message},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
         "Op",
     )
 
@@ -111,8 +113,13 @@ def test_expiry_is_epoch_seconds_rounded_up() -> None:
 
 
 def test_map_error() -> None:
-    for code in ["ProvisionedThroughputExceededException", "ThrottlingException",
-                 "RequestLimitExceeded", "InternalServerError", "ServiceUnavailable"]:
+    for code in [
+        "ProvisionedThroughputExceededException",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "InternalServerError",
+        "ServiceUnavailable",
+    ]:
         err = map_error(client_error(code), "PutItem")
         assert isinstance(err, TransientStoreError), code
         assert code in str(err) and "PutItem" in str(err)
@@ -120,10 +127,12 @@ def test_map_error() -> None:
     bad = map_error(client_error("ValidationException"), "Query")
     assert type(bad) is StoreError and "ValidationException: boom" in str(bad)
     assert str(map_error(client_error("X", message=""), "Q")) == "DynamoDB Q failed: X"
-    assert isinstance(map_error(EndpointConnectionError(endpoint_url="http://x"), "Q"),
-                      TransientStoreError)
-    assert isinstance(map_error(ReadTimeoutError(endpoint_url="http://x"), "Q"),
-                      TransientStoreError)
+    assert isinstance(
+        map_error(EndpointConnectionError(endpoint_url="http://x"), "Q"), TransientStoreError
+    )
+    assert isinstance(
+        map_error(ReadTimeoutError(endpoint_url="http://x"), "Q"), TransientStoreError
+    )
     assert isinstance(map_error(TimeoutError(), "Q"), TransientStoreError)
     assert type(map_error(RuntimeError("no"), "Q")) is StoreError
 
@@ -184,15 +193,15 @@ async def test_batch_get_retries_unprocessed_keys() -> None:
     await batch_write_all(fake, "t", puts(4))
     fake.fail = 2
     keys = [{"pk": {"S": f"k{i}"}, "sk": {"S": "~"}} for i in range(6)]
-    found = await batch_get_all(fake, "t", keys, projection="#v", names={"#v": "v"},
-                                sleep=Sleeps())
+    found = await batch_get_all(fake, "t", keys, projection="#v", names={"#v": "v"}, sleep=Sleeps())
     assert sorted(a["pk"]["S"] for a in found) == [f"k{i}" for i in range(4)]
     retry = fake.calls[-1][1]["RequestItems"]["t"]
     assert retry["ProjectionExpression"] == "#v" and len(retry["Keys"]) == 1
     fake.fail = 100
     with pytest.raises(TransientStoreError, match="keys unprocessed"):
-        await batch_get_all(fake, "t", keys, projection="#v", names={"#v": "v"},
-                            attempts=2, sleep=Sleeps())
+        await batch_get_all(
+            fake, "t", keys, projection="#v", names={"#v": "v"}, attempts=2, sleep=Sleeps()
+        )
 
 
 # ---------------------------------------------------------------- the store over a fake client
@@ -244,16 +253,21 @@ async def test_write_dedupes_and_chunks_by_25() -> None:
     items = [click(f"u{i % 3}", T0 + i, i) for i in range(60)]
     await store.write(items + items[:10])  # replays inside one call
     assert sorted(len(w) for w in client.writes) == [10, 25, 25]
-    keys = [(r["PutRequest"]["Item"]["pk"]["S"], r["PutRequest"]["Item"]["sk"]["S"])
-            for w in client.writes for r in w]
+    keys = [
+        (r["PutRequest"]["Item"]["pk"]["S"], r["PutRequest"]["Item"]["sk"]["S"])
+        for w in client.writes
+        for r in w
+    ]
     assert len(keys) == len(set(keys)) == 60
 
 
 async def test_latest_writes_send_only_the_newest_and_ignore_stale_conflicts() -> None:
     store, client = fake_store()
     await store.write([profile("u1", T0 + 9, "new")])
-    await store.write([profile("u1", T0 + i, f"e{i}") for i in range(5)]
-                      + [profile("u2", T0, "a"), profile("u2", T0 + 1, "b")])
+    await store.write(
+        [profile("u1", T0 + i, f"e{i}") for i in range(5)]
+        + [profile("u2", T0, "a"), profile("u2", T0 + 1, "b")]
+    )
     sent = [(p["Item"]["pk"]["S"], p["Item"]["ts"]["N"]) for p in client.puts]
     assert sent == [("profile#u1", str(T0 + 9)), ("profile#u2", str(T0 + 1))]
     assert client.puts[0]["ConditionExpression"] == "attribute_not_exists(pk) OR #ver <= :ver"
@@ -270,11 +284,13 @@ async def test_read_dedupes_latest_keys_chunks_by_100_and_keeps_order() -> None:
 
 async def test_read_clamps_timeseries_queries() -> None:
     store, client = fake_store()
-    got = await store.read([
-        Query("clicks", "u1", limit=500),
-        Query("clicks", "u1", limit=5, since=T0 + 10, until=T0),  # empty range: no request
-        Query("clicks", "u1", limit=5, until=-1),
-    ])
+    got = await store.read(
+        [
+            Query("clicks", "u1", limit=500),
+            Query("clicks", "u1", limit=5, since=T0 + 10, until=T0),  # empty range: no request
+            Query("clicks", "u1", limit=5, until=-1),
+        ]
+    )
     assert got == [[], [], []]
     assert len(client.queries) == 1
     q = client.queries[0]

@@ -6,7 +6,8 @@ import socket
 
 import pytest
 
-from featureplane.lifecycle import StartupError, check_kafka_reachable, check_port_free
+from featureplane.errors import StartupError
+from featureplane.lifecycle import check_kafka_reachable, check_port_free
 
 
 def test_a_taken_port_names_itself_and_the_setting() -> None:

@@ -16,17 +16,14 @@ from hypothesis import strategies as st
 
 from featureplane.codec import Item
 from featureplane.errors import TransientStoreError
-from featureplane.settings import Settings
-from featureplane.spec import load_catalog
-from featureplane.stores.base import Query, Store
-from operators.aggregate import Aggregator
-from operators.commit import OffsetTracker
-from operators.decode import MalformedError, decode_event, decode_works
-from operators.dispatch import MISSING, Dispatcher, get_path
-from operators.pipeline import Pipeline, PipelineConfig
-from operators.records import Event, Message, Origin, Work
-from operators.retry import Backoff, RetryHold
-from operators.route import (
+from featureplane.operators.aggregate import Aggregator
+from featureplane.operators.commit import OffsetTracker
+from featureplane.operators.decode import MalformedError, decode_event, decode_works
+from featureplane.operators.dispatch import MISSING, Dispatcher, get_path
+from featureplane.operators.pipeline import Pipeline, PipelineConfig
+from featureplane.operators.records import Event, Message, Origin, Work
+from featureplane.operators.retry import Backoff, RetryHold
+from featureplane.operators.route import (
     TIERS_HEADER,
     Abandon,
     Outgoing,
@@ -36,7 +33,10 @@ from operators.route import (
     route_of,
     wire_size,
 )
-from operators.write import Writer, classify
+from featureplane.operators.write import Writer, classify
+from featureplane.settings import Settings
+from featureplane.spec import load_catalog
+from featureplane.stores.base import Query, Store
 
 CATALOG = load_catalog(Path(__file__).resolve().parents[2] / "examples")
 T = 1_763_800_000_000

@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from featureplane import services
+from featureplane.cli import broker
+from tests import services
 
 
-def test_missing_binary_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_missing_binary_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(services, "REPO", tmp_path)
+    monkeypatch.setattr(broker, "REPO", tmp_path)
     with pytest.raises(services.ServiceError, match="apt-get install -y redis-server"):
         services.find_binary("redis-server")
     with pytest.raises(services.ServiceError, match="dynalite@4"):

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from serving.coalesce import Coalescer
+from featureplane.serving.coalesce import Coalescer
 
 
 class Recorder:

@@ -12,18 +12,23 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from featureplane.errors import StoreError
+from featureplane.serving.api import ApiError, parse_body, parse_query
+from featureplane.serving.app import create_app, drain
+from featureplane.serving.config import ServeConfig
+from featureplane.serving.connections import fit_to_fd_limit
+from featureplane.serving.logs import RateLimitedLog
 from featureplane.spec import Catalog, FeatureGroup
-from serving.api import ApiError, parse_body, parse_query
-from serving.app import create_app, drain
-from serving.config import ServeConfig
-from serving.connections import fit_to_fd_limit
-from serving.logs import RateLimitedLog
 from tests.unit.test_serving_reader import FakeStore
 
-GROUP = FeatureGroup.model_validate({
-    "name": "ts", "entity": "u", "kind": "timeseries", "max_items": 5,
-    "features": [{"name": "x", "type": "int"}],
-})
+GROUP = FeatureGroup.model_validate(
+    {
+        "name": "ts",
+        "entity": "u",
+        "kind": "timeseries",
+        "max_items": 5,
+        "features": [{"name": "x", "type": "int"}],
+    }
+)
 CATALOG = Catalog(groups={"ts": GROUP})
 
 
@@ -31,16 +36,29 @@ def _nested(depth: int, leaf: bytes = b"1") -> bytes:
     return b"[" * depth + leaf + b"]" * depth
 
 
-@pytest.mark.parametrize("value", [
-    _nested(900), _nested(1_000), _nested(20_000), b'{"a":' * 1_000 + b"1" + b"}" * 1_000,
-    b"9" * 5_000, b'"' + b"x" * 2_000_000 + b'"', b"NaN", b'"\\ud800"', b'"\xff"',
-    b"[" + b",".join([b'"' + b"y" * 100 + b'"'] * 10_000) + b"]",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        _nested(900),
+        _nested(1_000),
+        _nested(20_000),
+        b'{"a":' * 1_000 + b"1" + b"}" * 1_000,
+        b"9" * 5_000,
+        b'"' + b"x" * 2_000_000 + b'"',
+        b"NaN",
+        b'"\\ud800"',
+        b'"\xff"',
+        b"[" + b",".join([b'"' + b"y" * 100 + b'"'] * 10_000) + b"]",
+    ],
+)
 @pytest.mark.parametrize("field", ["group", "ids", "limit", "since", "features", "extra"])
 def test_any_value_in_any_field_is_a_small_400(field: str, value: bytes) -> None:
     fields = {"group": b'"ts"', "ids": b'["u1"]', field: value}
-    body = b'{"requests": [{' + b",".join(b'"%s": %s' % (k.encode(), v)
-                                          for k, v in fields.items()) + b"}]}"
+    body = (
+        b'{"requests": [{'
+        + b",".join(b'"%s": %s' % (k.encode(), v) for k, v in fields.items())
+        + b"}]}"
+    )
     with pytest.raises(ApiError) as err:
         parse_body(CATALOG, body)
     assert err.value.status == 400
@@ -72,9 +90,11 @@ def test_rate_limited_log_one_line_a_kind_an_interval(caplog: pytest.LogCaptureF
         now[0] = 60.0
         assert events.event("refused", "refused")
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["refused (1 such event since the last line of this kind)",
-                     "other (1 such event since the last line of this kind)",
-                     "refused (10000 such events since the last line of this kind)"]
+    assert lines == [
+        "refused (1 such event since the last line of this kind)",
+        "other (1 such event since the last line of this kind)",
+        "refused (10000 such events since the last line of this kind)",
+    ]
 
 
 def test_connection_cap_fits_the_fd_limit() -> None:
@@ -102,8 +122,11 @@ async def test_readyz_states() -> None:
         store.down = True
         resp = await client.get("/readyz")
         assert resp.status == 503
-        assert await resp.json() == {"ready": False, "status": "unavailable",
-                                     "tiers": {"store": "down"}}
+        assert await resp.json() == {
+            "ready": False,
+            "status": "unavailable",
+            "tiers": {"store": "down"},
+        }
         store.down = False
         drain(app)
         resp = await client.get("/readyz")
@@ -119,8 +142,10 @@ def test_k8s_probes_match_the_endpoints_and_the_drain() -> None:
     assert serve["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert serve["livenessProbe"]["httpGet"]["path"] == "/healthz"
     config = ServeConfig()
-    assert serve["livenessProbe"]["periodSeconds"] * serve["livenessProbe"][
-        "failureThreshold"] > config.header_timeout
+    assert (
+        serve["livenessProbe"]["periodSeconds"] * serve["livenessProbe"]["failureThreshold"]
+        > config.header_timeout
+    )
     assert pod["terminationGracePeriodSeconds"] > config.drain_delay + config.shutdown_timeout
 
 

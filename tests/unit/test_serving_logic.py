@@ -9,10 +9,8 @@ import pytest
 
 from featureplane.codec import Record
 from featureplane.keys import version
-from featureplane.spec import FeatureGroup
-from featureplane.stores.redis import jittered
-from serving.breaker import Breaker, BreakerState
-from serving.freshness import (
+from featureplane.serving.breaker import Breaker, BreakerState
+from featureplane.serving.freshness import (
     Freshness,
     answer,
     entry_from_cache,
@@ -22,17 +20,29 @@ from serving.freshness import (
     rebased,
     xfetch,
 )
-from serving.local import LocalCache
+from featureplane.serving.local import LocalCache
+from featureplane.spec import FeatureGroup
+from featureplane.ttl import jittered
 
 T0 = 1_763_800_000_000
-TS = FeatureGroup.model_validate({
-    "name": "ts", "entity": "u", "kind": "timeseries", "max_items": 5,
-    "features": [{"name": "x", "type": "int"}],
-    "ttl": {"soft": "10s", "hard": "60s", "jitter": 0.2},
-})
-LATEST = FeatureGroup.model_validate({
-    "name": "l", "entity": "u", "kind": "latest", "features": [{"name": "x", "type": "int"}],
-})
+TS = FeatureGroup.model_validate(
+    {
+        "name": "ts",
+        "entity": "u",
+        "kind": "timeseries",
+        "max_items": 5,
+        "features": [{"name": "x", "type": "int"}],
+        "ttl": {"soft": "10s", "hard": "60s", "jitter": 0.2},
+    }
+)
+LATEST = FeatureGroup.model_validate(
+    {
+        "name": "l",
+        "entity": "u",
+        "kind": "latest",
+        "features": [{"name": "x", "type": "int"}],
+    }
+)
 
 
 def rec(ts: int) -> Record:

@@ -11,30 +11,36 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from featureplane.codec import Item, Record, make_item
 from featureplane.errors import TransientStoreError
+from featureplane.serving.app import READER, create_app
+from featureplane.serving.config import ServeConfig
+from featureplane.serving.local import LocalCache
+from featureplane.serving.metrics import Metrics
+from featureplane.serving.tiers import Lookup, ReaderConfig, TieredReader
 from featureplane.spec import Catalog, FeatureGroup
 from featureplane.stores.base import Query, Store
-from serving.app import READER, create_app
-from serving.config import ServeConfig
-from serving.local import LocalCache
-from serving.metrics import Metrics
-from serving.tiers import Lookup, ReaderConfig, TieredReader
 
 T0 = 1_763_800_000_000
 
 
 def _group(**kw: Any) -> FeatureGroup:
-    base = {"entity": "u", "features": [{"name": "x", "type": "int"}],
-            "ttl": {"soft": "10s", "hard": "60s", "jitter": 0}}
+    base = {
+        "entity": "u",
+        "features": [{"name": "x", "type": "int"}],
+        "ttl": {"soft": "10s", "hard": "60s", "jitter": 0},
+    }
     return FeatureGroup.model_validate({**base, **kw})
 
 
-CATALOG = Catalog(groups={
-    "last": _group(name="last", kind="latest", tiers=["local", "store"]),
-    "recent": _group(name="recent", kind="timeseries", max_items=5, tiers=["local", "store"]),
-    "computed": _group(name="computed", kind="latest",
-                       on_demand="test_serving_reader:compute_x"),
-    "broken": _group(name="broken", kind="latest", on_demand="test_serving_reader:explode"),
-})
+CATALOG = Catalog(
+    groups={
+        "last": _group(name="last", kind="latest", tiers=["local", "store"]),
+        "recent": _group(name="recent", kind="timeseries", max_items=5, tiers=["local", "store"]),
+        "computed": _group(
+            name="computed", kind="latest", on_demand="test_serving_reader:compute_x"
+        ),
+        "broken": _group(name="broken", kind="latest", on_demand="test_serving_reader:explode"),
+    }
+)
 
 
 def compute_x(entity_id: str) -> dict[str, int] | None:
@@ -67,10 +73,12 @@ class FakeStore(Store):
         out = []
         for q in queries:
             limit, since, until = self.clamp(self.catalog.group(q.group), q)
-            its = sorted(self.items.get((q.group, q.id), []), key=lambda i: i.version,
-                         reverse=True)
-            its = [i for i in its if (since is None or i.ts >= since)
-                   and (until is None or i.ts <= until)][:limit]
+            its = sorted(self.items.get((q.group, q.id), []), key=lambda i: i.version, reverse=True)
+            its = [
+                i
+                for i in its
+                if (since is None or i.ts >= since) and (until is None or i.ts <= until)
+            ][:limit]
             out.append([Record(i.ts, i.version, i.value) for i in its])
         return out
 
@@ -84,9 +92,16 @@ class Clock:
 
 
 def reader(store: FakeStore, clock: Clock, rand: float = 0.5) -> TieredReader:
-    return TieredReader(catalog=CATALOG, store=store, redis=None, local=LocalCache(1 << 20),
-                        metrics=Metrics(), clock=clock, rand=lambda: rand,
-                        config=ReaderConfig(negative_ttl_ms=2_000, xfetch_beta=0.0))
+    return TieredReader(
+        catalog=CATALOG,
+        store=store,
+        redis=None,
+        local=LocalCache(1 << 20),
+        metrics=Metrics(),
+        clock=clock,
+        rand=lambda: rand,
+        config=ReaderConfig(negative_ttl_ms=2_000, xfetch_beta=0.0),
+    )
 
 
 async def test_single_flight_100_concurrent_misses_one_store_read() -> None:
@@ -94,8 +109,7 @@ async def test_single_flight_100_concurrent_misses_one_store_read() -> None:
     await store.write([make_item(CATALOG.group("last"), "u1", T0, "e", {"x": 1})])
     store.delay = 0.05
     r = reader(store, clock)
-    got = await asyncio.gather(*(r.read([Lookup(CATALOG.group("last"), "u1")])
-                                 for _ in range(100)))
+    got = await asyncio.gather(*(r.read([Lookup(CATALOG.group("last"), "u1")]) for _ in range(100)))
     assert store.reads == 1
     assert all(g[0] is not None and g[0][0].ts == T0 for g in got)
     await r.read([Lookup(CATALOG.group("last"), "u1")])
@@ -156,8 +170,15 @@ async def test_app_503_when_store_down_and_nothing_cached_and_on_demand() -> Non
     store = FakeStore(CATALOG)
     await store.write([make_item(CATALOG.group("last"), "u", T0, "a", {"x": 7})])
     async with TestClient(TestServer(_app(store))) as client:
-        ok = await client.post("/v1/features", json={"requests": [
-            {"group": "last", "ids": ["u"]}, {"group": "computed", "ids": ["abc", "nobody"]}]})
+        ok = await client.post(
+            "/v1/features",
+            json={
+                "requests": [
+                    {"group": "last", "ids": ["u"]},
+                    {"group": "computed", "ids": ["abc", "nobody"]},
+                ]
+            },
+        )
         assert ok.status == 200
         assert (await ok.json())["results"] == [
             {"group": "last", "id": "u", "found": True, "ts": T0, "features": {"x": 7}},

@@ -26,7 +26,7 @@ from featureplane.lifecycle import check_kafka_reachable
 
 __all__ = ["add_arguments", "events", "run"]
 
-log = logging.getLogger("featureplane.demo")
+log = logging.getLogger("featureplane.cli.demo")
 
 CATEGORIES = ("bike", "furniture", "books", "baby", "phones", "games", "plants", "kitchen")
 KEYWORDS = ("bike", "sofa", "stroller", "iphone", "lego", "monstera", "desk", "camera", "tent")

@@ -1,8 +1,9 @@
-"""Start the local stand-ins for Kafka, Redis and DynamoDB as child processes.
+"""Local services as child processes: the embedded Kafka-compatible broker of `up`.
 
-Used by `featureplane up` (the broker), the test harness and the benches.
 Each service gets a free loopback port and its own directory; `stop()` ends
 it. A missing binary raises `ServiceError` with the command that installs it.
+The test harness (`tests/services.py`) starts Redis, dynalite and moto the
+same way.
 """
 
 from __future__ import annotations
@@ -16,23 +17,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featureplane.errors import FeatureplaneError
+from featureplane.errors import StartupError
 
 __all__ = [
     "Service",
     "ServiceError",
     "find_binary",
     "free_port",
-    "start_dynalite",
-    "start_moto",
-    "start_redis",
+    "start_process",
     "start_tansu",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
+"""The source tree, when run from one (where `./dev setup` puts dynalite)."""
 
 
-class ServiceError(FeatureplaneError):
+class ServiceError(StartupError):
     """A local service could not be found or started."""
 
 
@@ -125,7 +125,9 @@ def _wait_port(svc: Service, timeout: float) -> None:
     raise ServiceError(f"{svc.name} did not listen on port {svc.port} within {timeout:.0f}s")
 
 
-def _start(name: str, argv: list[str], port: int, workdir: Path | None, timeout: float) -> Service:
+def start_process(
+    name: str, argv: list[str], port: int, workdir: Path | None, timeout: float
+) -> Service:
     own = workdir is None
     wd = Path(tempfile.mkdtemp(prefix=f"fp-{name}-")) if workdir is None else workdir
     wd.mkdir(parents=True, exist_ok=True)
@@ -144,45 +146,6 @@ def _start(name: str, argv: list[str], port: int, workdir: Path | None, timeout:
     return svc
 
 
-def start_redis(port: int | None = None, workdir: Path | None = None) -> Service:
-    port = port or free_port()
-    argv = [
-        find_binary("redis-server"),
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
-    ]
-    return _start("redis", argv, port, workdir, 20)
-
-
-def start_dynalite(port: int | None = None, workdir: Path | None = None) -> Service:
-    port = port or free_port()
-    wd = workdir or Path(tempfile.mkdtemp(prefix="fp-dynalite-"))
-    argv = [
-        find_binary("dynalite"),
-        "--port",
-        str(port),
-        "--path",
-        str(wd / "db"),
-        "--createTableMs",
-        "0",
-        "--deleteTableMs",
-        "0",
-        "--updateTableMs",
-        "0",
-    ]
-    svc = _start("dynalite", argv, port, wd, 30)
-    svc.own_dir = workdir is None
-    return svc
-
-
 def start_tansu(port: int | None = None, workdir: Path | None = None) -> Service:
     port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"
@@ -196,23 +159,4 @@ def start_tansu(port: int | None = None, workdir: Path | None = None) -> Service
         "--storage-engine",
         "memory://tansu/",
     ]
-    return _start("tansu", argv, port, workdir, 30)
-
-
-def start_moto(port: int | None = None) -> Service:
-    """An S3 (and more) API on loopback, for `load s3://...` tests."""
-    port = port or free_port()
-    argv = [find_binary("moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-    return _start("moto", argv, port, None, 30)
-
-
-if __name__ == "__main__":  # pragma: no cover - manual helper: python -m featureplane.services
-    services = [start_redis(), start_dynalite(), start_tansu()]
-    for s in services:
-        print(f"{s.name}: {s.address} (log {s.log})")
-    try:
-        input("press Enter to stop\n")
-    finally:
-        for s in services:
-            s.cleanup()
-    sys.exit(0)
+    return start_process("tansu", argv, port, workdir, 30)

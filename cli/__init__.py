@@ -31,14 +31,20 @@ __all__ = [
 
 # name -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("featureplane.up", "run the whole platform on this machine on embedded defaults"),
-    "serve": ("serving.main", "run the HTTP feature server"),
-    "ingest": ("flows.ingest", "run the stream ingestion dataflow"),
-    "retry": ("flows.retry", "run the retry-topic dataflow"),
-    "backfill": ("batch.backfill", "reprocess a Kafka topic's time range into the store"),
-    "load": ("batch.load", "load a JSONL or Parquet file into a feature group"),
-    "validate": ("featureplane.validate", "check spec files and print every problem"),
-    "demo-events": ("featureplane.demo", "feed sample events for the example catalog into Kafka"),
+    "up": ("featureplane.cli.up", "run the whole platform on this machine on embedded defaults"),
+    "serve": ("featureplane.serving.main", "run the HTTP feature server"),
+    "ingest": ("featureplane.flows.ingest", "run the stream ingestion dataflow"),
+    "retry": ("featureplane.flows.retry", "run the retry-topic dataflow"),
+    "backfill": (
+        "featureplane.batch.backfill",
+        "reprocess a Kafka topic's time range into the store",
+    ),
+    "load": ("featureplane.batch.load", "load a JSONL or Parquet file into a feature group"),
+    "validate": ("featureplane.cli.validate", "check spec files and print every problem"),
+    "demo-events": (
+        "featureplane.cli.demo",
+        "feed sample events for the example catalog into Kafka",
+    ),
 }
 
 _FLAG_FIELDS = (

@@ -29,25 +29,26 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import IO
 
 from featureplane.cli import add_kafka_options, add_spec_option, settings_from
+from featureplane.cli.broker import Service, free_port, start_tansu
+from featureplane.errors import StartupError
 from featureplane.lifecycle import (
     STOP,
-    StartupError,
     check_kafka_reachable,
     check_port_free,
     install_stop_handlers,
 )
-from featureplane.services import REPO, Service, free_port, start_tansu
 from featureplane.spec import Catalog, load_catalog, parse_duration
 
 __all__ = ["add_arguments", "run"]
 
-log = logging.getLogger("featureplane.up")
+log = logging.getLogger("featureplane.cli.up")
 
-EXAMPLES = REPO / "examples"
+EXAMPLES = Path(str(resources.files("featureplane.examples")))
 READY_TIMEOUT_S = 90.0
 MAX_RESTARTS, RESTART_WINDOW_S = 3, 60.0
 DRAIN = "10s"
@@ -208,8 +209,8 @@ def create_topics(bootstrap: str, catalog: Catalog, partitions: int = 4) -> None
     """Create each spec topic and its .retry and .dlq topics if missing."""
     from confluent_kafka import KafkaException
 
-    from operators.kafka import ensure_topics
-    from operators.route import dlq_topic, retry_topic
+    from featureplane.operators.kafka import ensure_topics
+    from featureplane.operators.route import dlq_topic, retry_topic
 
     wanted = [name for t in catalog.topics for name in (t, retry_topic(t), dlq_topic(t))]
     try:

@@ -1,0 +1,1 @@
+"""The example catalog, shipped as package data: `featureplane up --demo` runs from a wheel."""
