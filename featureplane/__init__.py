@@ -1,8 +1,16 @@
 """featureplane: a self-hosted real-time feature platform for recommender systems.
 
-This package holds what ingestion, serving and batch share: the spec model,
-keys, the item codec, settings and the store backends.
+This package is the core that ingestion, serving and batch share: the spec
+model, keys, the item codec, errors, settings and the store backends. It
+imports none of the parts built on it (cli, flows, operators, serving, batch).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
 __all__ = ["__version__"]
+
+try:
+    # Written once, in pyproject.toml; the installed metadata carries it here.
+    __version__ = version("featureplane")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
