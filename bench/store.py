@@ -28,7 +28,8 @@ from featureplane.spec import load_catalog
 from featureplane.stores.base import Query, Store
 from featureplane.stores.dynamodb import DynamoStore
 from featureplane.stores.embedded import EmbeddedStore
-from featureplane.stores.redis import RedisStore, key_of, lex_range
+from featureplane.stores.redis import RedisStore
+from featureplane.stores.redis_layout import key_of, lex_range
 from tests.services import start_dynalite, start_redis
 
 CATALOG_YAML = """

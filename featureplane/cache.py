@@ -3,9 +3,9 @@
 A cache holds, per (group, id), either the newest `max_items` of the store
 (a timeseries, complete when shorter) or the newest value (a latest group),
 each with a time to live, plus negative markers for ids the store lacks.
-`RedisCache` (featureplane/stores/redis.py) is the implementation; the
-cache contract suite (tests/contract/) pins the behaviour any other must
-keep.
+`RedisCache` (featureplane/stores/redis_cache.py) is the implementation;
+the cache contract suite (tests/contract/test_cache_contract.py) pins the
+behaviour any other must keep.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class CacheTier(Protocol):
     """The cache tier as serving and the writers use it."""
 
     async def start(self) -> None:
-        """Connect; called once before use."""
+        """Connect; called once before use (any other call before it, or after `aclose`,
+        raises `NotStartedError`)."""
 
     async def aclose(self) -> None:
         """Release connections."""
@@ -61,12 +62,13 @@ class CacheTier(Protocol):
         """Raise `StoreError` when the cache does not answer."""
 
     async def write_through(self, items: Sequence[Item]) -> None:
-        """Apply freshly written items: `write: through` groups newest-wins (latest) or
-        appended to keys already cached (timeseries); clear every written id's negative
-        marker."""
+        """Apply freshly written items: `write: through` groups newest-wins (latest, as
+        `keys.replaces` says) or appended to keys already cached (timeseries); clear every
+        written id's negative marker."""
 
     async def fill(self, fills: Sequence[CacheFill]) -> None:
         """Cache what a lower tier answered (or a negative marker for an empty answer)."""
 
     async def read_cached(self, keys: Sequence[tuple[str, str]]) -> list[Cached]:
-        """One `Cached` per (group, id), in order."""
+        """One `Cached` per (group, id), in order. Every method raises `UnknownGroupError`
+        for a group the catalog lacks."""

@@ -1,4 +1,4 @@
-"""Stored keys (CONTRACT section 2, Karrot's key design).
+"""Stored keys and versions, and the rule that decides which `latest` value wins.
 
 Partition key `<group>#<id>`. Sort key: for `timeseries` the event time made
 unique per event, `<ts, 13 digits>#<12 hex of a hash of event_id>`, so a
@@ -7,11 +7,16 @@ survive; for `latest` the fixed marker `NULL_SK`. The same string is the
 *version* of a `latest` value: the greater version wins, so the outcome does
 not depend on arrival order, and ties between equal timestamps are decided
 the same way everywhere. Versions sort as strings in time order.
+
+`replaces` is the one newest-wins rule every backend applies (in Python, in
+SQL, in a DynamoDB condition, in Lua) and `newest` applies it to a batch.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
+from typing import Protocol, TypeVar
 
 from featureplane.errors import ValidationError, quote
 
@@ -19,8 +24,11 @@ __all__ = [
     "MAX_ID_BYTES",
     "MAX_TS",
     "NULL_SK",
+    "Versioned",
     "check_id",
+    "newest",
     "partition_key",
+    "replaces",
     "ts_of",
     "version",
     "version_bounds",
@@ -67,3 +75,35 @@ def version_bounds(since: int | None, until: int | None) -> tuple[str, str]:
     low = f"{max(since or 0, 0):013d}"
     high = f"{min(MAX_TS if until is None else until, MAX_TS):013d}{_SEP}~"
     return low, high
+
+
+class Versioned(Protocol):
+    """Anything with a version: an `Item` to write or a `Record` read back."""
+
+    @property
+    def version(self) -> str: ...
+
+
+V = TypeVar("V", bound=Versioned)
+
+
+def replaces(new: str, stored: str) -> bool:
+    """Whether a `latest` value of version `new` replaces the stored one of version `stored`.
+
+    The greater version wins, so the outcome does not depend on arrival order. An equal
+    version is the same event: writing it again is a replay, which rewrites the same value
+    (never a failure, never a duplicate), exactly as a replayed timeseries version
+    overwrites itself. So on equal versions the later write wins.
+    """
+    return new >= stored
+
+
+def newest(items: Iterable[V]) -> V:
+    """What a `latest` key holds after `items` are written in order: `replaces` applied
+    left to right (the greatest version; on equal versions the last of them)."""
+    it = iter(items)
+    best = next(it)
+    for item in it:
+        if replaces(item.version, best.version):
+            best = item
+    return best

@@ -1,14 +1,18 @@
-"""Store backends, chosen by `Settings.store` through an explicit mapping."""
+"""Store backends, chosen by `Settings.store` through an explicit mapping, and the cache tier."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
 from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
 
-__all__ = ["Query", "Store", "open_redis", "open_store"]
+if TYPE_CHECKING:
+    from featureplane.stores.redis_cache import RedisCache
+
+__all__ = ["Query", "Store", "open_cache", "open_redis", "open_store"]
 
 
 def _embedded(settings: Settings, catalog: Catalog, clock: Clock) -> Store:
@@ -37,10 +41,15 @@ def open_store(settings: Settings, catalog: Catalog, clock: Clock = wall_clock_m
     return STORES[settings.store](settings, catalog, clock)
 
 
-def open_redis(settings: Settings, catalog: Catalog, clock: Clock = wall_clock_ms) -> Store | None:
-    """The Redis tier, or None when no Redis URL is configured."""
+def open_cache(
+    settings: Settings, catalog: Catalog, clock: Clock = wall_clock_ms
+) -> RedisCache | None:
+    """The Redis cache tier (not started), or None when no Redis URL is configured."""
     if settings.redis_url is None:
         return None
-    from featureplane.stores.redis import RedisStore
+    from featureplane.stores.redis_cache import RedisCache
 
-    return RedisStore(catalog, settings.redis_url.get_secret_value(), clock=clock)
+    return RedisCache(catalog, settings.redis_url.get_secret_value(), clock=clock)
+
+
+open_redis = open_cache  # the old name, until its callers move to open_cache

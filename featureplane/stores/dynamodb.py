@@ -8,10 +8,18 @@ DynamoDB TTL deletes lazily; reads hide expired items themselves.
 
 Writes: timeseries items through BatchWriteItem (25 a request, duplicates
 removed, UnprocessedItems retried with backoff); latest items reduced to the
-greatest version per key, then a conditional PutItem each, so an older value
-never overwrites a newer one whatever the arrival order. Reads: latest through
+newest per key (`keys.newest`), then a conditional PutItem each whose
+condition is `keys.replaces` (stored version <= new), so an older value never
+overwrites a newer one whatever the arrival order, and a replay rewrites
+itself without a conditional failure. Reads: latest through
 BatchGetItem (100 keys a request), timeseries through one Query each, newest
 first. Every request runs under one semaphore of `concurrency` slots.
+
+Region and credentials are botocore's to find (AWS_DEFAULT_REGION, the
+config and credentials files, instance roles...). Two fallbacks, for a local
+endpoint (dynalite, DynamoDB Local) that accepts any region and signature:
+with no region anywhere, `us-east-1`; with an `endpoint_url` and no
+credentials anywhere, dummy ones.
 
 The pure parts (item <-> attribute maps, chunking, dedupe) and the retry
 loops (which take any `Call`, so a fake client tests them) are plain functions.
@@ -21,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack
@@ -35,10 +42,10 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from featureplane.backoff import backoff_ms
 from featureplane.codec import Item, Record
-from featureplane.errors import StoreError, TransientStoreError, ValidationError
-from featureplane.keys import NULL_SK, partition_key, version_bounds
+from featureplane.errors import NotStartedError, StoreError, TransientStoreError
+from featureplane.keys import NULL_SK, partition_key, replaces
 from featureplane.spec import Catalog, FeatureGroup
-from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
+from featureplane.stores.base import Clock, Query, Store, wall_clock_ms, window
 
 __all__ = [
     "MAX_ATTEMPTS",
@@ -81,13 +88,8 @@ _TRANSIENT_CODES = frozenset(
         "RequestTimeoutException",
     }
 )
-_CRED_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_PROFILE",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-)
+_FALLBACK_REGION = "us-east-1"
+_LOCAL_CREDENTIALS = {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
 _TS_PROJECTION = "#sk, #ts, #v"
 _LATEST_PROJECTION = "#ver, #ts, #v, pk"
 
@@ -149,12 +151,13 @@ def unique_puts(puts: Iterable[tuple[tuple[str, str], _T]]) -> list[_T]:
 
 
 def newest_per_key(items: Iterable[Item]) -> list[Item]:
-    """The item with the greatest version for each (group, id), first-seen order."""
+    """What each (group, id) keeps after `items` are written in order (`keys.replaces`
+    applied left to right, as `keys.newest` does), in first-seen order."""
     best: dict[tuple[str, str], Item] = {}
     for item in items:
         key = (item.group, item.id)
         cur = best.get(key)
-        if cur is None or item.version > cur.version:
+        if cur is None or replaces(item.version, cur.version):
             best[key] = item
     return list(best.values())
 
@@ -274,17 +277,13 @@ class DynamoStore(Store):
         clock: Clock = wall_clock_ms,
         concurrency: int = 32,
     ) -> None:
+        """`region`: None lets botocore find it (see the module docstring)."""
         super().__init__(catalog, clock)
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.table = table
         self.endpoint_url = endpoint_url
-        self.region = (
-            region
-            or os.environ.get("AWS_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION")
-            or "us-east-1"
-        )
+        self.region = region
         self.concurrency = concurrency
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
@@ -295,11 +294,13 @@ class DynamoStore(Store):
     async def start(self) -> None:
         if self._client is not None:
             return
-        creds: dict[str, str] = {}
-        if self.endpoint_url and not any(os.environ.get(k) for k in _CRED_ENV):
+        session = aioboto3.Session(region_name=self.region)
+        region = session.region_name or _FALLBACK_REGION
+        if self.endpoint_url and await session.get_credentials() is None:
             # A local endpoint (dynalite, DynamoDB Local) accepts any signature.
-            creds = {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
-        session = aioboto3.Session(region_name=self.region, **creds)
+            session = aioboto3.Session(region_name=region, **_LOCAL_CREDENTIALS)
+        elif region != session.region_name:
+            session = aioboto3.Session(region_name=region)
         config = AioConfig(
             connect_timeout=3,
             read_timeout=10,
@@ -329,6 +330,8 @@ class DynamoStore(Store):
     async def ping(self) -> None:
         try:
             await self._call("DescribeTable", {"TableName": self.table})
+        except NotStartedError:
+            raise
         except StoreError as exc:
             raise TransientStoreError(str(exc)) from exc
 
@@ -414,7 +417,7 @@ class DynamoStore(Store):
         """One request under the concurrency semaphore, errors mapped to StoreError."""
         client = self._client
         if client is None:
-            raise StoreError("DynamoStore is not started (call start() or use `async with`)")
+            raise NotStartedError("DynamoStore")
         method = getattr(client, _snake(op))
         async with self._slots:
             try:
@@ -423,17 +426,11 @@ class DynamoStore(Store):
                 raise map_error(exc, op) from exc
         return resp
 
-    def _group(self, name: str) -> FeatureGroup:
-        try:
-            return self.catalog.group(name)
-        except KeyError:
-            raise ValidationError(f"unknown feature group {name!r}") from None
-
     async def write(self, items: Sequence[Item]) -> None:
         series: list[tuple[tuple[str, str], dict[str, Any]]] = []
         latest: list[Item] = []
         for item in items:
-            group = self._group(item.group)
+            group = self.group(item.group)
             if group.kind == "timeseries":
                 attrs = item_attrs(group, item)
                 series.append((item_key(group, item), {"PutRequest": {"Item": attrs}}))
@@ -453,7 +450,7 @@ class DynamoStore(Store):
                 "PutItem",
                 {
                     "TableName": self.table,
-                    "Item": item_attrs(self._group(item.group), item),
+                    "Item": item_attrs(self.group(item.group), item),
                     "ConditionExpression": "attribute_not_exists(pk) OR #ver <= :ver",
                     "ExpressionAttributeNames": {"#ver": "ver"},
                     "ExpressionAttributeValues": {":ver": {"S": item.version}},
@@ -462,25 +459,25 @@ class DynamoStore(Store):
         except StoreError as exc:
             if _code(exc) != "ConditionalCheckFailedException":
                 raise
-            # an equal or newer value is stored: nothing to do
+            # a newer value is stored: nothing to do
 
     async def read(self, queries: Sequence[Query]) -> list[list[Record]]:
         latest_pks: dict[str, None] = {}
         series: dict[tuple[str, int, str, str], None] = {}
         plan: list[tuple[str, Any]] = []
+        now = self.clock()
         for q in queries:
-            group = self._group(q.group)
+            group = self.group(q.group)
             pk = partition_key(q.group, q.id)
             if group.kind == "latest":
                 latest_pks[pk] = None
                 plan.append(("latest", pk))
             else:
-                limit, since, until = self.clamp(group, q)
-                lo, hi = version_bounds(since, until)
-                if limit < 1 or lo > hi:  # BETWEEN rejects lo > hi
+                win = window(group, q, now)
+                if win is None:  # also: BETWEEN rejects lo > hi
                     plan.append(("empty", None))
                     continue
-                key = (pk, limit, lo, hi)
+                key = (pk, win.limit, win.low, win.high)
                 series[key] = None
                 plan.append(("series", key))
 

@@ -1,7 +1,7 @@
 """The embedded store for one machine: SQLite in WAL mode.
 
 One file, `<data_dir>/features.db`, shared by one writing process (ingest)
-and any number of reading processes (serving), as CONTRACT section 2 asks.
+and any number of reading processes (serving).
 WAL lets readers run while the writer commits; every `write` is one
 transaction, so what it acknowledged survives `kill -9` of any process.
 (`synchronous=NORMAL`: a power loss may drop the last commits; set
@@ -14,8 +14,9 @@ a crashed reader, and no extra dependency.
 
 Layout: `items(pk BLOB, sk TEXT, ts INTEGER, ver TEXT, v BLOB)`, primary key
 (pk, sk), as `keys` describes. One upsert serves both kinds: it overwrites
-only when the incoming version is not older, which for timeseries (where
-ver = sk) always holds and for latest makes the newest version win.
+only when the incoming version is not older (`keys.replaces`, in SQL), which
+for timeseries (where ver = sk) always holds and for latest makes the newest
+version win.
 
 Items past their group's `retention` are hidden on read and deleted by the
 writing process: after a write, when a purge is due, one bounded pass walks
@@ -50,10 +51,10 @@ from typing import Any, Literal, TypeVar
 from prometheus_client import Counter, Gauge
 
 from featureplane.codec import Item, Record
-from featureplane.errors import StoreError, TransientStoreError
-from featureplane.keys import NULL_SK, partition_key, version_bounds
+from featureplane.errors import NotStartedError, StoreError, TransientStoreError
+from featureplane.keys import NULL_SK, partition_key
 from featureplane.spec import Catalog
-from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
+from featureplane.stores.base import Clock, Query, Store, oldest_kept, wall_clock_ms, window
 
 __all__ = ["EmbeddedStore"]
 
@@ -75,7 +76,7 @@ _UPSERT = """
 INSERT INTO items (pk, sk, ts, ver, v) VALUES (?, ?, ?, ?, ?)
 ON CONFLICT (pk, sk) DO UPDATE SET ts = excluded.ts, ver = excluded.ver, v = excluded.v
 WHERE excluded.ver >= items.ver
-"""
+"""  # the WHERE is keys.replaces(excluded.ver, items.ver)
 _RANGE = """
 SELECT ts, ver, v FROM items WHERE pk = ? AND sk BETWEEN ? AND ? ORDER BY sk DESC LIMIT ?
 """
@@ -178,19 +179,25 @@ class EmbeddedStore(Store):
                 db.close()
         self._reader = self._writer = None
 
+    def _db(self, writer: bool = False) -> sqlite3.Connection:
+        """The reader's (or writer's) connection; `NotStartedError` when closed."""
+        db = self._writer if writer else self._reader
+        if db is None:
+            raise NotStartedError("EmbeddedStore")
+        return db
+
     async def ping(self) -> None:
         await self._run(self._ping)
 
     def _ping(self) -> None:
-        assert self._reader is not None, "store not started"
-        self._reader.execute("SELECT 1 FROM items LIMIT 1").fetchall()
+        self._db().execute("SELECT 1 FROM items LIMIT 1").fetchall()
 
     async def write(self, items: Sequence[Item]) -> None:
         if not items:
             return
         rows = []
         for it in items:
-            sk = NULL_SK if self.catalog.groups[it.group].kind == "latest" else it.version
+            sk = NULL_SK if self.group(it.group).kind == "latest" else it.version
             rows.append((_pk(it.group, it.id), sk, it.ts, it.version, it.value))
         # Key order makes neighbouring upserts share B-tree pages. The sort is stable, so
         # rows of one key keep their batch order (it decides ties of equal versions).
@@ -207,8 +214,7 @@ class EmbeddedStore(Store):
 
     def _transaction(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in one write transaction on the writer's connection."""
-        db = self._writer
-        assert db is not None, "store not started"
+        db = self._db(writer=True)
         db.execute("BEGIN IMMEDIATE")
         try:
             result = fn(*args)
@@ -219,8 +225,7 @@ class EmbeddedStore(Store):
         return result
 
     def _write(self, rows: list[tuple[bytes, str, int, str, bytes]]) -> None:
-        assert self._writer is not None, "store not started"
-        self._writer.executemany(_UPSERT, rows)
+        self._db(writer=True).executemany(_UPSERT, rows)
 
     async def read(self, queries: Sequence[Query]) -> list[list[Record]]:
         if len(queries) <= _INLINE_READS:
@@ -232,18 +237,18 @@ class EmbeddedStore(Store):
         return await self._run(self._read, queries, True)
 
     def _read(self, queries: Sequence[Query], on_writer: bool = False) -> list[list[Record]]:
-        db = self._writer if on_writer else self._reader
-        assert db is not None, "store not started"
+        db = self._db(writer=on_writer)
+        now = self.clock()
         out: list[list[Record]] = []
         for q in queries:
-            group = self.catalog.groups[q.group]
+            group = self.group(q.group)
             pk = _pk(q.group, q.id)
             if group.kind == "latest":
                 rows = db.execute(_LATEST, (pk, NULL_SK)).fetchall()
+            elif (win := window(group, q, now)) is not None:
+                rows = db.execute(_RANGE, (pk, win.low, win.high, win.limit)).fetchall()
             else:
-                limit, since, until = self.clamp(group, q)
-                low, high = version_bounds(since, until)
-                rows = db.execute(_RANGE, (pk, low, high, limit)).fetchall()
+                rows = []
             out.append([Record(ts, ver, v) for ts, ver, v in rows])
         return out
 
@@ -251,10 +256,11 @@ class EmbeddedStore(Store):
         """One purge pass of at most max(`budget`, `purge_batch`) work (keys visited + items
         deleted; see the module docstring); returns the items deleted."""
         ranges = []  # (first key, end of keys, oldest version kept) of each group with retention
+        now = self.clock()
         for group in self.catalog.groups.values():
-            if (cutoff := self.cutoff(group)) is not None:
+            if low := oldest_kept(group, now):
                 name = group.name.encode()  # [A-Za-z0-9_]: the ranges sort as the names do
-                ranges.append((name + b"#", name + b"$", version_bounds(cutoff, None)[0]))
+                ranges.append((name + b"#", name + b"$", low))
         limit = max(budget, self.purge_batch)
         result: tuple[int, bytes, bool] = await self._run(
             self._transaction, self._purge, sorted(ranges), self._purge_from, limit
@@ -281,8 +287,7 @@ class EmbeddedStore(Store):
     ) -> tuple[int, bytes, bool]:
         """Delete expired items key by key after `start`: (deleted, resume after, sweep done).
         Each key visited and each item deleted is one unit of work, `limit` in all."""
-        db = self._writer
-        assert db is not None, "store not started"
+        db = self._db(writer=True)
         work = deleted = 0
         after = start
         for low, high, cut in ranges:
@@ -317,6 +322,8 @@ class EmbeddedStore(Store):
         return sizes
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._pool is None:
+            raise NotStartedError("EmbeddedStore")
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._pool, fn, *args)

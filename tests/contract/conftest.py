@@ -1,4 +1,5 @@
-"""One store fixture, parametrised over every backend, for the contract suite."""
+"""The fixtures of the contract suites: a store parametrised over every backend, and the
+cache tier on a real redis-server, all on an injected clock."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ import pytest
 
 from featureplane.spec import Catalog, load_catalog
 from featureplane.stores.base import Store
+from featureplane.stores.redis_cache import RedisCache
 
 CATALOG = load_catalog(Path(__file__).with_name("catalog.yaml"))
+CACHE_CATALOG = Catalog(
+    groups={**CATALOG.groups, **load_catalog(Path(__file__).with_name("cache_catalog.yaml")).groups}
+)
+"""The store contract's groups and the cache suite's own (cache_catalog.yaml)."""
 
 
 class FakeClock:
@@ -77,3 +83,41 @@ async def store(
         yield s
     finally:
         await s.aclose()
+
+
+class FixedRand:
+    """The TTL jitter draw, fixed by the test."""
+
+    def __init__(self, value: float = 0.5) -> None:
+        self.value = value
+
+    def __call__(self) -> float:
+        return self.value
+
+
+def computed(*_: object) -> None:
+    """The on-demand function `cache_catalog.yaml` names; the cache never calls it."""
+    raise AssertionError("on-demand groups are never cached")
+
+
+@pytest.fixture
+def rand() -> FixedRand:
+    return FixedRand()
+
+
+@pytest.fixture
+def make_cache(redis_url: str) -> Callable[[Catalog, FakeClock, FixedRand], RedisCache]:
+    prefix = f"c{uuid.uuid4().hex[:8]}:"
+    return lambda catalog, clock, rand: RedisCache(
+        catalog, redis_url, clock=clock, prefix=prefix, rand=rand
+    )
+
+
+@pytest.fixture
+async def cache(
+    make_cache: Callable[[Catalog, FakeClock, FixedRand], RedisCache],
+    clock: FakeClock,
+    rand: FixedRand,
+) -> AsyncIterator[RedisCache]:
+    async with make_cache(CACHE_CATALOG, clock, rand) as c:
+        yield c

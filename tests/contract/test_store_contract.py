@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from typing import Any
 
 import pytest
 
 from featureplane.codec import MAX_ITEM_BYTES, Item, decode, decode_python, make_item
-from featureplane.errors import ItemTooLargeError, ValidationError
+from featureplane.errors import (
+    ItemTooLargeError,
+    NotStartedError,
+    UnknownGroupError,
+    ValidationError,
+)
+from featureplane.keys import version
 from featureplane.stores.base import Query, Store
 from tests.contract.conftest import CATALOG, FakeClock
 
@@ -121,6 +128,58 @@ async def test_latest_tie_on_ts_is_decided_the_same_in_any_order(store: Store) -
     got = await store.read([Query("profile", "ua"), Query("profile", "ub")])
     assert got[0][0].value == winner.value
     assert got[1][0].value == winner.value
+
+
+def _profiles(uid: str) -> tuple[Item, Item, Item]:
+    """An older, a newer, and the newer again (the same event replayed) for `uid`."""
+    old = make_item(PROFILE, uid, T0, "old", {"updated_by": "old"})
+    new, again = (make_item(PROFILE, uid, T0 + 5, "new", {"updated_by": "new"}) for _ in "ab")
+    return old, new, again
+
+
+async def test_latest_older_equal_and_newer_in_any_order_leave_the_newest(store: Store) -> None:
+    """The one newest-wins rule (`keys.replaces`): an equal version is the same event, so
+    replaying it leaves the stored value as it is and never fails."""
+    queries = []
+    for n, order in enumerate(itertools.permutations(range(3))):
+        for batched in (False, True):
+            uid = f"u{n}-{batched}"
+            versions = _profiles(uid)
+            if batched:
+                await store.write([versions[i] for i in order])
+            else:
+                for i in order:
+                    await store.write([versions[i]])
+            queries.append(Query("profile", uid))
+    for records in await store.read(queries):
+        assert len(records) == 1
+        assert (records[0].ts, decode(PROFILE, records[0].value)[1]) == (T0 + 5, "new")
+
+
+async def test_unknown_group_is_an_error_naming_it(store: Store) -> None:
+    item = Item("nope", "u1", T0, version(T0, "e"), b"[1]")
+    with pytest.raises(UnknownGroupError) as info:
+        await store.write([click("u1", T0, 1), item])
+    assert info.value.group == "nope"
+    with pytest.raises(UnknownGroupError) as info:
+        await store.read([Query("clicks", "u1"), Query("nope", "u1")])
+    assert info.value.group == "nope"
+
+
+async def test_use_before_start_or_after_close_is_not_started(
+    make_store: Any, clock: FakeClock
+) -> None:
+    store = make_store(CATALOG, clock)
+    for _ in ("before start", "after aclose"):
+        with pytest.raises(NotStartedError):
+            await store.write([click("u1", T0, 1)])
+        with pytest.raises(NotStartedError):
+            await store.read([Query("clicks", "u1")])
+        with pytest.raises(NotStartedError):
+            await store.ping()
+        await store.start()
+        await store.ping()
+        await store.aclose()
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,6 @@
-"""RedisStore against a real redis-server: the layout, caps, expiry and error mapping."""
+"""RedisStore and RedisCache against a real redis-server: the layout, caps, expiry, error
+mapping, and a write-through too large for one script call. The cache's rules are pinned
+by tests/contract/test_cache_contract.py."""
 
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ from featureplane.codec import Item, Record, make_item
 from featureplane.errors import StoreError, TransientStoreError
 from featureplane.spec import load_catalog
 from featureplane.stores.base import Query
-from featureplane.stores.redis import (
+from featureplane.stores.redis import RedisStore
+from featureplane.stores.redis_cache import RedisCache
+from featureplane.stores.redis_layout import (
     THROUGH_KEYS,
     VERSION_LEN,
-    RedisStore,
     key_of,
     member_of,
     negative_key_of,
@@ -158,9 +161,11 @@ async def test_unreachable_redis_is_transient() -> None:
 
 async def test_a_lost_server_is_transient_everywhere() -> None:
     svc = start_redis()
+    url = f"redis://{svc.address}/0?socket_timeout=0.5"
     try:
-        async with RedisStore(CATALOG, f"redis://{svc.address}/0?socket_timeout=0.5") as store:
+        async with RedisStore(CATALOG, url) as store, RedisCache(CATALOG, url) as cache:
             await store.ping()
+            await cache.ping()
             svc.kill()
             with pytest.raises(TransientStoreError, match="does not answer"):
                 await store.ping()
@@ -168,6 +173,14 @@ async def test_a_lost_server_is_transient_everywhere() -> None:
                 await store.write([small("u1", T0, 1)])
             with pytest.raises(TransientStoreError):
                 await store.read([Query("small", "u1", limit=5)])
+            with pytest.raises(TransientStoreError, match="does not answer"):
+                await cache.ping()
+            with pytest.raises(TransientStoreError):
+                await cache.write_through([small("u1", T0, 1)])
+            with pytest.raises(TransientStoreError):
+                await cache.fill([CacheFill("small", "u1", [])])
+            with pytest.raises(TransientStoreError):
+                await cache.read_cached([("small", "u1")])
     finally:
         svc.cleanup()
 
@@ -213,8 +226,7 @@ async def test_write_through_of_a_batch_over_several_script_calls(
     cat = load_catalog(tmp_path)
     n = THROUGH_KEYS + 100
     prefix = f"t{uuid.uuid4().hex[:8]}:"
-    async with RedisStore(cat, redis_url, clock=Clock(), prefix=prefix, rand=lambda: 0.0) as s:
-        assert isinstance(s, RedisStore)
+    async with RedisCache(cat, redis_url, clock=Clock(), prefix=prefix, rand=lambda: 0.0) as s:
         groups = ("ts", "last", "around", "nocache")
         await raw.mset({negative_key_of(prefix, g, f"u{i}"): b"" for g in groups for i in range(n)})
         # even timeseries keys exist (from a fill), odd ones do not

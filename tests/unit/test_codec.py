@@ -9,9 +9,26 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from featureplane.codec import MAX_ITEM_BYTES, decode, decode_python, encode, make_item, project
+from featureplane.codec import (
+    MAX_ITEM_BYTES,
+    Record,
+    decode,
+    decode_python,
+    encode,
+    make_item,
+    project,
+)
 from featureplane.errors import ItemTooLargeError, ValidationError
-from featureplane.keys import MAX_ID_BYTES, check_id, partition_key, ts_of, version, version_bounds
+from featureplane.keys import (
+    MAX_ID_BYTES,
+    check_id,
+    newest,
+    partition_key,
+    replaces,
+    ts_of,
+    version,
+    version_bounds,
+)
 from featureplane.spec import FeatureGroup
 from featureplane.types import coerce, parse_type
 
@@ -116,3 +133,16 @@ def test_check_id_fast_path_keeps_the_limits() -> None:
         check_id("\u00e9" * (MAX_ID_BYTES // 2 + 1))  # 2 bytes a character
     with pytest.raises(ValidationError, match="unicode"):
         check_id("a\ud800")
+
+
+def test_newest_wins_and_an_equal_version_is_a_replay() -> None:
+    old, new = version(1_000, "a"), version(1_001, "a")
+    tie_low, tie_high = sorted([version(1_000, "x"), version(1_000, "y")])
+    assert replaces(new, old) and not replaces(old, new)
+    assert replaces(tie_high, tie_low) and not replaces(tie_low, tie_high)
+    assert replaces(new, new)  # the same event again: rewritten, never refused
+    first, again = Record(1_001, new, b"[1]"), Record(1_001, new, b"[1]")
+    assert newest([first, again]) is again
+    older = Record(1_000, old, b"[0]")
+    for order in ([older, first], [first, older]):
+        assert newest(order) is first

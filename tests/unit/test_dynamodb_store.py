@@ -9,7 +9,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from featureplane.codec import make_item
-from featureplane.errors import StoreError, TransientStoreError
+from featureplane.errors import NotStartedError, StoreError, TransientStoreError
 from featureplane.keys import NULL_SK, partition_key
 from featureplane.stores.base import Query
 from featureplane.stores.dynamodb import (
@@ -81,6 +81,9 @@ def test_newest_per_key_picks_the_greatest_version() -> None:
     tie1, tie2 = profile("b", T0, "event-a"), profile("b", T0, "event-b")
     got = newest_per_key([a_new, tie1, a_old, tie2])
     assert got == [a_new, max(tie1, tie2, key=lambda i: i.version)]
+    replay = profile("a", T0 + 5, "y")  # the same event again: the later write wins
+    assert newest_per_key([a_new, replay])[0] is replay
+    assert newest_per_key([a_old, replay, a_new])[0] is a_new
 
 
 def test_item_attrs_timeseries_round_trip() -> None:
@@ -302,5 +305,5 @@ async def test_not_started_is_a_store_error() -> None:
     store = DynamoStore(CATALOG, table="t")
     with pytest.raises(StoreError, match="not started"):
         await store.read([Query("profile", "u1")])
-    with pytest.raises(TransientStoreError):
+    with pytest.raises(NotStartedError):  # not transient: retrying cannot start it
         await store.ping()

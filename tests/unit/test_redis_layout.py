@@ -1,4 +1,4 @@
-"""The pure layout functions of the Redis store: members, bounds and batch planning."""
+"""The pure layout functions of the Redis tier: members, bounds and batch planning."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ from redis.exceptions import DataError
 
 from featureplane.codec import make_item
 from featureplane.errors import ValidationError
-from featureplane.keys import version
+from featureplane.keys import newest, version
 from featureplane.spec import load_catalog
-from featureplane.stores.redis import (
+from featureplane.stores._redis_conn import c_packing
+from featureplane.stores.redis_layout import (
     VERSION_LEN,
-    c_packing,
     key_of,
-    latest_winner,
     lex_range,
     member_of,
     record_of,
+    records_of,
+    stored_of,
     through_call,
     through_chunks,
     timeseries_members,
@@ -37,6 +38,9 @@ def test_member_round_trips_to_a_record() -> None:
     item = make_item(SMALL, "u1", T0, "e", {"x": 3})
     record = record_of(member_of(item))
     assert (record.ts, record.version, record.value) == (T0, item.version, b"[3]")
+    assert stored_of(record) == member_of(item)
+    assert records_of(None) == [] and records_of([]) == []
+    assert records_of(member_of(item)) == [record] == records_of([member_of(item)])
 
 
 def test_keys_are_utf8_and_bad_text_is_rejected() -> None:
@@ -68,7 +72,7 @@ def test_latest_winner_is_the_greatest_version_whatever_the_order() -> None:
     profile = CATALOG.group("profile")
     items = [make_item(profile, "u", T0 + i % 3, f"e{i}", {"updated_by": str(i)}) for i in range(9)]
     best = max(items, key=lambda i: i.version)
-    assert latest_winner(items) == best == latest_winner(items[::-1])
+    assert newest(items) == best == newest(items[::-1])
 
 
 def test_through_chunks_cap_size_and_keep_one_slot_per_call() -> None:

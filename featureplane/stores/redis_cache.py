@@ -1,0 +1,199 @@
+"""The cache tier on Redis: `RedisCache` implements `featureplane.cache.CacheTier`.
+
+It uses the layout and default prefix of `stores.redis_layout` (so
+`RedisStore` reads what it wrote), with these rules:
+
+    timeseries  a cached key holds exactly the newest min(max_items, total)
+                items of the store, so it is *complete* (holds every item)
+                when it has fewer than `max_items` members. `fill` merges the
+                store's newest `max_items` records into the key; `write_through`
+                appends only to keys that already exist, never creating a
+                partial key. Both cap at `max_items` and trim past retention.
+    latest      newest wins, as `keys.replaces` says.
+    expiry      every cache write sets PEXPIRE to the group's hard TTL, shortened
+                by up to `ttl.jitter` at random (`ttl.jittered`); Redis itself
+                enforces "never past hard". `read_cached` returns PTTL in the same
+                round trip, so serving knows a value's age (at least `hard - pttl`).
+    negative    an empty `fill` writes the (group, id)'s negative marker, which
+                lives for the fill's negative TTL; every `write_through` of that
+                (group, id) deletes it.
+
+Races between write-through and a background fill (which read the store
+earlier) can leave a cached value that misses a newer item; merging in `fill`
+narrows this to a fill that creates a key concurrently with a write-through
+of a key that did not exist. Such staleness lasts at most the key's hard TTL
+(the negative TTL for markers).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+
+from featureplane.cache import Cached, CacheFill
+from featureplane.codec import Item
+from featureplane.keys import newest
+from featureplane.spec import Catalog, FeatureGroup
+from featureplane.stores import _redis_lua as lua
+from featureplane.stores._redis_conn import RedisConnection
+from featureplane.stores.base import Clock, cutoff, group_of, oldest_kept, wall_clock_ms
+from featureplane.stores.redis_layout import (
+    THROUGH_KEYS,
+    Call,
+    ThroughEntry,
+    key_of,
+    member_of,
+    negative_key_of,
+    records_of,
+    stored_of,
+    through_call,
+    through_chunks,
+    timeseries_members,
+)
+from featureplane.ttl import Rand, jittered
+
+__all__ = ["RedisCache"]
+
+
+class RedisCache:
+    """The cache tier in Redis, with the rules of the module docstring."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        url: str,
+        *,
+        clock: Clock = wall_clock_ms,
+        prefix: str = "fp:",
+        client: aioredis.Redis | None = None,
+        rand: Rand = random.random,
+    ) -> None:
+        """`clock` judges retention, `rand` draws the TTL jitter; `client`: use this one
+        (left open by `aclose`) instead of connecting to `url`."""
+        self.catalog = catalog
+        self.clock = clock
+        self.rand = rand
+        self.url = url
+        self.prefix = prefix
+        self.connection = RedisConnection(url, client, owner="RedisCache")
+
+    async def __aenter__(self) -> RedisCache:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        await self.connection.start()
+
+    async def aclose(self) -> None:
+        """Close the client if this cache created it; a client passed in stays open."""
+        await self.connection.aclose()
+
+    async def ping(self) -> None:
+        await self.connection.ping()
+
+    def _ttl(self, group: FeatureGroup) -> int:
+        return jittered(group.ttl.hard, group.ttl.jitter, self.rand())
+
+    async def write_through(self, items: Sequence[Item]) -> None:
+        """Apply freshly written items (ingestion's write-through).
+
+        latest: newest wins. timeseries: appended only to keys that already exist (a
+        cached key holds the store's newest items, so it is never created from a partial
+        batch), capped at `max_items`. Written keys expire after the group's hard TTL
+        (with jitter); every (group, id) loses its negative marker. Groups that are
+        on-demand, not cached in Redis, or `write: around` only lose their markers.
+
+        One script call writes up to `THROUGH_KEYS` pairs (KEYS and ARGV flattened): the
+        client's CPU per call, not Redis, bounded the per-key calls. Under Redis Cluster
+        (a `RedisCluster` client) the pairs are grouped by hash slot first, as a
+        multi-key script needs.
+        """
+        by_key: dict[tuple[str, str], list[Item]] = {}
+        for item in items:
+            by_key.setdefault((item.group, item.id), []).append(item)
+        if not by_key:
+            return
+        slot_of = self.connection.slot_of()
+        now = self.clock()
+        entries: list[ThroughEntry] = []
+        for (group_name, entity_id), batch in by_key.items():
+            group = group_of(self.catalog, group_name)
+            neg = negative_key_of(self.prefix, group_name, entity_id)
+            if group.on_demand or group.write == "around" or "redis" not in group.tiers:
+                entries.append((None, neg, []))
+                continue
+            key = key_of(self.prefix, group_name, entity_id)
+            if group.kind == "latest":
+                entries.append((key, neg, [b"l", self._ttl(group), member_of(newest(batch))]))
+                continue
+            members = timeseries_members(batch, group.max_items, cutoff(group, now))
+            if not members:
+                entries.append((None, neg, []))
+                continue
+            ttl, low = self._ttl(group), oldest_kept(group, now)
+            entries.append((key, neg, [b"t", ttl, group.max_items, low, len(members), *members]))
+        calls = [through_call(chunk) for chunk in through_chunks(entries, THROUGH_KEYS, slot_of)]
+        await self.connection.run(calls, "cache write")
+
+    async def fill(self, fills: Sequence[CacheFill]) -> None:
+        """Merge what the store answered into the cache (serving's background write-back).
+
+        A timeseries fill must carry the store's newest `max_items` records (fewer only when
+        the store holds fewer), so the key keeps its completeness rule. An empty fill
+        writes a negative marker instead.
+        """
+        calls: list[Call] = []
+        markers: list[tuple[bytes, int]] = []
+        now = self.clock()
+        for f in fills:
+            group = group_of(self.catalog, f.group)
+            if not f.records:
+                markers.append((negative_key_of(self.prefix, f.group, f.id), f.negative_ttl_ms))
+                continue
+            key = key_of(self.prefix, f.group, f.id)
+            if group.kind == "latest":
+                best = stored_of(newest(f.records))
+                calls.append((lua.CACHE_LATEST_SHA, [key], [best, self._ttl(group)]))
+                continue
+            low = oldest_kept(group, now)
+            members = [stored_of(r) for r in f.records[: group.max_items]]
+            args: list[bytes | int | str] = [group.max_items, low, self._ttl(group), "0"]
+            calls.append((lua.CACHE_TIMESERIES_SHA, [key], [*args, *members]))
+        await self.connection.run(calls, "cache write", markers)
+
+    async def read_cached(self, keys: Sequence[tuple[str, str]]) -> list[Cached]:
+        """Every cached member, PTTL and negative marker of each (group, id): one round trip.
+
+        One script call reads the whole batch: redis-py spends far more CPU per command
+        than Redis does, so 1 command beats a pipeline of 3 a pair. It is a multi-key
+        script; under Redis Cluster the batch would have to be split by hash slot.
+        """
+        if not keys:
+            return []
+        names: list[bytes] = []
+        kinds: list[bytes | int | str] = []
+        for group_name, entity_id in keys:
+            group = group_of(self.catalog, group_name)
+            names.append(key_of(self.prefix, group_name, entity_id))
+            names.append(negative_key_of(self.prefix, group_name, entity_id))
+            kinds.append("l" if group.kind == "latest" else "t")
+        [results] = await self.connection.run([(lua.CACHE_READ_SHA, names, kinds)], "cache read")
+        out: list[Cached] = []
+        for i in range(0, len(results), 3):
+            value, pttl, neg = results[i : i + 3]
+            records = records_of(value or None)
+            out.append(
+                Cached(
+                    records,
+                    int(pttl) if records and pttl >= 0 else None,
+                    int(neg) if neg >= 0 else None,
+                )
+            )
+        return out

@@ -1,0 +1,148 @@
+"""How feature items sit in Redis: keys, members and script arguments, as pure functions.
+
+Every key is `prefix + keys.partition_key(group, id)`, UTF-8:
+
+    timeseries  a sorted set; every score is 0 and every member is
+                `version (26 bytes) + value`, so lexicographic order is time
+                order (`keys.version` is fixed-width). Newest first is
+                ZREVRANGEBYLEX; `since`/`until` are the lex bounds of
+                `keys.version_bounds`.
+    latest      a string `version (26 bytes) + value`, replaced only as
+                `keys.replaces` says.
+    negative    `prefix + "neg:" + group#id` marks "the store has nothing for
+                this (group, id)" (the cache tier only).
+
+The store (`stores.redis.RedisStore`) and the cache tier
+(`stores.redis_cache.RedisCache`) share this layout and the default prefix,
+so either can read what the other wrote. Nothing here does I/O, so the
+layout is tested without a server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from featureplane.codec import Item, Record
+from featureplane.errors import ValidationError
+from featureplane.keys import partition_key, version_bounds
+from featureplane.stores import _redis_lua as lua
+
+__all__ = [
+    "THROUGH_KEYS",
+    "VERSION_LEN",
+    "Call",
+    "ThroughEntry",
+    "key_of",
+    "lex_range",
+    "member_of",
+    "negative_key_of",
+    "record_of",
+    "records_of",
+    "stored_of",
+    "through_call",
+    "through_chunks",
+    "timeseries_members",
+]
+
+VERSION_LEN = 26
+"""Bytes of `keys.version`: 13 digits of ts, `#`, 12 hex digits."""
+
+THROUGH_KEYS = 512
+"""Most (group, id) pairs per write-through script call: one call costs redis-py about as
+much CPU as one single-key call, and this bounds how long one call holds Redis."""
+
+Call = tuple[str, list[bytes], list[bytes | int | str]]
+"""One script call: sha, KEYS, ARGV."""
+
+ThroughEntry = tuple[bytes | None, bytes | None, list[bytes | int | str]]
+"""One (group, id) of a write-through: value key (None: only clear the marker), negative
+marker key to delete (None: none), the value key's ARGV in `lua.CACHE_THROUGH_LUA`."""
+
+
+def key_of(prefix: str, group: str, entity_id: str) -> bytes:
+    """The Redis key of one (group, id)."""
+    try:
+        return (prefix + partition_key(group, entity_id)).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(f"id {entity_id!r} is not valid unicode text") from None
+
+
+def negative_key_of(prefix: str, group: str, entity_id: str) -> bytes:
+    """The key of the negative marker of one (group, id).
+
+    Group names never contain ':', so `prefix + "neg:"...` cannot collide with a value key.
+    """
+    return key_of(prefix + "neg:", group, entity_id)
+
+
+def member_of(item: Item) -> bytes:
+    """The stored bytes of one item: its version, then its value."""
+    ver = item.version.encode("ascii")
+    if len(ver) != VERSION_LEN:
+        raise ValidationError(f"version {item.version!r} is not {VERSION_LEN} characters")
+    return ver + item.value
+
+
+def stored_of(record: Record) -> bytes:
+    """The stored bytes of a record read from another tier."""
+    return record.version.encode("ascii") + record.value
+
+
+def record_of(stored: bytes) -> Record:
+    """Stored bytes (a set member or a latest value) -> Record."""
+    ver = stored[:VERSION_LEN].decode("ascii")
+    return Record(int(ver[:13]), ver, stored[VERSION_LEN:])
+
+
+def records_of(reply: bytes | list[bytes] | None) -> list[Record]:
+    """A GET (one value or None) or range reply (members) -> newest-first records."""
+    if reply is None:
+        return []
+    if isinstance(reply, bytes):
+        return [record_of(reply)]
+    return [record_of(m) for m in reply]
+
+
+def lex_range(since: int | None, until: int | None) -> tuple[bytes, bytes]:
+    """(max, min) inclusive ZREVRANGEBYLEX bounds for since <= ts <= until."""
+    low, high = version_bounds(since, until)
+    return b"[" + high.encode("ascii"), b"[" + low.encode("ascii")
+
+
+def timeseries_members(items: Sequence[Item], max_items: int, cutoff: int | None) -> list[bytes]:
+    """The members one batch adds to a key, oldest first.
+
+    One per version (the last in the batch wins), none older than `cutoff`, and at most
+    `max_items`: older ones could not survive the cap whatever the key already holds.
+    """
+    by_version = {i.version: i for i in items if cutoff is None or i.ts >= cutoff}
+    newest = sorted(by_version)[-max_items:]
+    return [member_of(by_version[v]) for v in newest]
+
+
+def through_call(entries: Sequence[ThroughEntry]) -> Call:
+    """One `lua.CACHE_THROUGH_LUA` call writing `entries`: value keys, then markers."""
+    written = [e for e in entries if e[0] is not None]
+    keys: list[bytes] = [k for k, _, _ in written if k is not None]
+    keys.extend(neg for _, neg, _ in entries if neg is not None)
+    args: list[bytes | int | str] = [len(written)]
+    for _, _, a in written:
+        args.extend(a)
+    return lua.CACHE_THROUGH_SHA, keys, args
+
+
+def through_chunks(
+    entries: Sequence[ThroughEntry], size: int, slot_of: Callable[[bytes], int] | None
+) -> list[list[ThroughEntry]]:
+    """Runs of at most `size` entries; with `slot_of` (a cluster), one slot per run."""
+    if slot_of is None:
+        return [list(entries[i : i + size]) for i in range(0, len(entries), size)]
+    # A value key and its marker differ before the id, so they usually sit in different
+    # slots: each becomes an entry of its own slot.
+    by_slot: dict[int, list[ThroughEntry]] = {}
+    for key, neg, args in entries:
+        if key is not None:
+            by_slot.setdefault(slot_of(key), []).append((key, None, args))
+        if neg is not None:
+            by_slot.setdefault(slot_of(neg), []).append((None, neg, []))
+    return [run[i : i + size] for run in by_slot.values() for i in range(0, len(run), size)]
