@@ -4,54 +4,66 @@
 
 Both flows share every step; they differ in what they read (event topics,
 or `<topic>.retry` with a backoff hold) and in their consumer group.
+
+This layer builds what the steps use and passes it in: the process's
+`IngestMetrics` (made once, served on the metrics port) and the factory each
+worker thread calls for its own clients (`worker_factory`: event loop, store,
+Redis tier, producer), since Bytewax runs every worker in a thread of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from confluent_kafka import KafkaException
 from confluent_kafka import Message as KafkaMessage
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from featureplane import lifecycle
 from featureplane.errors import FeatureplaneError
 from featureplane.flows.options import METRICS_PORTS, FlowOptions
 from featureplane.flows.source import GroupPartition, GroupSource
-from featureplane.operators import metrics
 from featureplane.operators.commit import OffsetTracker
-from featureplane.operators.kafka import GroupConsumer, ensure_topics, topic_partitions
-from featureplane.operators.pipeline import Pipeline, PipelineConfig
+from featureplane.operators.kafka import (
+    Deliverer,
+    GroupConsumer,
+    ensure_topics,
+    max_message_bytes,
+    topic_partitions,
+)
+from featureplane.operators.metrics import IngestMetrics, serve_metrics
+from featureplane.operators.pipeline import Pipeline, PipelineConfig, Worker
 from featureplane.operators.records import Message, Origin
 from featureplane.operators.retry import Backoff, RetryHold
 from featureplane.operators.route import dlq_topic, parse_retry_headers, retry_topic
+from featureplane.operators.write import CacheWriter, ToRetryTopic, Writer
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
+from featureplane.stores import open_redis, open_store
 from featureplane.stores.base import wall_clock_ms
 
-__all__ = ["STOP", "Built", "build", "install_signal_handlers", "prepare_topics", "run"]
+__all__ = [
+    "Built",
+    "build",
+    "module_flow",
+    "prepare_topics",
+    "process_metrics",
+    "run",
+    "worker_factory",
+]
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["ingest", "retry"]
-
-STOP = lifecycle.STOP
-"""Set by SIGTERM/SIGINT: the sources stop reading, drain, commit and end."""
-
-
-def install_signal_handlers() -> None:
-    """First SIGTERM or SIGINT: graceful stop; a second SIGINT: KeyboardInterrupt.
-
-    `featureplane ingest`/`retry` already did this before their imports; this is for
-    `python -m bytewax.run flows.<kind>:flow`.
-    """
-    lifecycle.install_stop_handlers()
 
 
 def _bootstrap(settings: Settings) -> str:
@@ -127,6 +139,48 @@ def _header_pairs(
     return [(k, v.encode() if isinstance(v, str) else v) for k, v in pairs]
 
 
+def process_metrics() -> IngestMetrics:
+    """The metrics of a dataflow process: the ingest collectors beside the process,
+    platform and GC ones that Prometheus's default registry shows."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return IngestMetrics(registry)
+
+
+def worker_factory(
+    settings: Settings, catalog: Catalog, config: PipelineConfig, metrics: IngestMetrics
+) -> Callable[[], Worker]:
+    """What a worker thread calls for its own clients: an event loop, the store (started
+    now, so a bad store fails fast), the Redis tier (started on first write) and a
+    producer for the retry and DLQ topics sized to what the broker takes."""
+    bootstrap = _bootstrap(settings)
+    outgoing = [f(t) for t in catalog.topics for f in (retry_topic, dlq_topic)]
+
+    def open_worker() -> Worker:
+        loop = asyncio.new_event_loop()
+        writer = Writer(
+            catalog,
+            open_store(settings, catalog),
+            cast("CacheWriter | None", open_redis(settings, catalog)),
+            policy=ToRetryTopic(),
+            metrics=metrics,
+            flow=config.flow,
+            chunk_items=config.chunk_items,
+            timeout_s=config.write_timeout_s,
+        )
+        try:
+            loop.run_until_complete(writer.start())
+        except BaseException:
+            loop.close()
+            raise
+        limit = max_message_bytes(bootstrap, outgoing)
+        return Worker(loop, writer, Deliverer(bootstrap, max_message_bytes=limit))
+
+    return open_worker
+
+
 @dataclass(frozen=True)
 class Built:
     """A dataflow ready to run, and the pipeline whose clients `close()` releases."""
@@ -135,7 +189,13 @@ class Built:
     pipeline: Pipeline
 
 
-def build(kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions) -> Built:
+def build(
+    kind: Kind,
+    settings: Settings,
+    catalog: Catalog,
+    options: FlowOptions,
+    metrics: IngestMetrics,
+) -> Built:
     """The dataflow of `kind` (topics must exist: see `prepare_topics`)."""
     bootstrap = _bootstrap(settings)
     config = PipelineConfig(
@@ -144,7 +204,9 @@ def build(kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions
         chunk_items=options.chunk_items,
         write_timeout_s=options.write_timeout / 1000,
     )
-    pipeline = Pipeline(settings, catalog, config)
+    pipeline = Pipeline(
+        catalog, config, metrics, worker_factory(settings, catalog, config, metrics)
+    )
     if kind == "ingest":
         group, topics, convert = settings.kafka_group, list(catalog.topics), _ingest_message
     else:
@@ -159,6 +221,7 @@ def build(kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions
             topics,
             convert,
             flow=kind,
+            metrics=metrics,
             config={
                 "client.id": f"featureplane-{kind}-{worker}",
                 "session.timeout.ms": options.session_timeout,
@@ -175,7 +238,7 @@ def build(kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions
         hold = RetryHold(backoff, wall_clock_ms) if kind == "retry" else None
         return GroupPartition(
             consumer,
-            STOP,
+            lifecycle.STOP,
             batch_size=options.batch_size,
             commit_interval_s=options.commit_interval / 1000,
             drain_timeout_s=options.drain_timeout / 1000,
@@ -197,21 +260,16 @@ def build(kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions
 def run(kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions) -> int:
     """Run a dataflow in this process until SIGTERM; 0 after a graceful stop.
 
-    A SIGTERM during start-up (STOP set) ends it at the next step, also 0:
+    A SIGTERM during start-up (`lifecycle.STOP` set) ends it at the next step, also 0:
     nothing was read yet, so nothing needs committing.
     """
-    bootstrap = _bootstrap(settings)
-    install_signal_handlers()
-    lifecycle.check_kafka_reachable(bootstrap)
-    metrics.serve_metrics(_metrics_port(kind, settings), settings.metrics_host, kind)
-    if STOP.is_set():
-        return _stopped_early(kind)
-    prepare_topics(kind, settings, catalog, options)
-    if STOP.is_set():
-        return _stopped_early(kind)
+    metrics = _prepare(kind, settings, catalog, options)
+    if lifecycle.STOP.is_set():
+        log.info("%s: stopped during start-up, before reading anything", kind)
+        return 0
     from bytewax.run import cli_main
 
-    built = build(kind, settings, catalog, options)
+    built = build(kind, settings, catalog, options, metrics)
     _quiet_gc()
     started = time.monotonic()
     try:
@@ -222,16 +280,26 @@ def run(kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions) 
     return 0
 
 
+def _prepare(
+    kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions
+) -> IngestMetrics:
+    """Before the flow: signal handlers, the broker check, this process's metrics (made
+    and served here, once), then the topics unless a SIGTERM came meanwhile."""
+    bootstrap = _bootstrap(settings)
+    lifecycle.install_stop_handlers()
+    lifecycle.check_kafka_reachable(bootstrap)
+    metrics = process_metrics()
+    serve_metrics(metrics, _metrics_port(kind, settings), settings.metrics_host, kind)
+    if not lifecycle.STOP.is_set():
+        prepare_topics(kind, settings, catalog, options)
+    return metrics
+
+
 def _metrics_port(kind: Kind, settings: Settings) -> int:
     """The port set by flag or variable, else this flow's own default (ingest and retry differ)."""
     if "metrics_port" in settings.model_fields_set:
         return settings.metrics_port
     return METRICS_PORTS[kind]
-
-
-def _stopped_early(kind: Kind) -> int:
-    log.info("%s: stopped during start-up, before reading anything", kind)
-    return 0
 
 
 def _quiet_gc() -> None:
@@ -247,24 +315,23 @@ def _quiet_gc() -> None:
     gc.set_threshold(50_000, 20, 50)
 
 
-_BUILT: dict[Kind, Built] = {}
-
-
 def module_flow(kind: Kind) -> Dataflow:
-    """The flow for `python -m bytewax.run flows.<kind>:flow`, built once from the environment."""
-    if kind not in _BUILT:
-        from featureplane.spec import load_catalog
+    """The flow for `python -m bytewax.run`, built from the FEATUREPLANE_* variables.
 
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)-5s %(name)s: %(message)s"
-        )
-        settings, options = Settings(), FlowOptions()
-        catalog = load_catalog(settings.spec)
-        install_signal_handlers()
-        lifecycle.check_kafka_reachable(_bootstrap(settings))
-        metrics.serve_metrics(_metrics_port(kind, settings), settings.metrics_host, kind)
-        prepare_topics(kind, settings, catalog, options)
-        built = _BUILT[kind] = build(kind, settings, catalog, options)
-        atexit.register(built.pipeline.close)
-        _quiet_gc()
-    return _BUILT[kind].flow
+    Bytewax's runner looks the flow up once a process and then owns the run, so
+    nothing here keeps it: the pipeline's clients are closed at exit (`atexit` is
+    the one hook left once the runner returns). A SIGTERM during start-up gives a flow
+    whose sources end at once (`lifecycle.STOP` is set).
+    """
+    from featureplane.spec import load_catalog
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)-5s %(name)s: %(message)s"
+    )
+    settings, options = Settings(), FlowOptions()
+    catalog = load_catalog(settings.spec)
+    metrics = _prepare(kind, settings, catalog, options)
+    built = build(kind, settings, catalog, options, metrics)
+    atexit.register(built.pipeline.close)
+    _quiet_gc()
+    return built.flow

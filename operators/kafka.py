@@ -25,8 +25,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka import Message as KafkaMessage
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from featureplane.operators import metrics
 from featureplane.operators.commit import OffsetTracker
+from featureplane.operators.metrics import IngestMetrics
 from featureplane.operators.records import Message
 from featureplane.operators.route import Outgoing
 
@@ -60,9 +60,11 @@ class GroupConsumer:
         convert: Convert,
         *,
         flow: str,
+        metrics: IngestMetrics,
         config: Mapping[str, Any] | None = None,
     ) -> None:
         self.flow = flow
+        self.metrics = metrics
         self.convert = convert
         self.trackers: dict[tuple[str, int], OffsetTracker] = {}
         self._paused = False
@@ -135,7 +137,7 @@ class GroupConsumer:
             counts[topic] = counts.get(topic, 0) + 1
             out.append(self.convert(m, tracker))
         for topic, n in counts.items():
-            metrics.RECORDS_IN.labels(self.flow, topic).inc(n)
+            self.metrics.records_in.labels(self.flow, topic).inc(n)
         return out
 
     def in_flight(self) -> int:
@@ -172,7 +174,7 @@ class GroupConsumer:
             return
         for t, p in moved:
             t.committed(p)
-            metrics.COMMITTED_OFFSET.labels(self.flow, t.topic, str(t.partition)).set(p)
+            self.metrics.committed_offset.labels(self.flow, t.topic, str(t.partition)).set(p)
 
     def _gauge_lag(self, t: OffsetTracker) -> None:
         # Set on every commit interval, not only when the offset moves: a partition
@@ -187,12 +189,12 @@ class GroupConsumer:
         except KafkaException:
             return
         if high is not None and high >= 0:
-            metrics.LAG.labels(self.flow, t.topic, str(t.partition)).set(max(0, high - base))
+            self.metrics.lag.labels(self.flow, t.topic, str(t.partition)).set(max(0, high - base))
 
     def _drop_lag(self, topic: str, partition: int) -> None:
         # Another member owns the partition now and reports its lag.
         try:
-            metrics.LAG.remove(self.flow, topic, str(partition))
+            self.metrics.lag.remove(self.flow, topic, str(partition))
         except KeyError:
             pass
 

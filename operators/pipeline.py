@@ -2,9 +2,12 @@
 
     to_batch -> decode -> dispatch -> aggregate -> write -> route -> ack
 
-Each step takes and returns one batch (a list of `Work`). I/O clients (the
-store, the Redis tier, the producer, an asyncio loop) are per worker thread,
-created on first use, and closed by `close()`.
+Each step takes and returns one batch (a list of `Work`). The steps build no
+clients: a worker thread's I/O (an asyncio loop, a `Writer`, a `Delivery` to
+the retry and DLQ topics) is a `Worker` made by the factory the flow passes
+in, on the thread's first batch that needs one (Bytewax runs each worker in a
+thread of its own), and closed by `close()`. Metrics go to the
+`IngestMetrics` passed in.
 
 No step lets an exception escape, and one record's failure never touches
 the rest of its batch: when a step raises on a batch, it is run again record
@@ -20,35 +23,21 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Literal
 
-from featureplane.codec import Item
 from featureplane.errors import quote
-from featureplane.operators import metrics
 from featureplane.operators.aggregate import Aggregator
 from featureplane.operators.decode import decode_works
 from featureplane.operators.dispatch import Dispatcher
-from featureplane.operators.kafka import Deliverer, max_message_bytes
+from featureplane.operators.handoff import Delivery, HandOff, abandon
+from featureplane.operators.metrics import IngestMetrics
 from featureplane.operators.records import Message, Status, Work
-from featureplane.operators.route import (
-    Abandon,
-    Outgoing,
-    dead_letter,
-    dlq_topic,
-    fit,
-    retry_topic,
-    route_of,
-)
+from featureplane.operators.route import Abandon, Outgoing, route_of
 from featureplane.operators.write import Writer
-from featureplane.settings import Settings
 from featureplane.spec import Catalog
-from featureplane.stores import open_redis, open_store
-from featureplane.stores.base import Store, wall_clock_ms
+from featureplane.stores.base import wall_clock_ms
 
-if TYPE_CHECKING:
-    from featureplane.stores.redis import RedisStore
-
-__all__ = ["Pipeline", "PipelineConfig"]
+__all__ = ["Pipeline", "PipelineConfig", "Worker"]
 
 log = logging.getLogger(__name__)
 
@@ -73,61 +62,28 @@ class PipelineConfig:
     batches): its offset, and so the commit, waits for it."""
 
 
-class _Resources:
-    """One worker thread's clients."""
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """One worker thread's I/O, made by the flow: its loop runs the writer's calls."""
 
-    def __init__(self, settings: Settings, catalog: Catalog, config: PipelineConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.store: Store = open_store(settings, catalog)
-        redis = open_redis(settings, catalog)
-        self.cache = _Cache(cast("RedisStore", redis)) if redis is not None else None
-        self.loop.run_until_complete(self.store.start())
-        self.writer = Writer(
-            catalog,
-            self.store,
-            self.cache,
-            flow=config.flow,
-            chunk_items=config.chunk_items,
-            timeout_s=config.write_timeout_s,
-        )
-        assert settings.kafka_bootstrap is not None
-        outgoing = [f(t) for t in catalog.topics for f in (retry_topic, dlq_topic)]
-        self.deliverer = Deliverer(
-            settings.kafka_bootstrap,
-            max_message_bytes=max_message_bytes(settings.kafka_bootstrap, outgoing),
-        )
-        self.stuck: list[tuple[Work, Outgoing]] = []
-        """Records whose delivery failed, tried again every `redeliver_every_ms`."""
-        self.redeliver_at = 0
+    loop: asyncio.AbstractEventLoop
+    writer: Writer
+    delivery: Delivery
 
     def close(self) -> None:
-        self.deliverer.close()
-        self.loop.run_until_complete(self.store.aclose())
-        if self.cache is not None:
-            self.loop.run_until_complete(self.cache.aclose())
-        self.loop.close()
+        try:
+            self.delivery.close()
+        finally:
+            try:
+                self.loop.run_until_complete(self.writer.aclose())
+            finally:
+                self.loop.close()
 
 
-class _Cache:
-    """The Redis tier, started on first use (so Redis being down at start-up is a
-    transient write failure like any other) and written with `write_through`."""
-
-    def __init__(self, redis: RedisStore) -> None:
-        self.redis = redis
-        self.started = False
-        self._starting = asyncio.Lock()
-
-    async def write_through(self, items: Sequence[Item]) -> None:
-        if not self.started:
-            async with self._starting:  # concurrent chunks must not race a failing start
-                if not self.started:
-                    await self.redis.start()
-                    self.started = True
-        await self.redis.write_through(items)
-
-    async def aclose(self) -> None:
-        if self.started:
-            await self.redis.aclose()
+@dataclass(frozen=True, slots=True)
+class _Thread:
+    worker: Worker
+    handoff: HandOff
 
 
 class Pipeline:
@@ -135,40 +91,51 @@ class Pipeline:
 
     def __init__(
         self,
-        settings: Settings,
         catalog: Catalog,
         config: PipelineConfig,
+        metrics: IngestMetrics,
+        open_worker: Callable[[], Worker],
         clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
-        self.settings = settings
         self.catalog = catalog
         self.config = config
+        self.metrics = metrics
+        self.open_worker = open_worker
+        """Makes the calling thread's `Worker`; called once a thread."""
         self.clock = clock
         self.dispatcher = Dispatcher.from_catalog(catalog)
         self.aggregator = Aggregator(catalog)
         self._local = threading.local()
-        self._all: list[_Resources] = []
+        self._all: list[Worker] = []
         self._lock = threading.Lock()
 
-    def _res(self) -> _Resources:
-        res: _Resources | None = getattr(self._local, "res", None)
-        if res is None:
-            res = _Resources(self.settings, self.catalog, self.config)
-            self._local.res = res
+    def _thread(self) -> _Thread:
+        held: _Thread | None = getattr(self._local, "held", None)
+        if held is None:
+            worker = self.open_worker()
             with self._lock:
-                self._all.append(res)
-        return res
+                self._all.append(worker)
+            handoff = HandOff(
+                worker.delivery,
+                self.metrics,
+                flow=self.config.flow,
+                delivery_timeout_s=self.config.delivery_timeout_s,
+                redeliver_every_ms=self.config.redeliver_every_ms,
+            )
+            held = self._local.held = _Thread(worker, handoff)
+        return held
 
     def start(self) -> None:
         """Open this thread's clients now (fail fast on a bad store or Redis URL)."""
-        self._res()
+        self._thread()
 
     def close(self) -> None:
+        """Close every thread's clients."""
         with self._lock:
-            all_res, self._all = self._all, []
-        for res in all_res:
+            workers, self._all = self._all, []
+        for worker in workers:
             try:
-                res.close()
+                worker.close()
             except Exception:
                 log.exception("closing clients failed")
 
@@ -192,133 +159,30 @@ class Pipeline:
             return batch
 
         def run(works: Batch) -> Batch:
-            res = self._res()
-            return res.loop.run_until_complete(res.writer.write(works))
+            worker = self._thread().worker
+            return worker.loop.run_until_complete(worker.writer.write(works))
 
         return self._guarded("write", batch, run, "transient")
 
     def route(self, batch: Batch) -> Batch:
         """Hand malformed and failed records to the DLQ / retry topic, confirmed."""
         now = self.clock()
-        held: _Resources | None = getattr(self._local, "res", None)
-        if held is not None and held.stuck and now >= held.redeliver_at:
-            self._redeliver(held, now)
+        held: _Thread | None = getattr(self._local, "held", None)
+        if held is not None:
+            held.handoff.redeliver_due(now)
         result = list(batch)
         routes: list[tuple[int, Outgoing]] = []
         for i, w in enumerate(batch):
             out = route_of(w, self.config.retry_budget_ms, now)
             if isinstance(out, Abandon):
-                result[i] = self._abandon(w, out)
+                result[i] = abandon(w, out, self.config.flow, self.metrics)
             elif out is not None:
                 routes.append((i, out))
         if not routes:
             return result
-        res = self._res()
-        deliverer = res.deliverer
-        # A copy the broker's size refuses after all (its limit was unreadable and is
-        # lower than assumed) is cut again to a size any broker takes.
-        for limit in (deliverer.max_message_bytes, _SMALL_MESSAGE):
-            sized: list[tuple[int, Outgoing]] = []
-            for i, out in routes:
-                fitted = self._fit(batch[i], out, limit)
-                if isinstance(fitted, Abandon):
-                    result[i] = self._abandon(batch[i], fitted)
-                else:
-                    sized.append((i, fitted))
-            errors = self._deliver(deliverer, [o for _, o in sized])
-            routes = []
-            for (i, out), err in zip(sized, errors, strict=True):
-                if err is not None and _too_large(err) and limit != _SMALL_MESSAGE:
-                    routes.append((i, out))
-                    continue
-                result[i] = self._delivered(batch[i], out, err)
-                if err is not None:
-                    res.stuck.append((batch[i], out))
-                    res.redeliver_at = now + self.config.redeliver_every_ms
-            if not routes:
-                break
+        for i, w in self._thread().handoff.send(batch, routes, now).items():
+            result[i] = w
         return result
-
-    def _fit(self, w: Work, out: Outgoing, limit: int) -> Outgoing | Abandon:
-        fitted = fit(out, limit)
-        if fitted is None:  # a retry copy larger than the retry topic takes
-            size = len(w.message.value or b"")
-            reason = f"{size} bytes, too large for the retry topic: {w.reason or 'unknown'}"
-            if w.cache_only:
-                return Abandon(f"cache write abandoned: {reason}")
-            fitted = fit(dead_letter(w, reason), limit)
-            assert fitted is not None  # a DLQ copy is always cut to fit
-        return fitted
-
-    def _redeliver(self, res: _Resources, now: int) -> None:
-        """Try the stuck records again, briefly; acknowledge the ones delivered now."""
-        stuck, res.stuck = res.stuck, []
-        errors = self._deliver(res.deliverer, [o for _, o in stuck], timeout_s=5.0, rounds=1)
-        for (w, out), err in zip(stuck, errors, strict=True):
-            if err is None:
-                self._delivered(w, out, None)
-                w.message.ack()
-                log.info(
-                    "%s: delivered %s[%d]@%d to %s at last",
-                    self.config.flow,
-                    w.message.topic,
-                    w.message.partition,
-                    w.message.offset,
-                    out.topic,
-                )
-            else:
-                res.stuck.append((w, out))
-        res.redeliver_at = now + self.config.redeliver_every_ms
-
-    def _deliver(
-        self,
-        deliverer: Deliverer,
-        records: list[Outgoing],
-        timeout_s: float | None = None,
-        rounds: int = 3,
-    ) -> list[str | None]:
-        if not records:
-            return []
-        try:
-            return deliverer.deliver(records, timeout_s or self.config.delivery_timeout_s, rounds)
-        except Exception as exc:  # never let it stop the dataflow
-            log.exception("delivery to retry/DLQ topics failed")
-            return [str(exc)[:500]] * len(records)
-
-    def _delivered(self, w: Work, out: Outgoing, err: str | None) -> Work:
-        flow = self.config.flow
-        if err is None:
-            counter = metrics.DLQ if out.kind == "dlq" else metrics.RETRIES
-            counter.labels(flow, w.message.topic).inc()
-            if any(k == "truncated" for k, _ in out.headers):
-                metrics.DLQ_TRUNCATED.labels(flow, w.message.topic).inc()
-            if w.status == "malformed":
-                metrics.FAILURES.labels(flow, "malformed").inc()
-            return w.with_status("routed")
-        metrics.FAILURES.labels(flow, "delivery").inc()
-        log.error(
-            "%s: cannot deliver %s[%d]@%d to %s (%s); it is tried again with later batches, "
-            "and its offset (so the commit) waits for it",
-            flow,
-            w.message.topic,
-            w.message.partition,
-            w.message.offset,
-            out.topic,
-            err,
-        )
-        return w.with_status("stuck", err)
-
-    def _abandon(self, w: Work, why: Abandon) -> Work:
-        metrics.CACHE_ABANDONED.labels(self.config.flow, w.message.topic).inc()
-        log.warning(
-            "%s: %s[%d]@%d: %s (the store has its items; cache TTLs heal the rest)",
-            self.config.flow,
-            w.message.origin.topic,
-            w.message.origin.partition,
-            w.message.origin.offset,
-            why.reason,
-        )
-        return w.with_status("done", why.reason)
 
     def ack(self, batch: Batch) -> None:
         """Acknowledge every record that is written or handed over."""
@@ -343,7 +207,7 @@ class Pipeline:
             try:
                 out.extend(fn([w]))
             except Exception as exc:
-                metrics.INTERNAL_ERRORS.labels(self.config.flow, step).inc()
+                self.metrics.internal_errors.labels(self.config.flow, step).inc()
                 reason = f"internal error in {step}: {_describe(exc)}"
                 log.error(
                     "%s: %s[%d]@%d: %s",
@@ -355,14 +219,6 @@ class Pipeline:
                 )
                 out.append(w.with_status(failed, reason))
         return out
-
-
-_SMALL_MESSAGE = 64 * 1024
-"""A size every Kafka broker takes: the second try of a copy refused as too large."""
-
-
-def _too_large(err: str) -> bool:
-    return "MSG_SIZE_TOO_LARGE" in err or "RECORD_LIST_TOO_LARGE" in err
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,81 +1,167 @@
-"""Writers: a batch's items to the durable store and, write-through, the Redis tier.
+"""The one write path: items to the durable store and the Redis tier, for every job.
 
-The Redis tier gets every item through `RedisStore.write_through`, which
-decides: it writes `write: through` groups cached in Redis (latest newest-wins,
-timeseries appended only to keys already cached) and clears serving's
-negative markers of every written (group, id).
+Ingest, retry, backfill and load all write through a `Writer`, so the same
+items land in the same tiers whichever job wrote them. A group's `tiers`
+decide (`targets`):
 
-A batch is cut into chunks of whole records; every chunk's store write and
-cache write run concurrently on the worker's event loop and the batch
-waits for all of them. A record is `done` when both tiers of its chunk
-succeeded. When the store write failed it is marked for the retry topic
-(transient failures, timeouts, other store errors) or the DLQ
-(`ValidationError`), with the reason. When only the cache write failed, the
-store has its items: it is marked transient and `cache_only`, so the retry
-flow rewrites the Redis tier alone (a record read back that way,
-`Message.cache_only`, skips the store here). Writes are idempotent, so
-rewriting the items of a partly failed chunk on retry duplicates nothing.
+    store   items of groups whose tiers include `store`. A group without it is
+            cache-only: serving never reads the store for it, so no job writes
+            it there.
+    redis   items of groups whose tiers include `redis`, handed to the cache's
+            `write_through`: it writes `write: through` groups (latest newest
+            wins, timeseries appended to keys already cached) and clears
+            serving's negative marker of every written (group, id), so a
+            `write: around` group only loses its markers.
 
-After a cache failure that looks like an outage (a timeout or a transient
-error), the cache is not tried for a pause that doubles while the failures
-go on (1 s up to 15 s) and ends with the first success: the records of that
-pause go to retry for their Redis write at once. A hung Redis would
-otherwise cost every batch the write timeout and slow ingestion to a crawl;
-the cap bounds how long the cache lags once Redis is back.
+A tier that is not configured (no Redis URL) is skipped; on-demand groups are
+never written.
+
+Items are cut into chunks of whole records; every chunk's store write and
+cache write run concurrently and the call waits for all of them. A record is
+written when every tier it goes to succeeded. What a failure becomes is the
+retry policy's business:
+
+    ToRetryTopic   (the dataflows) one attempt; a record whose store write
+                   failed is marked for the retry topic (transient failures,
+                   timeouts, other store errors) or the DLQ (`ValidationError`),
+                   with the reason. When only the cache write failed, the store
+                   has its items: it is marked transient and `cache_only`, so
+                   the retry flow rewrites the Redis tier alone (a record read
+                   back that way, `Message.cache_only`, skips the store).
+    RetryInPlace   (batch jobs, which have no retry topic) the failed tier
+                   writes are tried again here with capped exponential backoff
+                   and full jitter, the cache alone when the store succeeded;
+                   after `max_attempts` retries the write raises with the
+                   reason. A `ValidationError` or an unexpected error raises at
+                   once: retrying cannot fix it.
+
+Writes are idempotent, so rewriting the items of a partly failed chunk
+duplicates nothing.
+
+The Redis tier is started on first use, under a lock so that concurrent
+chunks never race a failing start: Redis down at start-up is a transient
+write failure like any other, not a crash. Under `ToRetryTopic`, after a
+cache failure that looks like an outage (a timeout or a transient error) the
+cache is not tried for a pause that doubles while the failures go on (1 s up
+to 15 s) and ends with the first success: the records of that pause go to
+retry for their Redis write at once. A hung Redis would otherwise cost every
+batch the write timeout and slow ingestion to a crawl; the cap bounds how
+long the cache lags once Redis is back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import Histogram
 
+from featureplane.backoff import backoff_ms
 from featureplane.codec import Item
 from featureplane.errors import TransientStoreError, ValidationError
-from featureplane.operators import metrics
+from featureplane.operators.metrics import IngestMetrics
 from featureplane.operators.records import Status, Work
-from featureplane.spec import Catalog
-from featureplane.stores.base import Store
+from featureplane.spec import Catalog, FeatureGroup
+from featureplane.stores.base import Store, wall_clock_ms
 
-__all__ = ["CacheWriter", "Failure", "Writer", "classify"]
+__all__ = [
+    "CacheWriter",
+    "Failure",
+    "RetryInPlace",
+    "RetryPolicy",
+    "ToRetryTopic",
+    "Writer",
+    "classify",
+    "targets",
+]
 
 log = logging.getLogger(__name__)
 
 
 class CacheWriter(Protocol):
-    """The Redis tier as ingestion sees it: cache semantics (`RedisStore.write_through`)."""
+    """The Redis tier as the writers use it (a part of `featureplane.cache.CacheTier`)."""
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
 
     async def write_through(self, items: Sequence[Item]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
+class ToRetryTopic:
+    """The dataflows' policy: one attempt; failed records go to the retry topic or DLQ."""
+
+    cache_pause_ms: tuple[int, int] = (1_000, 15_000)
+    """First and longest pause of the cache tier after an outage-like failure."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryInPlace:
+    """The batch jobs' policy: retry failed writes here, then raise with the reason."""
+
+    max_attempts: int = 8
+    """Retries after the first attempt."""
+    base_ms: float = 200.0
+    cap_ms: float = 30_000.0
+
+
+RetryPolicy = ToRetryTopic | RetryInPlace
+
+
+@dataclass(frozen=True, slots=True)
 class Failure:
-    """Why a chunk failed: `kind` is the metric label, `reason` the header."""
+    """Why a tier write failed: `kind` is the metric label, `reason` the header."""
 
     kind: str
     reason: str
     malformed: bool = False
+    error: Exception | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def retryable(self) -> bool:
+        """Worth trying again: an outage, a timeout or a paused cache, not bad data or a bug."""
+        return self.kind in ("transient", "timeout", "paused")
 
 
-def classify(exc: BaseException, tier: str) -> Failure:
+def classify(exc: Exception, tier: str) -> Failure:
     """Exception of a write -> Failure (malformed goes to the DLQ, the rest to retry)."""
     text = f"{tier}: {type(exc).__name__}: {exc}"[:500]
     if isinstance(exc, ValidationError):
-        return Failure("malformed", text, malformed=True)
+        return Failure("malformed", text, malformed=True, error=exc)
     if isinstance(exc, TimeoutError):
-        return Failure("timeout", f"{tier}: write timed out")
+        return Failure("timeout", f"{tier}: write timed out", error=exc)
     if isinstance(exc, TransientStoreError):
-        return Failure("transient", text)
-    return Failure("store_error", text)
+        return Failure("transient", text, error=exc)
+    return Failure("store_error", text, error=exc)
+
+
+def targets(group: FeatureGroup) -> tuple[bool, bool]:
+    """(to the store, to the Redis tier) of a group's items: the rule every job follows."""
+    if group.on_demand:
+        return False, False
+    return "store" in group.tiers, "redis" in group.tiers
+
+
+@dataclass(frozen=True, slots=True)
+class _Unit:
+    """One record's items (or one loaded item); `stored`: the store already has them."""
+
+    items: Sequence[Item]
+    stored: bool = False
+
+
+Outcome = tuple[Failure | None, Failure | None]
+"""(store failure, cache failure) of one unit; None where the tier succeeded or was not used."""
 
 
 class Writer:
-    """Writes works' items; one per worker thread (it runs on that thread's loop)."""
+    """Writes items to their tiers; one per event loop (a worker thread, a batch job)."""
 
     def __init__(
         self,
@@ -83,79 +169,180 @@ class Writer:
         store: Store | None,
         cache: CacheWriter | None,
         *,
+        policy: RetryPolicy = ToRetryTopic(),
+        metrics: IngestMetrics | None = None,
         flow: str = "ingest",
         chunk_items: int = 10_000,
-        timeout_s: float = 10.0,
-        clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-        cache_pause_ms: tuple[int, int] = (1_000, 15_000),
+        timeout_s: float | None = 10.0,
+        clock: Callable[[], int] = wall_clock_ms,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: random.Random | None = None,
     ) -> None:
         self.catalog = catalog
         self.store = store
         self.cache = cache
+        self.policy = policy
+        self.metrics = metrics
         self.flow = flow
         self.chunk_items = chunk_items
         self.timeout_s = timeout_s
         self.clock = clock
-        self.cache_pause_ms = cache_pause_ms
+        self.sleep = sleep
+        self.rand = rand
+        self._to_store = {n for n, g in catalog.groups.items() if targets(g)[0]}
+        self._to_cache = {n for n, g in catalog.groups.items() if targets(g)[1]}
+        self._cache_started = False
+        self._cache_starting = asyncio.Lock()
         self._pause_ms = 0
         self._paused_until = 0
         self._freshness: dict[str, Histogram] = {}
-        self._to_store = {n for n, g in catalog.groups.items() if "store" in g.tiers}
-        # Every item goes to `write_through`: it writes `write: through` groups with a redis
-        # tier and clears serving's negative-cache markers of all the others.
-        self._to_cache = set(catalog.groups)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Start the store now (a bad store fails fast); the cache starts on first use."""
+        if self.store is not None:
+            await self.store.start()
+
+    async def aclose(self) -> None:
+        try:
+            if self.cache is not None and self._cache_started:
+                self._cache_started = False
+                await self.cache.aclose()
+        finally:
+            if self.store is not None:
+                await self.store.aclose()
+
+    async def __aenter__(self) -> Writer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ---------------------------------------------------------------- writing
 
     async def write(self, works: Sequence[Work]) -> list[Work]:
-        """Write every pending work's items; return the works with their outcome."""
+        """Write every pending work's items; return the works with their outcome.
+
+        Under `RetryInPlace` every returned work is done, or this raises.
+        """
         pending = [i for i, w in enumerate(works) if w.status == "pending"]
+        units = [_Unit(works[i].items, works[i].message.cache_only) for i in pending]
+        outcomes = await self._settle(units)
+        out = list(works)
+        now = self.clock()
+        m = self.metrics
+        for i, unit, (store_failed, cache_failed) in zip(pending, units, outcomes, strict=True):
+            work = works[i]
+            if store_failed is not None:
+                status: Status = "malformed" if store_failed.malformed else "transient"
+                out[i] = work.with_status(status, store_failed.reason)
+                if m is not None and not store_failed.malformed:  # malformed: counted when routed
+                    m.failures.labels(self.flow, store_failed.kind).inc()
+            elif cache_failed is not None:
+                # The store has the items: never the DLQ, only the Redis write again.
+                out[i] = work.with_status("transient", cache_failed.reason, cache_only=True)
+                if m is not None:
+                    m.failures.labels(self.flow, "cache").inc()
+            else:
+                out[i] = work.with_status("done")
+                if m is not None:
+                    self._observe_freshness(m, unit.items, now)
+        return out
+
+    async def write_items(self, items: Sequence[Item]) -> None:
+        """Write items that come from no stream (a file load); raise when any failed."""
+        outcomes = await self._settle([_Unit((it,)) for it in items])
+        for store_failed, cache_failed in outcomes:
+            failed = store_failed or cache_failed
+            if failed is not None:
+                raise _error_of(failed)
+
+    def _observe_freshness(self, m: IngestMetrics, items: Sequence[Item], now: int) -> None:
+        fresh = self._freshness
+        for item in items:
+            hist = fresh.get(item.group)
+            if hist is None:
+                hist = fresh[item.group] = m.freshness_seconds.labels(self.flow, item.group)
+            hist.observe(max(0, now - item.ts) / 1000)
+
+    async def _settle(self, units: list[_Unit]) -> list[Outcome]:
+        """The outcome of every unit under the policy."""
+        policy = self.policy
+        if isinstance(policy, ToRetryTopic):
+            return await self._attempt(units, policy)
+        outcomes: list[Outcome] = [(None, None)] * len(units)
+        todo = list(range(len(units)))
+        for attempt in range(policy.max_attempts + 1):
+            got = await self._attempt([units[i] for i in todo], None)
+            again: list[int] = []
+            last: Failure | None = None
+            for i, (store_failed, cache_failed) in zip(todo, got, strict=True):
+                failed = store_failed or cache_failed
+                if failed is None:
+                    continue
+                if not failed.retryable:
+                    raise _error_of(failed)
+                if store_failed is None:  # the store has them: the cache alone again
+                    units[i] = _Unit(units[i].items, stored=True)
+                again.append(i)
+                last = failed
+            if last is None:
+                return outcomes
+            if attempt == policy.max_attempts:
+                raise TransientStoreError(
+                    f"gave up after {policy.max_attempts} retries: {last.reason}"
+                ) from last.error
+            delay = backoff_ms(attempt, policy.base_ms, policy.cap_ms, self.rand) / 1000
+            log.warning(
+                "%s: %d write(s) failed (%s); retry %d/%d in %.1fs",
+                self.flow,
+                len(again),
+                last.reason,
+                attempt + 1,
+                policy.max_attempts,
+                delay,
+            )
+            await self.sleep(delay)
+            todo = again
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _attempt(self, units: Sequence[_Unit], pacing: ToRetryTopic | None) -> list[Outcome]:
+        """One try of every unit, chunks concurrently; with `pacing`, the cache may pause."""
         chunks: list[list[int]] = []
         size = 0
-        for i in pending:
-            if not chunks or size + len(works[i].items) > self.chunk_items:
+        for i, unit in enumerate(units):
+            if not chunks or size + len(unit.items) > self.chunk_items:
                 chunks.append([])
                 size = 0
             chunks[-1].append(i)
-            size += len(works[i].items)
+            size += len(unit.items)
         started = time.perf_counter()
-        skip_cache = self.clock() < self._paused_until
-        failures = await asyncio.gather(
-            *(self._chunk([works[i] for i in c], skip_cache) for c in chunks)
+        skip_cache = pacing is not None and self.clock() < self._paused_until
+        results = await asyncio.gather(
+            *(self._chunk([units[i] for i in c], skip_cache) for c in chunks)
         )
-        metrics.BATCH_WRITE_SECONDS.labels(self.flow).observe(time.perf_counter() - started)
-        out = list(works)
-        now = self.clock()
-        if not skip_cache:
-            self._pace_cache([cache for _, cache in failures], now)
-        fresh = self._freshness
-        for chunk, (store_failed, cache_failed) in zip(chunks, failures, strict=True):
-            for i in chunk:
-                work = works[i]
-                if store_failed is not None and not work.message.cache_only:
-                    status: Status = "malformed" if store_failed.malformed else "transient"
-                    out[i] = work.with_status(status, store_failed.reason)
-                    if not store_failed.malformed:  # malformed ones are counted when routed
-                        metrics.FAILURES.labels(self.flow, store_failed.kind).inc()
-                elif cache_failed is not None:
-                    # The store has the items: never the DLQ, only the Redis write again.
-                    out[i] = work.with_status("transient", cache_failed.reason, cache_only=True)
-                    metrics.FAILURES.labels(self.flow, "cache").inc()
-                else:
-                    out[i] = work.with_status("done")
-                    for item in work.items:
-                        hist = fresh.get(item.group)
-                        if hist is None:
-                            hist = fresh[item.group] = metrics.FRESHNESS_SECONDS.labels(
-                                self.flow, item.group
-                            )
-                        hist.observe(max(0, now - item.ts) / 1000)
-        return out
+        if self.metrics is not None:
+            elapsed = time.perf_counter() - started
+            self.metrics.batch_write_seconds.labels(self.flow).observe(elapsed)
+        if pacing is not None and not skip_cache:
+            self._pace_cache([cache for _, cache, _ in results], pacing)
+        outcomes: list[Outcome] = [(None, None)] * len(units)
+        for chunk, (store_failed, cache_failed, uses) in zip(chunks, results, strict=True):
+            for i, (to_store, to_cache) in zip(chunk, uses, strict=True):
+                outcomes[i] = (
+                    store_failed if to_store else None,
+                    cache_failed if to_cache else None,
+                )
+        return outcomes
 
-    def _pace_cache(self, failures: Sequence[Failure | None], now: int) -> None:
+    def _pace_cache(self, failures: Sequence[Failure | None], pacing: ToRetryTopic) -> None:
         """Pause the cache tier after an outage-like failure; resume on a success."""
         if any(f is not None and f.kind in ("timeout", "transient") for f in failures):
-            low, high = self.cache_pause_ms
+            low, high = pacing.cache_pause_ms
             self._pause_ms = min(high, max(low, self._pause_ms * 2))
-            self._paused_until = now + self._pause_ms
+            self._paused_until = self.clock() + self._pause_ms
             log.warning(
                 "%s: the Redis tier failed; not trying it for %.0fs (records go to retry for "
                 "their Redis write)",
@@ -167,43 +354,64 @@ class Writer:
             self._pause_ms = 0
 
     async def _chunk(
-        self, works: Sequence[Work], skip_cache: bool = False
-    ) -> tuple[Failure | None, Failure | None]:
-        """(store failure, cache failure) of one chunk; None where the tier succeeded."""
-        store = self._to_store
-        store_items = [
-            it for w in works if not w.message.cache_only for it in w.items if it.group in store
-        ]
-        cache_items = [it for w in works for it in w.items if it.group in self._to_cache]
+        self, units: Sequence[_Unit], skip_cache: bool
+    ) -> tuple[Failure | None, Failure | None, list[tuple[bool, bool]]]:
+        """(store failure, cache failure) of one chunk, and which tiers each unit used."""
+        to_store, to_cache = self._to_store, self._to_cache
+        has_store, has_cache = self.store is not None, self.cache is not None
+        store_items: list[Item] = []
+        cache_items: list[Item] = []
+        uses: list[tuple[bool, bool]] = []
+        for unit in units:
+            n_store, n_cache = len(store_items), len(cache_items)
+            for it in unit.items:
+                if has_store and not unit.stored and it.group in to_store:
+                    store_items.append(it)
+                if has_cache and it.group in to_cache:
+                    cache_items.append(it)
+            uses.append((len(store_items) > n_store, len(cache_items) > n_cache))
         calls: list[tuple[str, list[Item]]] = []
-        if store_items and self.store is not None:
+        if store_items:
             calls.append(("store", store_items))
-        if cache_items and self.cache is not None and not skip_cache:
+        if cache_items and not skip_cache:
             calls.append(("redis", cache_items))
         results = await asyncio.gather(
             *(self._call(tier, its) for tier, its in calls), return_exceptions=True
         )
         failed: dict[str, Failure] = {}
-        if skip_cache and cache_items and self.cache is not None:
+        if skip_cache and cache_items:
             failed["redis"] = Failure("paused", "redis: paused after failures, not tried")
         for (tier, its), res in zip(calls, results, strict=True):
             if isinstance(res, BaseException):
                 if not isinstance(res, Exception):
                     raise res
                 failed[tier] = classify(res, tier)
-                continue
-            for group, n in _count(its).items():
-                metrics.ITEMS_WRITTEN.labels(self.flow, group, tier).inc(n)
-        return failed.get("store"), failed.get("redis")
+            elif self.metrics is not None:
+                for group, n in _count(its).items():
+                    self.metrics.items_written.labels(self.flow, group, tier).inc(n)
+        return failed.get("store"), failed.get("redis"), uses
 
     async def _call(self, tier: str, items: list[Item]) -> None:
         async with asyncio.timeout(self.timeout_s):
             if tier == "store":
                 assert self.store is not None
                 await self.store.write(items)
-            else:
-                assert self.cache is not None
-                await self.cache.write_through(items)
+                return
+            assert self.cache is not None
+            if not self._cache_started:
+                async with self._cache_starting:  # concurrent chunks must not race a failing start
+                    if not self._cache_started:
+                        await self.cache.start()
+                        self._cache_started = True
+            await self.cache.write_through(items)
+
+
+def _error_of(failure: Failure) -> Exception:
+    """The exception a failed write raises: the original one (a bug keeps its traceback),
+    or a `TransientStoreError` naming the tier for a timeout or a paused cache."""
+    if failure.error is None or isinstance(failure.error, TimeoutError):
+        return TransientStoreError(failure.reason)
+    return failure.error
 
 
 def _count(items: Sequence[Item]) -> dict[str, int]:

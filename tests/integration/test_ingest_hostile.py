@@ -20,10 +20,10 @@ from confluent_kafka import Message as KafkaMessage
 from confluent_kafka import Producer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from prometheus_client import REGISTRY
 
 from featureplane.operators.commit import OffsetTracker
 from featureplane.operators.kafka import GroupConsumer, ensure_topics
+from featureplane.operators.metrics import IngestMetrics
 from featureplane.operators.records import Message, Origin
 from featureplane.stores.base import Query
 from tests.integration.ingest_env import Env, click, now_ms, wait_for
@@ -167,12 +167,14 @@ def test_the_lag_gauge_stays_for_a_partition_whose_commit_is_held(kafka_bootstra
         off = m.offset() or 0
         return Message(topic, 0, off, None, m.value(), Origin(topic, 0, off), tracker=tracker)
 
+    metrics = IngestMetrics()
     consumer = GroupConsumer(
         kafka_bootstrap,
         f"lag-{topic}",
         [topic],
         convert,
         flow="ingest",
+        metrics=metrics,
         config={"session.timeout.ms": 6000},  # tansu's first join waits on it
     )
     labels = {"flow": "ingest", "topic": topic, "partition": "0"}
@@ -185,10 +187,10 @@ def test_the_lag_gauge_stays_for_a_partition_whose_commit_is_held(kafka_bootstra
         for m in got[1:]:  # offset 0 is held back (a slow or stuck record)
             m.ack()
         consumer.commit()
-        assert REGISTRY.get_sample_value("featureplane_ingest_lag", labels) == 10
+        assert metrics.value("featureplane_ingest_lag", labels) == 10
         got[0].ack()
         consumer.commit()
-        assert REGISTRY.get_sample_value("featureplane_ingest_lag", labels) == 0
-        assert REGISTRY.get_sample_value("featureplane_ingest_committed_offset", labels) == 10
+        assert metrics.value("featureplane_ingest_lag", labels) == 0
+        assert metrics.value("featureplane_ingest_committed_offset", labels) == 10
     finally:
         consumer.close()

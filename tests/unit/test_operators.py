@@ -20,7 +20,8 @@ from featureplane.operators.aggregate import Aggregator
 from featureplane.operators.commit import OffsetTracker
 from featureplane.operators.decode import MalformedError, decode_event, decode_works
 from featureplane.operators.dispatch import MISSING, Dispatcher, get_path
-from featureplane.operators.pipeline import Pipeline, PipelineConfig
+from featureplane.operators.metrics import IngestMetrics
+from featureplane.operators.pipeline import Pipeline, PipelineConfig, Worker
 from featureplane.operators.records import Event, Message, Origin, Work
 from featureplane.operators.retry import Backoff, RetryHold
 from featureplane.operators.route import (
@@ -33,8 +34,7 @@ from featureplane.operators.route import (
     route_of,
     wire_size,
 )
-from featureplane.operators.write import Writer, classify
-from featureplane.settings import Settings
+from featureplane.operators.write import RetryInPlace, ToRetryTopic, Writer, classify, targets
 from featureplane.spec import load_catalog
 from featureplane.stores.base import Query, Store
 
@@ -199,7 +199,20 @@ class FakeStore(Store):
         return [[] for _ in queries]
 
 
-class FakeCache:
+class Lifecycle:
+    """start/aclose of a cache tier, counted."""
+
+    starts = 0
+    closes = 0
+
+    async def start(self) -> None:
+        self.starts += 1
+
+    async def aclose(self) -> None:
+        self.closes += 1
+
+
+class FakeCache(Lifecycle):
     def __init__(self) -> None:
         self.items: list[Item] = []
 
@@ -315,7 +328,7 @@ def test_retry_hold_releases_in_due_order_without_blocking() -> None:
 # ---------------------------------------------------------------- per tier
 
 
-class DownCache:
+class DownCache(Lifecycle):
     async def write_through(self, items: Sequence[Item]) -> None:
         raise TransientStoreError("redis down")
 
@@ -377,9 +390,16 @@ def test_nesting_beyond_orjsons_limit_is_not_valid_json() -> None:
     assert w.status == "malformed" and "not valid JSON" in (w.reason or "")
 
 
-def pipeline(clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> Pipeline:
-    """A pipeline whose clients are made on first use (these tests make none)."""
-    return Pipeline(Settings(kafka_bootstrap="127.0.0.1:1"), CATALOG, PipelineConfig(), clock)
+def no_worker() -> Worker:
+    raise AssertionError("this test needs no clients")
+
+
+def pipeline(
+    clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    open_worker: Callable[[], Worker] = no_worker,
+) -> Pipeline:
+    """A pipeline with metrics of its own, whose clients are made on first use."""
+    return Pipeline(CATALOG, PipelineConfig(), IngestMetrics(), open_worker, clock)
 
 
 def test_a_step_that_raises_on_one_record_affects_only_that_record(
@@ -471,25 +491,26 @@ def test_tracker_knows_where_it_started_and_what_it_committed() -> None:
 
 
 def test_route_abandons_a_spent_cache_only_retry_acknowledges_and_counts_it() -> None:
-    from prometheus_client import REGISTRY
-
     p = pipeline()  # no delivery happens, so no broker is needed
     tracker = OffsetTracker("user-actions", 0)
     tracker.track(0)
     m = msg(click(), tracker=tracker)
     old = Message(m.topic, 0, 0, m.key, m.value, m.origin, 7, T - 7_200_000, True, tracker=tracker)
     labels = {"flow": "ingest", "topic": "user-actions"}
-    before = REGISTRY.get_sample_value("featureplane_ingest_cache_abandoned_total", labels) or 0
+    before = p.metrics.value("featureplane_ingest_cache_abandoned_total", labels) or 0
     (w,) = p.route([Work(old, status="transient", reason="redis down", cache_only=True)])
     assert w.status == "done" and "cache write abandoned after 7 retries" in (w.reason or "")
     p.ack([w])
     assert tracker.position == 1
-    after = REGISTRY.get_sample_value("featureplane_ingest_cache_abandoned_total", labels)
+    after = p.metrics.value("featureplane_ingest_cache_abandoned_total", labels)
     assert after == before + 1
 
 
 class FakeDeliverer:
     max_message_bytes = 1_048_588
+
+    def close(self) -> None:
+        pass
 
     def __init__(self) -> None:
         self.error: str | None = "broker down"
@@ -502,12 +523,10 @@ class FakeDeliverer:
 
 
 def test_a_record_whose_dlq_delivery_failed_is_delivered_with_a_later_batch() -> None:
-    from types import SimpleNamespace
-
     now = [T]
-    p = pipeline(lambda: now[0])
     deliverer = FakeDeliverer()
-    p._local.res = SimpleNamespace(deliverer=deliverer, stuck=[], redeliver_at=0)
+    loop = asyncio.new_event_loop()
+    p = pipeline(lambda: now[0], lambda: Worker(loop, Writer(CATALOG, None, None), deliverer))
     tracker = OffsetTracker("user-actions", 0)
     tracker.track(0)
     (w,) = p.route([Work(msg(b"{", tracker=tracker), status="malformed", reason="not JSON")])
@@ -520,9 +539,11 @@ def test_a_record_whose_dlq_delivery_failed_is_delivered_with_a_later_batch() ->
     now[0] += 5_000
     p.route([])
     assert tracker.position == 1 and [o.kind for o in deliverer.sent] == ["dlq"]
+    p.close()
+    assert loop.is_closed()
 
 
-class FlakyCache:
+class FlakyCache(Lifecycle):
     def __init__(self) -> None:
         self.down = True
         self.calls = 0
@@ -536,7 +557,13 @@ class FlakyCache:
 def test_an_unreachable_cache_is_paused_with_doubling_waits_and_resumed_on_success() -> None:
     now = [T]
     cache, store = FlakyCache(), FakeStore()
-    writer = Writer(CATALOG, store, cache, clock=lambda: now[0], cache_pause_ms=(1_000, 4_000))
+    writer = Writer(
+        CATALOG,
+        store,
+        cache,
+        clock=lambda: now[0],
+        policy=ToRetryTopic(cache_pause_ms=(1_000, 4_000)),
+    )
 
     def write() -> list[Work]:
         return asyncio.run(writer.write(steps(msg(click()))))
@@ -556,3 +583,148 @@ def test_an_unreachable_cache_is_paused_with_doubling_waits_and_resumed_on_succe
     assert write()[0].status == "done" and cache.calls == 3
     now[0] += 1
     assert write()[0].status == "done" and cache.calls == 4  # no pause after a success
+
+
+# ---------------------------------------------------------------- one write path
+
+TIERED = """
+feature_groups:
+  - {name: cache_only, entity: user, kind: latest, tiers: [local, redis],
+     features: [{name: v, type: string}]}
+  - {name: everywhere, entity: user, kind: latest, tiers: [local, redis, store],
+     features: [{name: v, type: string}]}
+  - {name: store_only, entity: user, kind: timeseries, tiers: [store],
+     features: [{name: v, type: string}]}
+  - {name: around, entity: user, kind: latest, tiers: [redis, store], write: around,
+     features: [{name: v, type: string}]}
+"""
+
+
+def tiered_items(tmp_path: Path) -> tuple[object, list[Item]]:
+    from featureplane.codec import make_item
+
+    (tmp_path / "g.yaml").write_text(TIERED)
+    catalog = load_catalog(tmp_path / "g.yaml")
+    items = [
+        make_item(catalog.groups[g], "u1", T, f"e-{g}", {"v": "x"})
+        for g in ("cache_only", "everywhere", "store_only", "around")
+    ]
+    return catalog, items
+
+
+def test_a_groups_tiers_decide_where_its_items_go(tmp_path: Path) -> None:
+    catalog, items = tiered_items(tmp_path)
+    groups = catalog.groups  # type: ignore[attr-defined]
+    assert targets(groups["cache_only"]) == (False, True)
+    assert targets(groups["everywhere"]) == (True, True)
+    assert targets(groups["store_only"]) == (True, False)
+    assert targets(groups["around"]) == (True, True)  # write_through only clears markers
+    store, cache = FakeStore(), FakeCache()
+    asyncio.run(Writer(catalog, store, cache).write_items(items))  # type: ignore[arg-type]
+    assert sorted(i.group for i in store.items) == ["around", "everywhere", "store_only"]
+    assert sorted(i.group for i in cache.items) == ["around", "cache_only", "everywhere"]
+
+
+class Sleeps:
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+class FailingStore(FakeStore):
+    """Raises the given errors on the first writes, then writes."""
+
+    def __init__(self, *errors: Exception) -> None:
+        super().__init__()
+        self.errors = list(errors)
+        self.calls = 0
+
+    async def write(self, items: Sequence[Item]) -> None:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        self.items.extend(items)
+
+
+def test_in_place_retries_the_failed_tier_with_capped_backoff_then_succeeds() -> None:
+    store = FailingStore(TransientStoreError("throttled"), TimeoutError())
+    cache, sleeps = FakeCache(), Sleeps()
+    policy = RetryInPlace(max_attempts=3, base_ms=100, cap_ms=150)
+    writer = Writer(CATALOG, store, cache, policy=policy, sleep=sleeps, rand=random.Random(1))
+    works = steps(msg(click()), msg(click(event_id="e2"), offset=1))
+    out = asyncio.run(writer.write(works))
+    assert [w.status for w in out] == ["done", "done"] and store.calls == 3
+    assert len(store.items) == 4 and len(sleeps.delays) == 2
+    assert 0 <= sleeps.delays[0] <= 0.1 and 0 <= sleeps.delays[1] <= 0.15
+    # the store succeeded and the cache failed: the cache alone is written again
+    store, flaky = FailingStore(), FlakyCache()
+    writer = Writer(CATALOG, store, flaky, policy=policy, sleep=Sleeps())
+
+    async def heal() -> None:
+        task = asyncio.ensure_future(writer.write(steps(msg(click()))))
+        while flaky.calls == 0:
+            await asyncio.sleep(0)
+        flaky.down = False
+        (w,) = await task
+        assert w.status == "done"
+
+    asyncio.run(heal())
+    assert store.calls == 1 and flaky.calls == 2
+
+
+def test_in_place_gives_up_after_max_attempts_with_the_reason_and_stops_on_bad_data() -> None:
+    from featureplane.errors import ValidationError
+
+    sleeps = Sleeps()
+    down = FailingStore(*[TransientStoreError("throttled")] * 10)
+    writer = Writer(CATALOG, down, None, policy=RetryInPlace(max_attempts=2), sleep=sleeps)
+    with pytest.raises(TransientStoreError, match=r"gave up after 2 retries: store: .*throttled"):
+        asyncio.run(writer.write_items(steps(msg(click()))[0].items))
+    assert down.calls == 3 and len(sleeps.delays) == 2
+    bad = FailingStore(ValidationError("too large"))
+    writer = Writer(CATALOG, bad, None, policy=RetryInPlace(), sleep=sleeps)
+    with pytest.raises(ValidationError, match="too large"):
+        asyncio.run(writer.write_items(steps(msg(click()))[0].items))
+    assert bad.calls == 1 and len(sleeps.delays) == 2  # no retry of bad data
+
+
+class SlowFailingStart(FakeCache):
+    """A cache whose start fails after a while, counting overlapping starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = 0
+        self.overlap = 0
+
+    async def start(self) -> None:
+        self.starts += 1
+        self.running += 1
+        self.overlap = max(self.overlap, self.running)
+        await asyncio.sleep(0.01)
+        self.running -= 1
+        raise TransientStoreError("connection refused")
+
+
+def test_a_cache_down_at_start_up_is_a_transient_failure_and_chunks_never_race_its_start() -> None:
+    cache = SlowFailingStart()
+    writer = Writer(CATALOG, FakeStore(), cache, chunk_items=2)
+    works = steps(*(msg(click(event_id=f"e{i}"), offset=i) for i in range(4)))  # 4 chunks
+    out = asyncio.run(writer.write(works))
+    assert all(w.status == "transient" and w.cache_only for w in out)
+    assert "connection refused" in (out[0].reason or "")
+    assert cache.starts >= 1 and cache.overlap == 1 and not cache.items
+    asyncio.run(writer.aclose())
+    assert cache.closes == 0  # never started, never closed
+
+
+def test_two_pipelines_in_one_process_count_apart() -> None:
+    a, b = pipeline(), pipeline()
+    tracker = OffsetTracker("user-actions", 0)
+    m = msg(click(), tracker=tracker)
+    old = Message(m.topic, 0, 0, m.key, m.value, m.origin, 7, T - 7_200_000, True)
+    a.route([Work(old, status="transient", reason="down", cache_only=True)])
+    labels = {"flow": "ingest", "topic": "user-actions"}
+    assert a.metrics.value("featureplane_ingest_cache_abandoned_total", labels) == 1
+    assert b.metrics.value("featureplane_ingest_cache_abandoned_total", labels) is None
