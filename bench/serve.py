@@ -1,4 +1,4 @@
-"""Benchmark of `featureplane serve` against a bare aiohttp ceiling (issue 4).
+"""Benchmark of `featureplane serve` against a bare aiohttp ceiling.
 
     python bench/serve.py [--duration 20] [--ids 100000] [--profile] [--uvloop]
 
@@ -47,7 +47,7 @@ from featureplane.cache import CacheFill  # noqa: E402
 from featureplane.codec import Record, make_item  # noqa: E402
 from featureplane.spec import load_catalog  # noqa: E402
 from featureplane.stores.embedded import EmbeddedStore  # noqa: E402
-from featureplane.stores.redis import RedisStore  # noqa: E402
+from featureplane.stores.redis_cache import RedisCache  # noqa: E402
 from tests.services import free_port, start_redis  # noqa: E402
 
 SPEC = """
@@ -95,7 +95,7 @@ end
 async def load_data(catalog: Any, data_dir: Path, redis_url: str, n: int) -> None:
     now = int(time.time() * 1000)
     groups = {g: catalog.group(g) for g in ("last_click", "keywords", "stats", "recent")}
-    async with EmbeddedStore(catalog, data_dir) as store, RedisStore(catalog, redis_url) as redis:
+    async with EmbeddedStore(catalog, data_dir) as store, RedisCache(catalog, redis_url) as redis:
         step = 2_000
         for lo in range(0, n, step):
             items, fills = [], []

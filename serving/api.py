@@ -1,4 +1,4 @@
-"""Request parsing and answer shaping for CONTRACT section 3; every bad input -> ApiError.
+"""Request parsing and answer shaping of the HTTP API; every bad input -> ApiError.
 
 HTTP status codes of featureplane are decided here and in `serving.app`, nowhere else.
 """
@@ -37,7 +37,7 @@ class ApiError(FeatureplaneError):
 
     def __init__(self, status: int, code: str, message: str) -> None:
         # Messages quote input through `quote`; this bound is the backstop that keeps the
-        # body under 4 KiB (CONTRACT section 3) even if one does not: 600 characters are at
+        # body under 4 KiB (the API's promise) even if one does not: 600 characters are at
         # most 3,600 bytes once JSON-escaped. Lone surrogates would make orjson raise.
         message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         if len(message) > MAX_MESSAGE:

@@ -1,8 +1,13 @@
-"""The aiohttp application: routes of CONTRACT section 3, auth, errors, lifecycle.
+"""The aiohttp application: the HTTP API's routes, auth, errors and lifecycle.
 
 `create_app` takes unstarted tiers; the app starts them in its cleanup context and
-closes them at shutdown, so one object owns each client's life (STYLE 8). `drain`
-marks it stopping: /readyz turns 503 while requests are still answered.
+closes them at shutdown, so one object owns each client's life. `drain` marks it
+stopping: /readyz turns 503 while requests are still answered.
+
+Errors: every refusal is an `ApiError` (status, code, message) answered as JSON. The
+errors of the layers below get their status here, in `_api_error`, and nowhere else: an
+on-demand function failing is 503, an unknown group 400, a tier failure 503. Anything
+else is a bug: 500, logged with its traceback at most once a minute per route.
 """
 
 from __future__ import annotations
@@ -12,14 +17,15 @@ import hmac
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from featureplane.cache import CacheTier
 from featureplane.codec import Record
-from featureplane.errors import quote
+from featureplane.errors import StoreError, UnknownGroupError, quote
 from featureplane.serving.api import ApiError, FeatureRequest, parse_body, parse_query, render
 from featureplane.serving.config import ServeConfig
 from featureplane.serving.local import LocalCache
@@ -27,9 +33,9 @@ from featureplane.serving.logs import RateLimitedLog
 from featureplane.serving.metrics import CONTENT_TYPE, Metrics
 from featureplane.serving.ondemand import OnDemandError, OnDemandFn, compute, load_functions
 from featureplane.serving.openapi import openapi
-from featureplane.serving.tiers import Lookup, ReaderConfig, TieredReader
-from featureplane.stores.base import Clock, Store, wall_clock_ms
-from featureplane.stores.redis import RedisStore
+from featureplane.serving.tiers import ReaderConfig, TieredReader
+from featureplane.spec import Catalog
+from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
 
 __all__ = ["MAX_BODY", "METRICS", "READER", "SERVER", "create_app", "drain"]
 
@@ -45,13 +51,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _JSON = "application/json"
 
 
-def _json(doc: Any, status: int = 200) -> web.Response:
+def _json(doc: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(doc), status=status, content_type=_JSON)
 
 
 def _error(exc: ApiError) -> web.Response:
     resp = web.Response(body=exc.body(), status=exc.status, content_type=_JSON)
-    if exc.status == 408:  # a client too slow to send its body is disconnected (CONTRACT 3)
+    if exc.status == 408:  # a client too slow to send its body is disconnected
         resp.force_close()
     return resp
 
@@ -74,8 +80,8 @@ class _Service:
         functions: dict[str, OnDemandFn],
         clock: Clock,
         token: str | None,
-        store: Store | None,
-        redis: RedisStore | None,
+        store: Store,
+        redis: CacheTier | None,
         body_timeout: float,
     ) -> None:
         self.reader, self.functions, self.clock = reader, functions, clock
@@ -86,24 +92,26 @@ class _Service:
         self.events = RateLimitedLog(log)
 
     async def results(self, reqs: list[FeatureRequest]) -> list[dict[str, Any]]:
-        lookups: list[Lookup] = []
-        computed: list[Awaitable[list[list[Record]]]] = []
+        queries: list[Query] = []
+        computed: list[Coroutine[Any, Any, list[list[Record]]]] = []
         for req in reqs:
-            fn = self.functions.get(req.group.name)
+            name = req.group.name
+            fn = self.functions.get(name)
             if fn is not None:
                 computed.append(compute(req.group, fn, req.ids, self.clock()))
                 continue
-            lookups.extend(Lookup(req.group, i, req.limit, req.since, req.until) for i in req.ids)
+            queries.extend(Query(name, i, req.limit, req.since, req.until) for i in req.ids)
         try:
-            got = await self.reader.read(lookups) if lookups else []
-            on_demand = list(await asyncio.gather(*computed)) if computed else []
-        except OnDemandError as exc:
-            self.reader.metrics.on_demand_errors.labels(str(exc).split("'")[1]).inc()
-            raise ApiError(503, "on_demand_failed", str(exc)) from None
+            got = await self.reader.read(queries) if queries else []
+        except BaseException:
+            for coro in computed:  # never started: closed, not left to warn "never awaited"
+                coro.close()
+            raise
+        on_demand = list(await asyncio.gather(*computed)) if computed else []
         out: list[dict[str, Any]] = []
         found, computed_rows = iter(got), iter(on_demand)
         for req in reqs:
-            rows: Any = next(computed_rows) if req.group.name in self.functions else None
+            rows = next(computed_rows) if req.group.name in self.functions else None
             for n, entity_id in enumerate(req.ids):
                 records = rows[n] if rows is not None else next(found)
                 if records is None:
@@ -125,6 +133,24 @@ def _route_name(request: web.Request) -> str:
     return route.canonical if route is not None else "unmatched"
 
 
+def _api_error(
+    request: web.Request, exc: OnDemandError | UnknownGroupError | StoreError
+) -> ApiError:
+    """The answer to an error raised below the HTTP layer."""
+    if isinstance(exc, OnDemandError):
+        request.app[METRICS].on_demand_errors.labels(exc.group).inc()
+        return ApiError(503, "on_demand_failed", exc.message)
+    if isinstance(exc, UnknownGroupError):
+        return ApiError(400, "unknown_group", f"unknown feature group {quote(exc.group)}")
+    # The reader absorbs tier failures (timeouts, breakers); one that reaches here still
+    # means no tier can answer now, which the API answers 503, never 500.
+    route = _route_name(request)
+    request.app[_SERVICE].events.event(
+        f"tier error {route}", f"tier error on {route}: {quote(str(exc), 200)}"
+    )
+    return ApiError(503, "unavailable", "no tier can answer now")
+
+
 @web.middleware
 async def _middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     start = time.perf_counter()
@@ -137,6 +163,8 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
         resp = await handler(request)
     except ApiError as exc:
         resp = _error(exc)
+    except (OnDemandError, UnknownGroupError, StoreError) as exc:
+        resp = _error(_api_error(request, exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -203,13 +231,15 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     """200 whenever the durable store answers (a cache tier down is only "degraded");
-    503 while starting, draining or with the store unreachable (CONTRACT section 3)."""
+    503 while starting, draining or with the store unreachable."""
     svc = request.app[_SERVICE]
     if svc.phase != "serving":
         return _json({"ready": False, "status": svc.phase}, 503)
-    tiers = {n: t for n, t in (("store", svc.store), ("redis", svc.redis)) if t is not None}
+    tiers: dict[str, Store | CacheTier] = {"store": svc.store}
+    if svc.redis is not None:
+        tiers["redis"] = svc.redis
 
-    async def ping(tier: Store) -> str:
+    async def ping(tier: Store | CacheTier) -> str:
         try:
             async with asyncio.timeout(1.0):
                 await tier.ping()
@@ -218,8 +248,7 @@ async def _readyz(request: web.Request) -> web.Response:
         return "up"
 
     states = dict(zip(tiers, await asyncio.gather(*map(ping, tiers.values())), strict=True))
-    durable = "store" if "store" in tiers else "redis"  # no store: Redis is all there is
-    if states.get(durable) != "up":
+    if states["store"] != "up":
         return _json({"ready": False, "status": "unavailable", "tiers": states}, 503)
     status = "ok" if all(s == "up" for s in states.values()) else "degraded"
     return _json({"ready": True, "status": status, "tiers": states})
@@ -230,10 +259,10 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 def create_app(
-    catalog: Any,
+    catalog: Catalog,
     *,
-    store: Store | None,
-    redis: RedisStore | None = None,
+    store: Store,
+    redis: CacheTier | None = None,
     config: ServeConfig | None = None,
     token: str | None = None,
     clock: Clock = wall_clock_ms,
@@ -269,9 +298,10 @@ def create_app(
     )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        started: list[Store] = []
+        started: list[Store | CacheTier] = []
         try:
-            for tier in (store, redis):
+            tiers: tuple[Store | CacheTier | None, ...] = (store, redis)
+            for tier in tiers:
                 if tier is not None:
                     await tier.start()
                     started.append(tier)

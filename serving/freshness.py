@@ -1,7 +1,7 @@
 """Pure cache logic: entries, TTL math, XFetch, and what a cached entry may answer.
 
 Nothing here does I/O or reads a clock: callers pass `now` (epoch ms) and random
-draws, so tests are exact (STYLE 10).
+draws, so tests are exact.
 
 A cached entry of a timeseries group holds the store's newest `max_items`
 items of one id (or all of them, when there are fewer: it is then *complete*).

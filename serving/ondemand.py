@@ -26,7 +26,15 @@ OnDemandFn = Callable[[str], Any]
 
 
 class OnDemandError(FeatureplaneError):
-    """An on-demand function could not be imported, raised, or returned a bad value."""
+    """An on-demand function could not be imported, raised, or returned a bad value.
+
+    `group` names the on-demand group; `message` says what went wrong (input in it is
+    quoted short). Serving decides the HTTP status: 503 `on_demand_failed`.
+    """
+
+    def __init__(self, group: str, message: str) -> None:
+        super().__init__(message)
+        self.group, self.message = group, message
 
 
 def load_functions(catalog: Catalog) -> dict[str, OnDemandFn]:
@@ -40,10 +48,13 @@ def load_functions(catalog: Catalog) -> dict[str, OnDemandFn]:
             fn = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise OnDemandError(
-                f"group {group.name!r}: cannot import on_demand {group.on_demand!r}: {exc}"
+                group.name,
+                f"group {group.name!r}: cannot import on_demand {group.on_demand!r}: {exc}",
             ) from exc
         if not callable(fn):
-            raise OnDemandError(f"group {group.name!r}: {group.on_demand!r} is not callable")
+            raise OnDemandError(
+                group.name, f"group {group.name!r}: {group.on_demand!r} is not callable"
+            )
         out[group.name] = fn
     return out
 
@@ -61,7 +72,7 @@ async def compute(
             return _records(group, value, now)
         except Exception as exc:
             raise OnDemandError(
-                f"on-demand group {group.name!r} failed: {quote(exc, 200)}"
+                group.name, f"on-demand group {group.name!r} failed: {quote(exc, 200)}"
             ) from exc
 
     return list(await asyncio.gather(*(one(i) for i in ids)))

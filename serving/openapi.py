@@ -1,4 +1,4 @@
-"""The OpenAPI 3.0 document served at `/openapi.json` (CONTRACT section 3)."""
+"""The OpenAPI 3.0 document served at `/openapi.json`."""
 
 from __future__ import annotations
 

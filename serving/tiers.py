@@ -1,35 +1,40 @@
 """The tiered read path: in-process LRU -> Redis -> store, per group's `tiers`.
 
-One request's (group, id) pairs go through each tier in one round trip (one
-Redis pipeline, one `Store.read` batch). A tier's answer is used only when
-`freshness.answer` says it is exact; otherwise the pair falls through. What a
-lower tier answers is written to the tiers above: the local LRU at once (a
-dict insert), Redis by a background flusher in batches, never on the request
-path.
+One request's (group, id) pairs go through each tier in one round trip (one Redis
+batch, one `Store.read`). A tier's answer is used only when `freshness.answer` says it
+is exact; otherwise the pair falls through. What a lower tier answers is written to the
+tiers above: the local LRU at once (a dict insert), Redis by the fill queue in batches,
+never on the request path.
 
-Freshness: past soft a value is served and refreshed in the background; past
-hard never served; XFetch refreshes hot keys early. Concurrent store reads of
-one (group, id) are single-flight: one leader reads, the rest await its
-future. Misses are remembered as negative entries for `negative_ttl_ms`.
+Freshness: past soft a value is served and refreshed in the background; past hard never
+served; XFetch refreshes hot keys early. Concurrent store reads of one (group, id) are
+single-flight: one leader reads, the rest await its result. Misses are remembered as
+negative entries for `negative_ttl_ms`.
 
-Degradation: every Redis and store call has a timeout and a circuit breaker.
-Redis failing: its pairs fall through to the store. Store failing: pairs that
-no cache could answer within hard TTL come back as None (serving answers 503).
+Degradation: every Redis and store call has a timeout and a circuit breaker. Redis
+failing: its pairs fall through to the store. Store failing: pairs that no cache could
+answer within hard TTL come back as None (serving answers 503).
+
+The pieces, each with one job: `plan` (one request's pairs), `coalesce` (concurrent
+Redis reads sent together), `flight` (single-flight reads, background refreshes),
+`fills` (the fill queue), `guarded` (timeouts and breakers), `freshness` (TTL math,
+XFetch, what an entry may answer). This module puts them in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
-from featureplane.cache import Cached, CacheFill
+from featureplane.cache import Cached, CacheFill, CacheTier
 from featureplane.codec import Record
-from featureplane.errors import StoreError
 from featureplane.serving.breaker import Breaker
 from featureplane.serving.coalesce import Coalescer
+from featureplane.serving.fills import FillQueue
+from featureplane.serving.flight import Background, SingleFlight
 from featureplane.serving.freshness import (
     Entry,
     Freshness,
@@ -40,29 +45,14 @@ from featureplane.serving.freshness import (
     negative_entry,
     rebased,
 )
+from featureplane.serving.guarded import GuardedTier
 from featureplane.serving.local import LocalCache
 from featureplane.serving.metrics import Metrics
+from featureplane.serving.plan import Key, Wanted, plan
 from featureplane.spec import Catalog, FeatureGroup
 from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
-from featureplane.stores.redis import RedisStore
 
-__all__ = ["Lookup", "ReaderConfig", "TieredReader"]
-
-log = logging.getLogger(__name__)
-Key = tuple[str, str]
-_MAX_PENDING_FILLS = 20_000
-_FILL_BATCH = 256
-
-
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """One (group, id) of a request, with its timeseries query."""
-
-    group: FeatureGroup
-    id: str
-    limit: int = 1
-    since: int | None = None
-    until: int | None = None
+__all__ = ["ReaderConfig", "TieredReader"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +66,14 @@ class ReaderConfig:
 
 
 class TieredReader:
-    """Answers lookups from the highest tier that can answer them exactly."""
+    """Answers queries from the highest tier that can answer them exactly."""
 
     def __init__(
         self,
         *,
         catalog: Catalog,
-        store: Store | None,
-        redis: RedisStore | None,
+        store: Store,
+        redis: CacheTier | None,
         local: LocalCache | None,
         metrics: Metrics,
         config: ReaderConfig = ReaderConfig(),
@@ -98,349 +88,231 @@ class TieredReader:
             t: Breaker(config.breaker_failures, config.breaker_cooldown_ms, **kw)
             for t in ("redis", "store")
         }
-        self._inflight: dict[Key, asyncio.Future[Entry | None]] = {}
-        self._refreshing: set[Key] = set()
-        self._fills: list[CacheFill] = []
-        self._fill_ready = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._flusher: asyncio.Task[None] | None = None
-        self._delta: dict[str, float] = {}
-        # Concurrent requests' Redis reads leave in one script call (serving/coalesce.py).
-        self._redis_batch: Coalescer[Key, Cached] = Coalescer(self._redis_call)
+        self._store = GuardedTier("store", self.breakers["store"], metrics)
+        self._flights: SingleFlight[Key, Entry] = SingleFlight()
+        self._refreshes: Background[Key] = Background("background refresh")
+        self._delta: dict[str, float] = {}  # XFetch's delta: a store read's time, per group
+        self._fills: FillQueue | None = None
+        # Concurrent requests' Redis reads leave in one call (serving/coalesce.py).
+        self._redis_batch: Coalescer[Key, Cached] | None = None
+        if redis is not None:
+            guard = GuardedTier("redis", self.breakers["redis"], metrics)
+            self._fills = FillQueue(redis, guard, config.redis_timeout_ms * 5)
+            self._redis_batch = Coalescer(partial(self._redis_call, redis, guard))
 
     # -- lifecycle
 
     async def start(self) -> None:
-        if self.redis is not None and self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_loop())
+        if self._fills is not None:
+            await self._fills.start()
 
     async def aclose(self) -> None:
         """Stop background work; queued Redis fills are flushed once, best effort."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._redis_batch.aclose()
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-            self._flusher = None
-        if self._fills:
-            await self._flush_once()
+        await self._refreshes.aclose()
+        if self._redis_batch is not None:
+            await self._redis_batch.aclose()
+        if self._fills is not None:
+            await self._fills.aclose()
 
     async def idle(self) -> None:
-        """Wait until background refreshes and queued fills are done (tests, benches)."""
-        while self._tasks or self._fills or self._inflight:
-            await asyncio.sleep(0.005)
+        """Return once background refreshes, store reads and queued fills are done
+        (tests, benches)."""
+        fills = self._fills
+        while self._refreshes or self._flights or (fills is not None and not fills.settled):
+            await self._refreshes.wait()
+            if flights := self._flights.futures():
+                await asyncio.wait(flights)
+            if fills is not None:
+                await fills.drained()
 
     # -- reads
 
-    def clamp(self, lookup: Lookup) -> tuple[int, int | None, int | None]:
-        group = lookup.group
-        if group.kind == "latest":
-            return 1, None, None
-        since = lookup.since
-        if group.retention is not None:
-            cutoff = self.clock() - group.retention
-            since = cutoff if since is None else max(since, cutoff)
-        return min(lookup.limit, group.max_items), since, lookup.until
-
-    async def read(self, lookups: Sequence[Lookup]) -> list[list[Record] | None]:
-        """Newest-first records per lookup; None where no tier could answer."""
+    async def read(self, queries: Sequence[Query]) -> list[list[Record] | None]:
+        """Newest-first records per query; None where no tier could answer."""
         now = self.clock()
-        out: list[list[Record] | None] = [None] * len(lookups)
-        clamped = [self.clamp(lk) for lk in lookups]
-        pending = list(range(len(lookups)))
+        wanted = plan(self.catalog, queries, now)
+        pending = wanted
         if self.local is not None:
-            pending = self._read_local(lookups, clamped, pending, out, now)
-        if pending and self.redis is not None:
-            pending = await self._read_redis(lookups, clamped, pending, out, now)
+            pending = self._from_local(self.local, pending, now)
+        if pending and self._redis_batch is not None:
+            pending = await self._from_redis(self._redis_batch, pending, now)
         if pending:
-            await self._read_store(lookups, clamped, pending, out)
-        return out
+            await self._from_store(pending)
+        return [w.records for w in wanted]
 
-    def _read_local(
-        self,
-        lookups: Sequence[Lookup],
-        clamped: list[tuple[int, int | None, int | None]],
-        pending: list[int],
-        out: list[list[Record] | None],
-        now: int,
-    ) -> list[int]:
-        assert self.local is not None
-        rest: list[int] = []
-        for i in pending:
-            lk = lookups[i]
-            group = lk.group
-            if "local" not in group.tiers:
-                rest.append(i)
+    def _from_local(self, local: LocalCache, pending: list[Wanted], now: int) -> list[Wanted]:
+        rest: list[Wanted] = []
+        for w in pending:
+            if "local" not in w.group.tiers:
+                rest.append(w)
                 continue
-            key = (group.name, lk.id)
-            entry = self.local.get(key)
-            res = None
-            if entry is not None:
-                res = self._serve(entry, "local", group, key, clamped[i], now)
-            if res is None:
-                if entry is None:
-                    self.metrics.event("local", group.name, "miss")
-                rest.append(i)
+            entry = local.get(w.key)
+            if entry is None:
+                self.metrics.event("local", w.group.name, "miss")
+                rest.append(w)
+                continue
+            records = self._serve(entry, "local", w, now)
+            if records is None:
+                rest.append(w)
             else:
-                out[i] = res
+                w.records = records
         return rest
 
-    async def _read_redis(
-        self,
-        lookups: Sequence[Lookup],
-        clamped: list[tuple[int, int | None, int | None]],
-        pending: list[int],
-        out: list[list[Record] | None],
-        now: int,
-    ) -> list[int]:
-        sel = [i for i in pending if "redis" in lookups[i].group.tiers]
-        if not sel:
+    async def _from_redis(
+        self, batch: Coalescer[Key, Cached], pending: list[Wanted], now: int
+    ) -> list[Wanted]:
+        groups = {w.key: w.group for w in pending if "redis" in w.group.tiers}
+        if not groups:
             return pending
-        keys = list(dict.fromkeys((lookups[i].group.name, lookups[i].id) for i in sel))
-        cached = await self._redis_read(keys)
+        keys = list(groups)
+        cached = await batch(keys)
         if cached is None:
             return pending
-        entries = dict(
-            zip(
-                keys,
-                (self._entry_of(k, c, now) for k, c in zip(keys, cached, strict=True)),
-                strict=True,
-            )
-        )
-        rest = [i for i in pending if "redis" not in lookups[i].group.tiers]
-        for i in sel:
-            lk = lookups[i]
-            key = (lk.group.name, lk.id)
-            entry = entries[key]
-            if entry is None:
-                self.metrics.event("redis", lk.group.name, "miss")
-                rest.append(i)
+        entries = {k: self._entry_of(groups[k], c, now) for k, c in zip(keys, cached, strict=True)}
+        rest: list[Wanted] = []
+        for w in pending:
+            group = w.group
+            if "redis" not in group.tiers:
+                rest.append(w)
                 continue
-            res = self._serve(entry, "redis", lk.group, key, clamped[i], now)
-            if self.local is not None and "local" in lk.group.tiers and now < entry.hard_at:
-                self.local.put(key, rebased(entry, lk.group, self.rand(), self.rand()))
-            if res is None:
-                rest.append(i)
+            entry = entries[w.key]
+            if entry is None:
+                self.metrics.event("redis", group.name, "miss")
+                rest.append(w)
+                continue
+            records = self._serve(entry, "redis", w, now)
+            if self.local is not None and "local" in group.tiers and now < entry.hard_at:
+                self.local.put(w.key, rebased(entry, group, self.rand(), self.rand()))
+            if records is None:
+                rest.append(w)
             else:
-                out[i] = res
-        rest.sort()
+                w.records = records
         return rest
 
-    async def _read_store(
-        self,
-        lookups: Sequence[Lookup],
-        clamped: list[tuple[int, int | None, int | None]],
-        pending: list[int],
-        out: list[list[Record] | None],
-    ) -> None:
-        sel: list[int] = []
-        for i in pending:
-            if "store" in lookups[i].group.tiers and self.store is not None:
-                sel.append(i)
+    async def _from_store(self, pending: list[Wanted]) -> None:
+        sel: list[Wanted] = []
+        for w in pending:
+            if "store" in w.group.tiers:
+                sel.append(w)
             else:  # the group's lowest tier missed: a cache-only group has nothing
-                out[i] = []
+                w.records = []
         if not sel:
             return
-        keys = {(lookups[i].group.name, lookups[i].id): lookups[i].group for i in sel}
-        exact = [i for i in sel if clamped[i][1] is not None or clamped[i][2] is not None]
-        exact_q = [Query(lookups[i].group.name, lookups[i].id, *clamped[i]) for i in exact]
-        entries, exact_rows = await self._store_fetch(keys, exact_q)
-        rows = dict(zip(exact, exact_rows, strict=True)) if exact_rows is not None else {}
-        for i in sel:
-            lk = lookups[i]
-            if i in rows:
-                out[i] = rows[i]
-                continue
-            entry = entries.get((lk.group.name, lk.id))
-            if entry is not None:
-                out[i] = answer(entry, lk.group.kind, *clamped[i])
+        # A bounded range may reach past what an entry holds: asked of the store as is.
+        ranged = [w for w in sel if w.ranged]
+        entries, rows = await self._store_fetch(
+            {w.key: w.group for w in sel}, [w.query() for w in ranged]
+        )
+        if rows is not None:
+            for w, records in zip(ranged, rows, strict=True):
+                w.records = records
+        for w in sel:
+            if w.records is None and (entry := entries.get(w.key)) is not None:
+                w.records = answer(entry, w.group.kind, w.limit, w.since, w.until)
 
-    # -- tiers
+    # -- entries
 
-    def _serve(
-        self,
-        entry: Entry,
-        tier: str,
-        group: FeatureGroup,
-        key: Key,
-        q: tuple[int, int | None, int | None],
-        now: int,
-    ) -> list[Record] | None:
+    def _serve(self, entry: Entry, tier: str, w: Wanted, now: int) -> list[Record] | None:
+        group = w.group
         state = freshness(
             entry, now, self._delta.get(group.name, 1.0), self.config.xfetch_beta, 1.0 - self.rand()
         )
         if state is Freshness.EXPIRED:
             self.metrics.event(tier, group.name, "miss")
             return None
-        res = answer(entry, group.kind, *q)
-        if res is None:
+        records = answer(entry, group.kind, w.limit, w.since, w.until)
+        if records is None:
             self.metrics.event(tier, group.name, "unanswerable")
             return None
         self.metrics.event(tier, group.name, "negative_hit" if entry.negative else "hit")
         if state is Freshness.STALE:
             self.metrics.event(tier, group.name, "stale")
-            self._refresh_later(key, group, tier)
+            self._refresh_later(w.key, group, tier)
         elif state is Freshness.EARLY:
             self.metrics.event(tier, group.name, "early_refresh")
-            self._refresh_later(key, group, tier)
-        return res
+            self._refresh_later(w.key, group, tier)
+        return records
 
-    def _entry_of(self, key: Key, cached: Cached, now: int) -> Entry | None:
-        group = self._group_of(key)
+    def _entry_of(self, group: FeatureGroup, cached: Cached, now: int) -> Entry | None:
         if cached.records and cached.pttl is not None:
             return entry_from_cache(group, cached.records, cached.pttl, now, self.rand())
         if cached.negative_pttl is not None:
             return negative_entry(now, cached.negative_pttl)
         return None
 
-    def _group_of(self, key: Key) -> FeatureGroup:
-        return self.catalog.groups[key[0]]
-
-    async def _redis_read(self, keys: list[Key]) -> list[Cached] | None:
-        """What Redis holds for `keys`, sent with the other reads of this loop iteration."""
-        return await self._redis_batch(keys)
-
-    async def _redis_call(self, keys: list[Key]) -> list[Cached] | None:
-        """One batch read; a failure counts once for the breaker whatever the batch size."""
-        assert self.redis is not None
-        breaker = self.breakers["redis"]
-        if not breaker.allow():
-            return None
-        try:
-            async with asyncio.timeout(self.config.redis_timeout_ms / 1000):
-                cached = await self.redis.read_cached(keys)
-        except (StoreError, TimeoutError) as exc:
-            self._failed("redis", "read", exc)
-            return None
-        breaker.success()
-        self._breaker_metric("redis")
-        return cached
-
-    async def _store_fetch(
-        self, keys: dict[Key, FeatureGroup], exact: list[Query]
-    ) -> tuple[dict[Key, Entry | None], list[list[Record]] | None]:
-        """Newest-max_items entries of `keys` (single-flight) and the `exact` queries' rows."""
-        assert self.store is not None
-        loop = asyncio.get_running_loop()
-        waits = {k: self._inflight[k] for k in keys if k in self._inflight}
-        lead = [k for k in keys if k not in waits]
-        mine: dict[Key, asyncio.Future[Entry | None]] = {k: loop.create_future() for k in lead}
-        self._inflight.update(mine)
-        entries: dict[Key, Entry | None] = {}
-        exact_rows: list[list[Record]] | None = None
-        try:
-            queries = [
-                Query(g, i, keys[(g, i)].max_items if keys[(g, i)].kind == "timeseries" else 1)
-                for g, i in lead
-            ]
-            rows = await self._store_read([*queries, *exact]) if queries or exact else []
-            now = self.clock()
-            if rows is not None:
-                exact_rows = rows[len(queries) :]
-                for key, recs in zip(lead, rows, strict=False):
-                    entries[key] = self._store_entry(keys[key], key, recs, now)
-        finally:
-            for key, fut in mine.items():
-                del self._inflight[key]
-                if not fut.done():
-                    fut.set_result(entries.get(key))
-        for key, fut in waits.items():
-            entries[key] = await asyncio.shield(fut)
-        return entries, exact_rows
-
     def _store_entry(self, group: FeatureGroup, key: Key, recs: list[Record], now: int) -> Entry:
+        """The entry of a store answer, put in the local tier and queued for Redis."""
         if recs:
             entry = entry_from_store(group, recs, now, self.rand(), self.rand())
         else:
             entry = negative_entry(now, min(self.config.negative_ttl_ms, group.ttl.hard))
         if self.local is not None and "local" in group.tiers:
             self.local.put(key, entry)
-        if self.redis is not None and "redis" in group.tiers:
-            if len(self._fills) < _MAX_PENDING_FILLS:
-                self._fills.append(
-                    CacheFill(
-                        group.name, key[1], recs, entry.hard_at - now if entry.negative else 0
-                    )
-                )
-                self._fill_ready.set()
-            else:
-                self.metrics.errors.labels("redis", "fill_dropped").inc()
+        if self._fills is not None and "redis" in group.tiers:
+            negative_ttl = entry.hard_at - now if entry.negative else 0
+            self._fills.put(CacheFill(group.name, key[1], recs, negative_ttl))
         return entry
 
+    # -- tier calls
+
+    async def _redis_call(
+        self, redis: CacheTier, guard: GuardedTier, keys: list[Key]
+    ) -> list[Cached] | None:
+        """One batch read; a failure counts once for the breaker whatever the batch size."""
+        if not guard.allow():
+            return None
+        return await guard.run("read", redis.read_cached(keys), self.config.redis_timeout_ms)
+
+    async def _store_fetch(
+        self, groups: dict[Key, FeatureGroup], ranged: list[Query]
+    ) -> tuple[dict[Key, Entry | None], list[list[Record]] | None]:
+        """Entries of the newest `max_items` of `groups` (single-flight) and the rows of
+        the `ranged` queries (None when the store failed), in one store read."""
+        flight = self._flights.begin(groups)
+        led: dict[Key, Entry] = {}
+        ranged_rows: list[list[Record]] | None = None
+        try:
+            newest = [
+                Query(g, i, groups[(g, i)].max_items if groups[(g, i)].kind == "timeseries" else 1)
+                for g, i in flight.lead
+            ]
+            rows = await self._store_read([*newest, *ranged]) if newest or ranged else []
+            now = self.clock()
+            if rows is not None:
+                ranged_rows = rows[len(newest) :]
+                for key, recs in zip(flight.lead, rows, strict=False):
+                    led[key] = self._store_entry(groups[key], key, recs, now)
+        finally:
+            self._flights.end(flight, led)
+        entries: dict[Key, Entry | None] = dict(led)
+        entries.update(await flight.followed())
+        return entries, ranged_rows
+
     async def _store_read(self, queries: list[Query]) -> list[list[Record]] | None:
-        assert self.store is not None
-        breaker = self.breakers["store"]
-        if not breaker.allow():
+        if not self._store.allow():
             return None
         start = self.clock()
-        try:
-            async with asyncio.timeout(self.config.store_timeout_ms / 1000):
-                rows = await self.store.read(queries)
-        except (StoreError, TimeoutError) as exc:
-            self._failed("store", "read", exc)
+        rows = await self._store.run("read", self.store.read(queries), self.config.store_timeout_ms)
+        if rows is None:
             return None
-        breaker.success()
-        self._breaker_metric("store")
         took = float(max(self.clock() - start, 1))
         for q in queries:
             self._delta[q.group] = 0.8 * self._delta.get(q.group, took) + 0.2 * took
         return rows
 
-    def _failed(self, tier: str, op: str, exc: BaseException) -> None:
-        self.breakers[tier].failure()
-        self._breaker_metric(tier)
-        self.metrics.errors.labels(tier, op).inc()
-        log.debug("%s %s failed: %r", tier, op, exc)
-
-    def _breaker_metric(self, tier: str) -> None:
-        self.metrics.breaker.labels(tier).set(int(self.breakers[tier].state))
-
     # -- background work
 
     def _refresh_later(self, key: Key, group: FeatureGroup, tier: str) -> None:
-        if key in self._refreshing:
-            return
-        self._refreshing.add(key)
-        task = asyncio.create_task(self._refresh(key, group, tier))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._refreshes.start(key, partial(self._refresh, key, group, tier))
 
     async def _refresh(self, key: Key, group: FeatureGroup, tier: str) -> None:
         """Reload `key` from the tiers below `tier` (a fresh Redis value, else the store)."""
-        try:
-            if tier == "local" and self.redis is not None and "redis" in group.tiers:
-                cached = await self._redis_read([key])
-                now = self.clock()
-                entry = None if cached is None else self._entry_of(key, cached[0], now)
-                if entry is not None and now < entry.soft_at and self.local is not None:
-                    self.local.put(key, rebased(entry, group, self.rand(), self.rand()))
-                    return
-            if self.store is not None and "store" in group.tiers:
-                await self._store_fetch({key: group}, [])
-        except Exception:  # a background task must never die noisily
-            log.exception("background refresh of %s failed", key)
-        finally:
-            self._refreshing.discard(key)
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await self._fill_ready.wait()
-            self._fill_ready.clear()
-            while self._fills:
-                await self._flush_once()
-
-    async def _flush_once(self) -> None:
-        assert self.redis is not None
-        batch, self._fills = self._fills[:_FILL_BATCH], self._fills[_FILL_BATCH:]
-        if not self.breakers["redis"].allow():
-            self.metrics.errors.labels("redis", "fill_dropped").inc(len(batch))
-            return
-        try:
-            async with asyncio.timeout(self.config.redis_timeout_ms * 5 / 1000):
-                await self.redis.fill(batch)
-        except (StoreError, TimeoutError) as exc:
-            self._failed("redis", "fill", exc)
-            return
-        self.breakers["redis"].success()
+        if tier == "local" and self._redis_batch is not None and "redis" in group.tiers:
+            cached = await self._redis_batch([key])
+            now = self.clock()
+            entry = None if cached is None else self._entry_of(group, cached[0], now)
+            if entry is not None and now < entry.soft_at and self.local is not None:
+                self.local.put(key, rebased(entry, group, self.rand(), self.rand()))
+                return
+        if "store" in group.tiers:
+            await self._store_fetch({key: group}, [])

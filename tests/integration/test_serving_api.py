@@ -1,4 +1,4 @@
-"""The HTTP contract (CONTRACT section 3) against real Redis and the embedded store:
+"""The HTTP API against real Redis and the embedded store:
 every status code and shape, tier equivalence (hypothesis), Redis killed under load."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from featureplane.serving.freshness import answer, entry_from_cache, entry_from_
 from featureplane.spec import Catalog, load_catalog
 from featureplane.stores.base import Query, wall_clock_ms
 from featureplane.stores.embedded import EmbeddedStore
-from featureplane.stores.redis import RedisStore
+from featureplane.stores.redis_cache import RedisCache
 from tests.services import start_redis
 
 CATALOG = load_catalog(Path(__file__).parent.parent.parent / "examples")
@@ -31,8 +31,8 @@ NOW = wall_clock_ms() // 1000 * 1000  # retention is judged by the wall clock in
 RECENT = "recent_user_clicked_fleaMarketArticles"
 
 
-def _redis(url: str) -> RedisStore:
-    return RedisStore(CATALOG, url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+def _redis(url: str) -> RedisCache:
+    return RedisCache(CATALOG, url, prefix=f"t{uuid.uuid4().hex[:8]}:")
 
 
 async def _seed(data_dir: Path) -> None:
@@ -261,7 +261,7 @@ async def _equivalence(case: Any, redis_url: str, data_dir: Path) -> None:
     u = None if until is None else base + until * 60_000
     async with (
         EmbeddedStore(CONTRACT, data_dir, clock=clock) as store,
-        RedisStore(CONTRACT, redis_url, clock=clock, prefix=f"q{uid[:8]}:") as redis,
+        RedisCache(CONTRACT, redis_url, clock=clock, prefix=f"q{uid[:8]}:") as redis,
     ):
         await store.write(items)
         newest = (await store.read([Query(name, uid, group.max_items)]))[0]
@@ -298,7 +298,7 @@ async def test_redis_killed_during_load_no_errors(tmp_path: Path) -> None:
         app = create_app(
             catalog,
             store=EmbeddedStore(catalog, tmp_path),
-            redis=RedisStore(catalog, f"redis://{svc.address}/0"),
+            redis=RedisCache(catalog, f"redis://{svc.address}/0"),
             config=ServeConfig(local_cache_mb=0),
             clock=lambda: NOW,
         )

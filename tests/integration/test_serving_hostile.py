@@ -1,4 +1,4 @@
-"""`featureplane serve` as a hostile client meets it (CONTRACT section 3): arbitrary bodies
+"""`featureplane serve` as a hostile client meets it: arbitrary bodies
 and query strings never get a 5xx nor an error body over 4 KiB; 3,000 slow connections
 do not starve a probe and are disconnected; a client vanishing mid-body is no server
 error; aiohttp's protocol errors are JSON without tracebacks; /readyz is degraded (200)

@@ -15,7 +15,7 @@ from featureplane.serving.app import READER, create_app
 from featureplane.serving.config import ServeConfig
 from featureplane.serving.local import LocalCache
 from featureplane.serving.metrics import Metrics
-from featureplane.serving.tiers import Lookup, ReaderConfig, TieredReader
+from featureplane.serving.tiers import ReaderConfig, TieredReader
 from featureplane.spec import Catalog, FeatureGroup
 from featureplane.stores.base import Query, Store
 
@@ -109,22 +109,21 @@ async def test_single_flight_100_concurrent_misses_one_store_read() -> None:
     await store.write([make_item(CATALOG.group("last"), "u1", T0, "e", {"x": 1})])
     store.delay = 0.05
     r = reader(store, clock)
-    got = await asyncio.gather(*(r.read([Lookup(CATALOG.group("last"), "u1")]) for _ in range(100)))
+    got = await asyncio.gather(*(r.read([Query("last", "u1")]) for _ in range(100)))
     assert store.reads == 1
     assert all(g[0] is not None and g[0][0].ts == T0 for g in got)
-    await r.read([Lookup(CATALOG.group("last"), "u1")])
+    await r.read([Query("last", "u1")])
     assert store.reads == 1  # now a local hit
 
 
 async def test_negative_caching_with_its_own_ttl() -> None:
     store, clock = FakeStore(CATALOG), Clock()
     r = reader(store, clock)
-    last = CATALOG.group("last")
-    assert await r.read([Lookup(last, "ghost")]) == [[]]
-    assert await r.read([Lookup(last, "ghost")]) == [[]]
+    assert await r.read([Query("last", "ghost")]) == [[]]
+    assert await r.read([Query("last", "ghost")]) == [[]]
     assert store.reads == 1
     clock.now += 2_000  # negative TTL over
-    assert await r.read([Lookup(last, "ghost")]) == [[]]
+    assert await r.read([Query("last", "ghost")]) == [[]]
     assert store.reads == 2
     events = r.metrics.cache.labels("local", "last", "negative_hit")._value.get()
     assert events == 1
@@ -135,19 +134,19 @@ async def test_stale_value_is_served_and_refreshed_in_background_never_past_hard
     last = CATALOG.group("last")
     await store.write([make_item(last, "u", T0, "a", {"x": 1})])
     r = reader(store, clock)
-    assert (await r.read([Lookup(last, "u")]))[0][0].ts == T0  # type: ignore[index]
+    assert (await r.read([Query("last", "u")]))[0][0].ts == T0  # type: ignore[index]
     await store.write([make_item(last, "u", T0 + 1, "b", {"x": 2})])
     clock.now += 10_000  # past soft: the old value, and a refresh behind it
-    assert (await r.read([Lookup(last, "u")]))[0][0].ts == T0  # type: ignore[index]
+    assert (await r.read([Query("last", "u")]))[0][0].ts == T0  # type: ignore[index]
     await r.idle()
     assert store.reads == 2
-    assert (await r.read([Lookup(last, "u")]))[0][0].ts == T0 + 1  # type: ignore[index]
+    assert (await r.read([Query("last", "u")]))[0][0].ts == T0 + 1  # type: ignore[index]
     # the refreshed entry counts from its own store read: past ITS hard, never served
     store.down = True
     clock.now += 59_999
-    assert (await r.read([Lookup(last, "u")]))[0] is not None
+    assert (await r.read([Query("last", "u")]))[0] is not None
     clock.now += 1
-    assert (await r.read([Lookup(last, "u")]))[0] is None
+    assert (await r.read([Query("last", "u")]))[0] is None
 
 
 async def test_timeseries_range_beyond_the_cache_goes_to_the_store() -> None:
@@ -155,9 +154,9 @@ async def test_timeseries_range_beyond_the_cache_goes_to_the_store() -> None:
     recent = CATALOG.group("recent")
     await store.write([make_item(recent, "u", T0 - i, f"e{i}", {"x": i}) for i in range(8)])
     r = reader(store, clock)
-    newest = await r.read([Lookup(recent, "u", limit=3)])
+    newest = await r.read([Query("recent", "u", limit=3)])
     assert [x.ts for x in newest[0] or []] == [T0, T0 - 1, T0 - 2]
-    old = await r.read([Lookup(recent, "u", limit=2, until=T0 - 5)])
+    old = await r.read([Query("recent", "u", limit=2, until=T0 - 5)])
     assert [x.ts for x in old[0] or []] == [T0 - 5, T0 - 6]
     assert store.reads == 2  # the cache holds 5 newest; the range needed the store
 
