@@ -1,0 +1,347 @@
+"""The public names of every module of ours, pinned.
+
+Every public module (no part of its name starts with `_`) declares `__all__`, every name
+in it exists, and the names are the ones written below: a change to the public surface
+shows up here as a diff. After a deliberate change, print the current names with
+`python -m tests.test_exported_members` and paste them over EXPECTED.
+
+The modules are imported in a child process, so what they set up when imported (Bytewax,
+metrics registries) stays out of this test process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.test_layers import ROOT, modules
+
+PROBE = """
+import importlib, json, sys
+out = {}
+for name in sys.argv[1:]:
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:
+        out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        continue
+    names = getattr(module, "__all__", None)
+    out[name] = {
+        "all": None if names is None else list(names),
+        "missing": [n for n in names or () if not hasattr(module, n)],
+    }
+print(json.dumps(out))
+"""
+
+EXPECTED: dict[str, list[str]] = {
+    "featureplane": ["__version__"],
+    "featureplane.backoff": ["backoff_ms"],
+    "featureplane.batch.backfill": ["BackfillJob", "backfill", "run"],
+    "featureplane.batch.load": ["LoadJob", "Reject", "item_of", "load", "run"],
+    "featureplane.batch.progress": ["Progress"],
+    "featureplane.batch.sink": ["Sink"],
+    "featureplane.cache": ["CacheFill", "CacheTier", "Cached"],
+    "featureplane.cli": [
+        "add_kafka_options",
+        "add_store_options",
+        "load_spec",
+        "main",
+        "settings_from",
+    ],
+    "featureplane.cli.broker": [
+        "Service",
+        "ServiceError",
+        "find_binary",
+        "free_port",
+        "start_process",
+        "start_tansu",
+    ],
+    "featureplane.cli.demo": ["events", "run"],
+    "featureplane.cli.flags": [
+        "BadSettingError",
+        "FLAG_NAMES",
+        "add_flags",
+        "env_name",
+        "flag_name",
+        "model_from",
+        "unknown_variables",
+    ],
+    "featureplane.cli.up": [
+        "Child",
+        "DRAIN",
+        "EXAMPLES",
+        "UpSettings",
+        "plan_children",
+        "run",
+        "stop_timeout",
+    ],
+    "featureplane.cli.validate": ["run"],
+    "featureplane.codec": [
+        "Item",
+        "MAX_ITEM_BYTES",
+        "Record",
+        "decode",
+        "decode_python",
+        "encode",
+        "make_item",
+        "project",
+    ],
+    "featureplane.errors": [
+        "FeatureplaneError",
+        "ItemTooLargeError",
+        "MalformedError",
+        "NotStartedError",
+        "SpecError",
+        "SpecProblem",
+        "StartupError",
+        "StoreError",
+        "TransientStoreError",
+        "UnknownGroupError",
+        "ValidationError",
+        "quote",
+    ],
+    "featureplane.flows.dataflow": [
+        "Built",
+        "build",
+        "module_flow",
+        "prepare_topics",
+        "process_metrics",
+        "run",
+        "worker_factory",
+    ],
+    "featureplane.flows.ingest": ["flow", "run"],
+    "featureplane.flows.options": ["FlowOptions", "METRICS_PORTS", "RETRY_FIELDS"],
+    "featureplane.flows.retry": ["flow", "run"],
+    "featureplane.flows.source": ["GroupPartition", "GroupSource"],
+    "featureplane.keys": [
+        "MAX_ID_BYTES",
+        "MAX_TS",
+        "NULL_SK",
+        "Versioned",
+        "check_id",
+        "newest",
+        "partition_key",
+        "replaces",
+        "ts_of",
+        "version",
+        "version_bounds",
+    ],
+    "featureplane.lifecycle": [
+        "STOP",
+        "broker_error",
+        "cannot_listen",
+        "check_kafka_reachable",
+        "check_port_free",
+        "install_stop_handlers",
+    ],
+    "featureplane.operators": [],
+    "featureplane.operators.aggregate": ["Aggregator"],
+    "featureplane.operators.commit": ["OffsetTracker"],
+    "featureplane.operators.decode": ["MalformedError", "decode_event", "decode_works"],
+    "featureplane.operators.dispatch": ["Dispatcher", "MISSING", "get_parts", "get_path"],
+    "featureplane.operators.handoff": ["Delivery", "HandOff", "SMALL_MESSAGE", "abandon"],
+    "featureplane.operators.kafka": [
+        "Deliverer",
+        "GroupConsumer",
+        "KAFKA_DEFAULT_MAX_MESSAGE_BYTES",
+        "ensure_topics",
+        "max_message_bytes",
+        "topic_partitions",
+    ],
+    "featureplane.operators.metrics": ["IngestMetrics", "serve_metrics"],
+    "featureplane.operators.pipeline": ["Pipeline", "PipelineConfig", "Worker"],
+    "featureplane.operators.records": ["Event", "Message", "Origin", "Status", "Work"],
+    "featureplane.operators.retry": ["Backoff", "RetryHold"],
+    "featureplane.operators.route": [
+        "Abandon",
+        "DLQ_SUFFIX",
+        "Outgoing",
+        "RECORD_OVERHEAD",
+        "RETRY_SUFFIX",
+        "RetryHeaders",
+        "TIERS_HEADER",
+        "dead_letter",
+        "dlq_topic",
+        "fit",
+        "parse_retry_headers",
+        "retry_topic",
+        "route_of",
+        "wire_size",
+    ],
+    "featureplane.operators.write": [
+        "CacheWriter",
+        "Failure",
+        "RetryInPlace",
+        "RetryPolicy",
+        "ToRetryTopic",
+        "Writer",
+        "classify",
+        "targets",
+    ],
+    "featureplane.serving.api": [
+        "ApiError",
+        "DEFAULT_LIMIT",
+        "FeatureRequest",
+        "MAX_PAIRS",
+        "parse_body",
+        "parse_query",
+        "render",
+    ],
+    "featureplane.serving.app": ["MAX_BODY", "METRICS", "READER", "SERVER", "create_app", "drain"],
+    "featureplane.serving.breaker": ["Breaker", "BreakerState", "monotonic_ms"],
+    "featureplane.serving.coalesce": ["Coalescer"],
+    "featureplane.serving.config": ["ServeConfig"],
+    "featureplane.serving.connections": ["ConnectionGuard", "fit_to_fd_limit"],
+    "featureplane.serving.fills": ["FillQueue"],
+    "featureplane.serving.flight": ["Background", "Flight", "SingleFlight"],
+    "featureplane.serving.freshness": [
+        "Entry",
+        "Freshness",
+        "answer",
+        "entry_from_cache",
+        "entry_from_store",
+        "freshness",
+        "negative_entry",
+        "rebased",
+        "xfetch",
+    ],
+    "featureplane.serving.guarded": ["GuardedTier"],
+    "featureplane.serving.local": ["LocalCache"],
+    "featureplane.serving.logs": ["RateLimitedLog"],
+    "featureplane.serving.main": ["run", "serve"],
+    "featureplane.serving.metrics": ["CONTENT_TYPE", "Metrics"],
+    "featureplane.serving.ondemand": ["OnDemandError", "compute", "load_functions"],
+    "featureplane.serving.openapi": ["openapi"],
+    "featureplane.serving.plan": ["Key", "Wanted", "plan"],
+    "featureplane.serving.tiers": ["ReaderConfig", "TieredReader"],
+    "featureplane.settings": ["DURATION", "Duration", "Settings", "format_duration", "to_ms"],
+    "featureplane.spec": [
+        "Catalog",
+        "Feature",
+        "FeatureGroup",
+        "IngestionRule",
+        "TTL",
+        "load_catalog",
+        "parse_duration",
+    ],
+    "featureplane.stores": ["Query", "Store", "open_cache", "open_redis", "open_store"],
+    "featureplane.stores.base": [
+        "Clock",
+        "Query",
+        "Store",
+        "Window",
+        "clamp",
+        "cutoff",
+        "group_of",
+        "oldest_kept",
+        "wall_clock_ms",
+        "window",
+    ],
+    "featureplane.stores.dynamodb": [
+        "Call",
+        "DynamoStore",
+        "MAX_ATTEMPTS",
+        "READ_CHUNK",
+        "WRITE_CHUNK",
+        "batch_get_all",
+        "batch_write_all",
+        "chunked",
+        "expiry_s",
+        "item_attrs",
+        "item_key",
+        "map_error",
+        "newest_per_key",
+        "record_of",
+        "unique_puts",
+    ],
+    "featureplane.stores.embedded": ["EmbeddedStore"],
+    "featureplane.stores.redis": ["RedisStore"],
+    "featureplane.stores.redis_cache": ["RedisCache"],
+    "featureplane.stores.redis_layout": [
+        "Call",
+        "THROUGH_KEYS",
+        "ThroughEntry",
+        "VERSION_LEN",
+        "key_of",
+        "lex_range",
+        "member_of",
+        "negative_key_of",
+        "record_of",
+        "records_of",
+        "stored_of",
+        "through_call",
+        "through_chunks",
+        "timeseries_members",
+    ],
+    "featureplane.ttl": ["Rand", "jittered"],
+    "featureplane.types": [
+        "FeatureType",
+        "INT_MAX",
+        "INT_MIN",
+        "coerce",
+        "parse_type",
+        "to_python",
+    ],
+}
+
+
+def public_modules() -> list[str]:
+    return sorted(
+        name for name in modules() if not any(part.startswith("_") for part in name.split("."))
+    )
+
+
+def exported() -> dict[str, dict[str, object]]:
+    """Module name -> {"all": its __all__ or None, "missing": names in it it lacks}, or
+    {"error": why it did not import}."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, *public_modules()],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result: dict[str, dict[str, object]] = json.loads(proc.stdout.splitlines()[-1])
+    return result
+
+
+def test_every_public_module_declares_all_of_names_it_has() -> None:
+    found = exported()
+    assert len(found) >= 40
+    problems = []
+    for name, info in found.items():
+        if "error" in info:
+            problems.append(f"{name}: does not import: {info['error']}")
+        elif info["all"] is None:
+            problems.append(f"{name}: no __all__")
+        else:
+            names = info["all"]
+            assert isinstance(names, list)
+            if info["missing"]:
+                problems.append(f"{name}: __all__ names what it lacks: {info['missing']}")
+            if len(set(names)) != len(names):
+                problems.append(f"{name}: __all__ names something twice: {names}")
+    assert not problems, "\n".join(problems)
+
+
+def test_public_names_are_pinned() -> None:
+    current = {
+        name: sorted(info["all"])  # type: ignore[call-overload]
+        for name, info in exported().items()
+        if isinstance(info.get("all"), list)
+    }
+    assert current == EXPECTED
+
+
+if __name__ == "__main__":
+    names = {
+        name: sorted(info["all"])  # type: ignore[call-overload]
+        for name, info in exported().items()
+        if isinstance(info.get("all"), list)
+    }
+    print("EXPECTED: dict[str, list[str]] = {")
+    for name, members in sorted(names.items()):
+        print(f"    {json.dumps(name)}: {json.dumps(members)},")
+    print("}")
