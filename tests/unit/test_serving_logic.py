@@ -1,5 +1,5 @@
 """Pure serving logic with an injected clock and random source: TTLs, jitter, XFetch,
-answerability, the LRU and the breaker."""
+answerability, the LRU, the breaker and a request's read plan."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import pytest
 
 from featureplane.codec import Record
+from featureplane.errors import UnknownGroupError
 from featureplane.keys import version
 from featureplane.serving.breaker import Breaker, BreakerState
 from featureplane.serving.freshness import (
@@ -21,7 +22,9 @@ from featureplane.serving.freshness import (
     xfetch,
 )
 from featureplane.serving.local import LocalCache
-from featureplane.spec import FeatureGroup
+from featureplane.serving.plan import Wanted, plan
+from featureplane.spec import Catalog, FeatureGroup
+from featureplane.stores.base import Query
 from featureplane.ttl import jittered
 
 T0 = 1_763_800_000_000
@@ -160,3 +163,32 @@ def test_breaker_opens_then_half_opens_after_cooldown() -> None:
     assert b.allow()
     b.success()
     assert b.state is BreakerState.CLOSED and b.allow()
+
+
+def test_read_plan_clamps_each_query_as_the_stores_do() -> None:
+    kept = TS.model_copy(update={"name": "kept", "retention": 60_000})
+    catalog = Catalog(groups={"ts": TS, "l": LATEST, "kept": kept})
+    got = plan(
+        catalog,
+        [
+            Query("ts", "a", 30, since=5, until=9),
+            Query("l", "a", 30, since=5, until=9),
+            Query("kept", "a", 2),
+            Query("kept", "b", 2, since=T0 - 1),
+        ],
+        T0,
+    )
+    assert got == [
+        Wanted(TS, ("ts", "a"), 5, 5, 9),  # limit capped at max_items
+        Wanted(LATEST, ("l", "a"), 1, None, None),  # a latest group has no range
+        Wanted(kept, ("kept", "a"), 2, T0 - 60_000, None),  # retention raises since
+        Wanted(kept, ("kept", "b"), 2, T0 - 1, None),
+    ]
+    assert [w.ranged for w in got] == [True, False, True, True]
+    assert got[0].query() == Query("ts", "a", 5, 5, 9) and got[0].records is None
+
+
+def test_read_plan_refuses_an_unknown_group() -> None:
+    with pytest.raises(UnknownGroupError) as err:
+        plan(Catalog(groups={"ts": TS}), [Query("ts", "a"), Query("nope", "a")], T0)
+    assert err.value.group == "nope"

@@ -1,5 +1,6 @@
 """TieredReader and the app over a fake store: single-flight, negative caching, stale
-serving with background refresh, store outages -> 503, on-demand groups."""
+serving with background refresh, store outages -> 503, on-demand groups, and the HTTP
+status of each error raised below the HTTP layer."""
 
 from __future__ import annotations
 
@@ -7,11 +8,17 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from featureplane.codec import Item, Record, make_item
-from featureplane.errors import TransientStoreError
-from featureplane.serving.app import READER, create_app
+from featureplane.errors import (
+    FeatureplaneError,
+    NotStartedError,
+    TransientStoreError,
+    UnknownGroupError,
+)
+from featureplane.serving.app import METRICS, READER, create_app
 from featureplane.serving.config import ServeConfig
 from featureplane.serving.local import LocalCache
 from featureplane.serving.metrics import Metrics
@@ -193,3 +200,51 @@ async def test_app_503_when_store_down_and_nothing_cached_and_on_demand() -> Non
         bad = await client.get("/v1/features/broken/x")
         assert bad.status == 503 and (await bad.json())["error"]["code"] == "on_demand_failed"
         assert client.app is not None and client.app[READER].breakers["store"] is not None
+        failed = client.app[METRICS].on_demand_errors.labels("broken")._value.get()
+        assert failed == 1
+
+
+async def test_unknown_group_is_refused_before_any_tier_is_read() -> None:
+    store = FakeStore(CATALOG)
+    r = reader(store, Clock())
+    with pytest.raises(UnknownGroupError) as err:
+        await r.read([Query("last", "u"), Query("nope", "u")])
+    assert err.value.group == "nope" and store.reads == 0
+
+
+async def test_store_errors_of_any_kind_are_503s_never_500s() -> None:
+    class Unstarted(FakeStore):
+        async def read(self, queries: Sequence[Query]) -> list[list[Record]]:
+            raise NotStartedError("store")
+
+    async with TestClient(TestServer(_app(Unstarted(CATALOG)))) as client:
+        resp = await client.get("/v1/features/last/u")
+        assert resp.status == 503 and (await resp.json())["error"]["code"] == "unavailable"
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (UnknownGroupError("gone"), 400, "unknown_group"),
+        (TransientStoreError("a tier failed outside the reader"), 503, "unavailable"),
+        (NotStartedError("redis"), 503, "unavailable"),
+        (FeatureplaneError("a bug"), 500, "internal"),
+        (KeyError("a bug"), 500, "internal"),
+    ],
+)
+async def test_errors_from_below_get_their_status_in_serving(
+    exc: Exception, status: int, code: str
+) -> None:
+    app = _app(FakeStore(CATALOG))
+
+    async def read(queries: Sequence[Query]) -> list[list[Record] | None]:
+        raise exc
+
+    app[READER].read = read  # type: ignore[method-assign]
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/v1/features/last/u")
+        assert resp.status == status
+        body = await resp.json()
+        assert body["error"]["code"] == code
+        if code == "unknown_group":
+            assert body["error"]["message"] == "unknown feature group 'gone'"
