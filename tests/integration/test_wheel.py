@@ -25,6 +25,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCK = ROOT / "requirements" / "dev.lock"
@@ -95,6 +97,28 @@ def _http(url: str, body: dict[str, object] | None = None) -> tuple[int, dict[st
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_the_lock_pins_every_dependency_at_a_version_pyproject_allows() -> None:
+    """`./dev setup` installs the lock and then the project without its dependencies: a
+    dependency added to pyproject.toml without `./dev lock` would be missing."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {
+        canonicalize_name(name): version
+        for name, version in re.findall(r"^([A-Za-z0-9][\w.-]*)==(\S+)", LOCK.read_text(), re.M)
+    }
+    target = {"sys_platform": "linux", "platform_system": "Linux", "python_version": "3.11"}
+    wanted = [
+        Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    ]
+    assert len(wanted) > 15 and len(pins) > len(wanted)
+    for req in wanted:
+        if req.marker is None or req.marker.evaluate(target):
+            name = canonicalize_name(req.name)
+            assert name in pins, f"{req} is not in {LOCK.name}: run ./dev lock"
+            assert req.specifier.contains(pins[name], prereleases=True), (
+                f"{req}: locked {pins[name]}"
+            )
 
 
 @pytest.mark.slow
