@@ -12,8 +12,8 @@ from featureplane.codec import make_item
 from featureplane.errors import NotStartedError, StoreError, TransientStoreError
 from featureplane.keys import NULL_SK, partition_key
 from featureplane.stores.base import Query
-from featureplane.stores.dynamodb import (
-    DynamoStore,
+from featureplane.stores.dynamodb import DynamoStore
+from featureplane.stores.dynamodb_requests import (
     batch_get_all,
     batch_write_all,
     chunked,
