@@ -57,6 +57,8 @@ __all__ = ["ReaderConfig", "TieredReader"]
 
 @dataclass(frozen=True, slots=True)
 class ReaderConfig:
+    """Timeouts, breaker and XFetch settings of the read path (ms where a time)."""
+
     negative_ttl_ms: int = 5_000
     redis_timeout_ms: int = 100
     store_timeout_ms: int = 1_000
@@ -88,7 +90,7 @@ class TieredReader:
             t: Breaker(config.breaker_failures, config.breaker_cooldown_ms, **kw)
             for t in ("redis", "store")
         }
-        self._store = GuardedTier("store", self.breakers["store"], metrics)
+        self._store_guard = GuardedTier("store", self.breakers["store"], metrics)
         self._flights: SingleFlight[Key, Entry] = SingleFlight()
         self._refreshes: Background[Key] = Background("background refresh")
         self._delta: dict[str, float] = {}  # XFetch's delta: a store read's time, per group
@@ -289,10 +291,12 @@ class TieredReader:
         return entries, ranged_rows
 
     async def _store_read(self, queries: list[Query]) -> list[list[Record]] | None:
-        if not self._store.allow():
+        if not self._store_guard.allow():
             return None
         start = self.clock()
-        rows = await self._store.run("read", self.store.read(queries), self.config.store_timeout_ms)
+        rows = await self._store_guard.run(
+            "read", self.store.read(queries), self.config.store_timeout_ms
+        )
         if rows is None:
             return None
         took = float(max(self.clock() - start, 1))
