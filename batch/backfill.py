@@ -1,102 +1,63 @@
-"""Reprocess a Kafka topic's time range into the store.
+"""`featureplane backfill`: reprocess a Kafka topic's time range into the store.
 
-Reads every partition of --topic from the first offset at --from (Kafka's
-offsets-for-times lookup) to the end of the log, keeps the records whose
-Kafka timestamp is within [--from, --to], and passes them through the same
-decode, dispatch and aggregate steps as `featureplane ingest`, optionally only
-for --groups. A partition stops at the end of its log, or at its first record
-stamped more than --grace after --to (records are in timestamp order within a
-partition, up to producers' clock skew). It joins no consumer group and
-commits nothing: the live ingest is untouched. Writes are idempotent, so a
-backfill over data already ingested changes nothing, and one stopped midway
-can simply run again.
-
-Malformed records are counted and listed, not sent to the DLQ again (the live
-ingest did that). Transient store failures are retried with backoff; after
---max-attempts the job stops with the reason and exit status 1.
-
-TIME is epoch milliseconds or ISO 8601 with a timezone (2026-11-01T00:00:00Z).
+Each partition is read from the first offset at `start` (Kafka's
+offsets-for-times lookup) to the end of its log, or to its first record
+stamped more than `grace` after `end`; the records stamped within
+[start, end] go through the same decode, dispatch and aggregate steps as
+ingestion and are written through the batch `Sink`. No consumer group is
+joined and nothing is committed, so the live ingest is untouched; writes are
+idempotent, so a backfill can simply run again. A broker that does not
+answer, or fails a call, is one line naming it (`StartupError`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 import uuid
 from collections import Counter
-from datetime import datetime
+from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from featureplane.batch.progress import Progress
 from featureplane.batch.sink import Sink
-from featureplane.cli import (
-    add_kafka_options,
-    add_spec_option,
-    add_store_options,
-    load_spec,
-    settings_from,
-)
 from featureplane.errors import FeatureplaneError
+from featureplane.lifecycle import broker_error, check_kafka_reachable
 from featureplane.operators.aggregate import Aggregator
 from featureplane.operators.decode import decode_works
 from featureplane.operators.dispatch import Dispatcher
 from featureplane.operators.records import Message, Origin, Work
-from featureplane.spec import Catalog, parse_duration
+from featureplane.settings import Settings
+from featureplane.spec import Catalog
 from featureplane.stores import open_redis, open_store
 from featureplane.stores.redis import RedisStore
 
-__all__ = ["add_arguments", "parse_time", "run"]
+__all__ = ["BackfillJob", "backfill", "run"]
 
 log = logging.getLogger(__name__)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--topic", required=True, help="the event topic to reprocess")
-    p.add_argument(
-        "--from",
-        dest="start",
-        required=True,
-        type=parse_time,
-        help="first event time, epoch ms or ISO 8601 with timezone",
-    )
-    p.add_argument(
-        "--to",
-        dest="end",
-        required=True,
-        type=parse_time,
-        help="last event time (inclusive), epoch ms or ISO 8601 with timezone",
-    )
-    p.add_argument(
-        "--groups", help="only these feature groups, comma separated [all fed by the topic]"
-    )
-    p.add_argument("--batch-size", type=int, default=2000, help="records per batch [2000]")
-    p.add_argument(
-        "--grace", default="1h", help="stop a partition at a record this far past --to [1h]"
-    )
-    p.add_argument(
-        "--max-attempts", type=int, default=8, help="retries of a transient write failure [8]"
-    )
-    add_spec_option(p)
-    add_kafka_options(p, group=False)
-    add_store_options(p)
+@dataclass(frozen=True, slots=True)
+class BackfillJob:
+    """Which records to reprocess, as the command line gives them."""
 
-
-def parse_time(text: str) -> int:
-    """Epoch milliseconds, or ISO 8601 with a timezone -> epoch milliseconds."""
-    if text.isdigit():
-        return int(text)
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bad time {text!r}: use epoch milliseconds or ISO 8601, e.g. 2026-11-01T00:00:00Z"
-        ) from None
-    if when.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"time {text!r} has no timezone: add Z or +09:00")
-    return int(when.timestamp() * 1000)
+    topic: str
+    """The event topic to reprocess."""
+    start: int
+    """First event time, epoch ms."""
+    end: int
+    """Last event time (inclusive), epoch ms."""
+    groups: str | None
+    """Only these feature groups, comma separated; None: all the topic feeds."""
+    batch_size: int
+    """Records per batch."""
+    grace_ms: int
+    """A partition stops at its first record stamped this long after `end`."""
+    max_attempts: int
+    """Retries of a transient write failure before the job stops."""
 
 
 def _dispatcher(catalog: Catalog, topic: str, groups: str | None) -> Dispatcher:
@@ -114,18 +75,22 @@ def _dispatcher(catalog: Catalog, topic: str, groups: str | None) -> Dispatcher:
     return Dispatcher(rules)
 
 
-async def backfill(args: argparse.Namespace) -> Counter[str]:
-    settings = settings_from(args)
-    if not settings.kafka_bootstrap:
+async def backfill(settings: Settings, catalog: Catalog, job: BackfillJob) -> Counter[str]:
+    """Reprocess the job's records; counts of records read, in range, malformed and items.
+
+    A Kafka call that fails is a `StartupError` naming the broker and librdkafka's
+    reason; a broker that does not answer is one at once, before the first call.
+    """
+    bootstrap = settings.kafka_bootstrap
+    if not bootstrap:
         raise FeatureplaneError("no Kafka broker: set FEATUREPLANE_KAFKA_BOOTSTRAP or --bootstrap")
-    if args.end < args.start:
+    if job.end < job.start:
         raise FeatureplaneError("--to is before --from")
-    catalog = load_spec(settings)
-    dispatcher, aggregator = _dispatcher(catalog, args.topic, args.groups), Aggregator(catalog)
-    grace = parse_duration(args.grace)
+    dispatcher, aggregator = _dispatcher(catalog, job.topic, job.groups), Aggregator(catalog)
+    check_kafka_reachable(bootstrap)
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap,
+            "bootstrap.servers": bootstrap,
             "group.id": f"featureplane-backfill-{uuid.uuid4().hex[:8]}",  # never committed
             "enable.auto.commit": False,
             "enable.partition.eof": True,
@@ -136,55 +101,55 @@ async def backfill(args: argparse.Namespace) -> Counter[str]:
     redis = open_redis(settings, catalog)
     assert redis is None or isinstance(redis, RedisStore)
     try:
-        meta = consumer.list_topics(args.topic, timeout=10).topics.get(args.topic)
+        meta = consumer.list_topics(job.topic, timeout=10).topics.get(job.topic)
         if meta is None or meta.error is not None or not meta.partitions:
-            raise FeatureplaneError(f"topic {args.topic!r} does not exist")
-        wanted = [TopicPartition(args.topic, p, args.start) for p in meta.partitions]
+            raise FeatureplaneError(f"topic {job.topic!r} does not exist")
+        wanted = [TopicPartition(job.topic, p, job.start) for p in meta.partitions]
         starts = consumer.offsets_for_times(wanted, timeout=30)
         todo = [tp for tp in starts if tp.offset >= 0]
         open_parts = {tp.partition for tp in todo}
         log.info(
             "backfill %s [%d, %d] from offsets %s",
-            args.topic,
-            args.start,
-            args.end,
+            job.topic,
+            job.start,
+            job.end,
             {tp.partition: tp.offset for tp in todo},
         )
         consumer.assign(todo)
-        progress = Progress(f"backfill {args.topic}")
+        progress = Progress(f"backfill {job.topic}")
         async with Sink(
-            open_store(settings, catalog), redis, max_attempts=args.max_attempts
+            open_store(settings, catalog), redis, max_attempts=job.max_attempts
         ) as sink:
             while open_parts:
                 works: list[Work] = []
-                for m in consumer.consume(args.batch_size, 1.0):
+                for m in consumer.consume(job.batch_size, 1.0):
                     err = m.error()
                     part = m.partition() or 0
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001 (public name)
                             open_parts.discard(part)
                             continue
-                        raise FeatureplaneError(f"reading {args.topic}: {err}")
+                        raise FeatureplaneError(f"reading {job.topic}: {err}")
                     if part not in open_parts:
                         continue
                     ts = m.timestamp()[1]
-                    if ts > args.end + grace:
+                    if ts > job.end + job.grace_ms:
                         open_parts.discard(part)
-                        consumer.incremental_unassign([TopicPartition(args.topic, part)])
+                        consumer.incremental_unassign([TopicPartition(job.topic, part)])
                         continue
                     counts["read"] += 1
-                    if not args.start <= ts <= args.end:
+                    if not job.start <= ts <= job.end:
                         continue
                     off = m.offset() or 0
                     works.append(
                         Work(
                             Message(
-                                args.topic,
+                                job.topic,
                                 part,
                                 off,
                                 m.key(),
                                 m.value(),
-                                Origin(args.topic, part, off),
+                                Origin(job.topic, part, off),
                             )
                         )
                     )
@@ -204,15 +169,19 @@ async def backfill(args: argparse.Namespace) -> Counter[str]:
                 counts["items"] += sum(len(w.items) for w in done if w.status == "pending")
                 progress.advance(done=len(works) - len(bad), rejected=len(bad))
         progress.finish()
+    except KafkaException as exc:
+        raise broker_error(bootstrap, f"read topic {job.topic!r}", exc) from None
     finally:
-        consumer.close()
+        with contextlib.suppress(KafkaException, RuntimeError):
+            consumer.close()
     return counts
 
 
-def run(args: argparse.Namespace) -> int:
-    counts = asyncio.run(backfill(args))
+def run(settings: Settings, catalog: Catalog, job: BackfillJob) -> int:
+    """Backfill and print what was done; 0 (malformed records are counted, not failures)."""
+    counts = asyncio.run(backfill(settings, catalog, job))
     print(
-        f"backfill {args.topic}: read {counts['read']:,} records, {counts['in range']:,} in "
+        f"backfill {job.topic}: read {counts['read']:,} records, {counts['in range']:,} in "
         f"range, wrote {counts['items']:,} items, {counts['malformed']:,} malformed",
         file=sys.stderr,
     )

@@ -1,25 +1,13 @@
-"""Load a JSONL or Parquet file (a local path or s3://bucket/key) into one feature group.
+"""`featureplane load`: a JSONL or Parquet file (local or s3://) into one feature group.
 
-Each row is one item: `id` (string, or an integer taken as its decimal
-string), `ts` (event time, epoch ms) and the features, either as an object
-`features: {name: value}` or as columns named like the features. `event_id`
-is optional: without it a row's id is derived from its content, so loading
-the same file again overwrites instead of duplicating. A row that does not
-fit the group (bad JSON, missing id or ts, unknown feature, wrong type,
-over 8 KiB) is rejected with its line (or row) number and reason, printed
-and, with --rejects, written as JSONL; the rest loads. The exit status is 1
-when any row was rejected.
-
-Items go to the store and, for `write: through` groups, to the Redis tier
-(which also forgets any cached "missing" for the ids loaded).
-s3:// sources use the standard AWS variables (AWS_REGION, credentials,
-AWS_ENDPOINT_URL_S3 for an S3-compatible endpoint). Parquet needs pyarrow
-(`pip install 'featureplane[parquet]'`).
+Rows become checked items (`item_of`), written in batches through the batch
+`Sink`; a row that does not fit is a `Reject` with its line (or row) number
+and reason, and the rest loads. A row without `event_id` gets one derived
+from its content, so loading a file again overwrites instead of duplicating.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import logging
@@ -29,37 +17,39 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
 from featureplane.batch.progress import Progress
 from featureplane.batch.sink import Sink
-from featureplane.cli import add_spec_option, add_store_options, load_spec, settings_from
 from featureplane.codec import Item, make_item
 from featureplane.errors import FeatureplaneError, ValidationError
-from featureplane.spec import FeatureGroup
+from featureplane.settings import Settings
+from featureplane.spec import Catalog, FeatureGroup
 from featureplane.stores import open_redis, open_store
 from featureplane.stores.redis import RedisStore
 
-__all__ = ["Reject", "add_arguments", "item_of", "run"]
+__all__ = ["LoadJob", "Reject", "item_of", "load", "run"]
 
 log = logging.getLogger(__name__)
 _META = frozenset({"id", "ts", "event_id", "features"})
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="JSONL or Parquet file: a local path or s3://bucket/key")
-    p.add_argument("--group", required=True, help="the feature group to load into")
-    p.add_argument(
-        "--format",
-        choices=["jsonl", "parquet"],
-        help="file format [by extension: .parquet, else jsonl]",
-    )
-    p.add_argument("--batch-size", type=int, default=1000, help="items per write [1000]")
-    p.add_argument("--rejects", help="also write rejected rows, with reasons, to this JSONL file")
-    add_spec_option(p)
-    add_store_options(p)
+@dataclass(frozen=True, slots=True)
+class LoadJob:
+    """What to load where, as the command line gives it."""
+
+    source: str
+    """A local path or s3://bucket/key."""
+    group: str
+    """The feature group to load into."""
+    format: Literal["jsonl", "parquet"] | None
+    """The file's format; None: by extension (.parquet, else jsonl)."""
+    batch_size: int
+    """Items per write."""
+    rejects: Path | None
+    """Where to also write rejected rows, with reasons, as JSONL."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,22 +142,19 @@ async def _local_copy(source: str) -> AsyncIterator[Path]:
         yield path
 
 
-async def load(args: argparse.Namespace) -> list[Reject]:
-    settings = settings_from(args)
-    catalog = load_spec(settings)
-    group = catalog.groups.get(args.group)
+async def load(settings: Settings, catalog: Catalog, job: LoadJob) -> list[Reject]:
+    """Load `job.source` into its group; the rows that did not load."""
+    group = catalog.groups.get(job.group)
     if group is None:
-        raise FeatureplaneError(
-            f"unknown group {args.group!r} (known: {', '.join(catalog.groups)})"
-        )
+        raise FeatureplaneError(f"unknown group {job.group!r} (known: {', '.join(catalog.groups)})")
     if group.on_demand:
         raise FeatureplaneError(f"group {group.name!r} is on-demand: it is never stored")
-    fmt = args.format or ("parquet" if args.source.endswith(".parquet") else "jsonl")
+    fmt = job.format or ("parquet" if job.source.endswith(".parquet") else "jsonl")
     redis = open_redis(settings, catalog)
     assert redis is None or isinstance(redis, RedisStore)
     rejects: list[Reject] = []
-    async with _local_copy(args.source) as path, Sink(open_store(settings, catalog), redis) as sink:
-        rows = _parquet_rows(path, args.batch_size) if fmt == "parquet" else _jsonl_rows(path)
+    async with _local_copy(job.source) as path, Sink(open_store(settings, catalog), redis) as sink:
+        rows = _parquet_rows(path, job.batch_size) if fmt == "parquet" else _jsonl_rows(path)
         total = path.stat().st_size if fmt == "jsonl" else None
         progress = Progress(f"load {group.name}", total)
         batch: list[Item] = []
@@ -179,7 +166,7 @@ async def load(args: argparse.Namespace) -> list[Reject]:
             except ValidationError as exc:
                 rejects.append(Reject(n, str(exc), raw.decode("utf-8", "replace").rstrip("\n")))
                 progress.advance(rejected=1, position=position)
-            if len(batch) >= args.batch_size:
+            if len(batch) >= job.batch_size:
                 await sink.write(batch)
                 progress.advance(done=len(batch), position=position)
                 batch = []
@@ -189,19 +176,21 @@ async def load(args: argparse.Namespace) -> list[Reject]:
     return rejects
 
 
-def run(args: argparse.Namespace) -> int:
-    rejects = asyncio.run(load(args))
+def run(settings: Settings, catalog: Catalog, job: LoadJob) -> int:
+    """Load, print the rejected rows (the first 20) and write them all to `job.rejects`;
+    0 when every row loaded, else 1."""
+    rejects = asyncio.run(load(settings, catalog, job))
     if not rejects:
         return 0
-    what = "line" if not args.source.endswith(".parquet") else "row"
+    what = "line" if not job.source.endswith(".parquet") else "row"
     for r in rejects[:20]:
-        print(f"{args.source}:{r.row}: {r.reason}", file=sys.stderr)
+        print(f"{job.source}:{r.row}: {r.reason}", file=sys.stderr)
     if len(rejects) > 20:
         print(f"... and {len(rejects) - 20} more", file=sys.stderr)
-    if args.rejects:
-        with open(args.rejects, "wb") as f:
+    if job.rejects:
+        with job.rejects.open("wb") as f:
             for r in rejects:
                 f.write(orjson.dumps({what: r.row, "reason": r.reason, "raw": r.raw}) + b"\n")
-        print(f"rejected rows written to {args.rejects}", file=sys.stderr)
+        print(f"rejected rows written to {job.rejects}", file=sys.stderr)
     print(f"{len(rejects)} {what}(s) rejected", file=sys.stderr)
     return 1

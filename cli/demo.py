@@ -9,7 +9,6 @@ User `user-1` is the busiest, so its features visibly grow within seconds:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import time
@@ -20,11 +19,11 @@ from typing import Any
 import orjson
 from confluent_kafka import Producer
 
-from featureplane.cli import add_kafka_options, settings_from
 from featureplane.errors import FeatureplaneError
 from featureplane.lifecycle import check_kafka_reachable
+from featureplane.settings import Settings
 
-__all__ = ["add_arguments", "events", "run"]
+__all__ = ["events", "run"]
 
 log = logging.getLogger("featureplane.cli.demo")
 
@@ -106,16 +105,10 @@ def _article_updated(rnd: random.Random, article: str) -> dict[str, Any]:
     }
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_kafka_options(p, group=False)
-    p.add_argument("--rate", type=float, default=50.0, help="events per second [50]")
-    p.add_argument("--count", type=int, default=0, help="stop after this many events [0 = never]")
-    p.add_argument("--users", type=int, default=100, help="distinct user ids [100]")
-    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable streams")
-
-
-def run(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
+def run(
+    settings: Settings, *, rate: float, count: int = 0, users: int = 100, seed: int | None = None
+) -> int:
+    """Send `rate` events a second (`count` in all, 0 = until Ctrl-C); 1 if any was lost."""
     if not settings.kafka_bootstrap:
         raise FeatureplaneError("no broker: pass --bootstrap or set FEATUREPLANE_KAFKA_BOOTSTRAP")
     check_kafka_reachable(settings.kafka_bootstrap)
@@ -128,15 +121,15 @@ def run(args: argparse.Namespace) -> int:
         if err is not None:
             failures.append(str(err))
 
-    rnd = random.Random(args.seed)
-    interval = 1.0 / args.rate if args.rate > 0 else 0.0
+    rnd = random.Random(seed)
+    interval = 1.0 / rate if rate > 0 else 0.0
     next_at, sent = time.monotonic(), 0
-    log.info("feeding demo events to %s at %.0f/s", settings.kafka_bootstrap, args.rate)
+    log.info("feeding demo events to %s at %.0f/s", settings.kafka_bootstrap, rate)
     try:
-        for topic, key, event in events(rnd, lambda: time.time_ns() // 1_000_000, args.users):
+        for topic, key, event in events(rnd, lambda: time.time_ns() // 1_000_000, users):
             producer.produce(topic, orjson.dumps(event), key, on_delivery=delivered)
             sent += 1
-            if args.count and sent >= args.count:
+            if count and sent >= count:
                 break
             next_at += interval
             producer.poll(max(0.0, next_at - time.monotonic()))

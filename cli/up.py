@@ -1,24 +1,16 @@
-"""Run the whole platform on this machine on embedded defaults.
+"""`featureplane up`: the whole platform on this machine, supervised as child processes.
 
-Starts, supervises and stops together: the embedded Kafka-compatible broker
-(tansu; skipped when FEATUREPLANE_KAFKA_BOOTSTRAP or --bootstrap names one),
-the ingest and retry dataflows, and the HTTP server, all on the embedded
-store in --data-dir (plus the Redis tier when FEATUREPLANE_REDIS_URL is set).
-Before starting anything it checks that the HTTP port is free and that a
-named broker answers, and says in one line what to change if not. It
-creates the topics the spec needs, waits until every part is ready,
-prints what runs where, restarts a part that dies (at most 3 times a
-minute, else it exits non-zero with the reason) and stops everything on
-Ctrl-C or SIGTERM: the dataflows get 10s to finish the records in flight
-(FEATUREPLANE_DRAIN_TIMEOUT) and 20s more to commit and close before they
-are killed. Their metrics listen on 127.0.0.1 only. With --demo it uses the
-example catalog and feeds a steady stream of sample events, so features
-appear within seconds.
+`run` checks what would make the start fail (the HTTP port, a named broker),
+starts the embedded broker unless one is named, creates the topics, starts
+the ingest, retry and serve commands (and the demo feeder) as children with
+their own logs, waits until each is ready, restarts one that dies (at most
+`MAX_RESTARTS` a minute) and on SIGTERM or Ctrl-C stops them all: the
+dataflows drain for `UpSettings.drain_timeout` and get `STOP_MARGIN_S` more
+before they are killed.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -33,18 +25,20 @@ from importlib import resources
 from pathlib import Path
 from typing import IO
 
-from featureplane.cli import add_kafka_options, add_spec_option, settings_from
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from featureplane.cli.broker import Service, free_port, start_tansu
-from featureplane.errors import StartupError
 from featureplane.lifecycle import (
     STOP,
+    broker_error,
     check_kafka_reachable,
     check_port_free,
     install_stop_handlers,
 )
+from featureplane.settings import Duration, Settings, format_duration
 from featureplane.spec import Catalog, load_catalog, parse_duration
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["DRAIN", "EXAMPLES", "Child", "UpSettings", "plan_children", "run", "stop_timeout"]
 
 log = logging.getLogger("featureplane.cli.up")
 
@@ -57,18 +51,16 @@ STOP_MARGIN_S = 20.0
 """What a dataflow may take after its drain: commit, leave the group, flush, close."""
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_spec_option(p)
-    add_kafka_options(p, group=False)
-    p.add_argument(
-        "--data-dir", help="embedded store and logs [FEATUREPLANE_DATA_DIR, ./.featureplane]"
+class UpSettings(BaseSettings):
+    """What `up` reads from FEATUREPLANE_* variables beyond `Settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FEATUREPLANE_", extra="forbid", frozen=True, use_attribute_docstrings=True
     )
-    p.add_argument("--host", help="serving address [FEATUREPLANE_HOST, 127.0.0.1]")
-    p.add_argument("--port", type=int, help="serving port [FEATUREPLANE_PORT, 8000]")
-    p.add_argument(
-        "--demo", action="store_true", help="use the example catalog and feed sample events"
-    )
-    p.add_argument("--rate", type=float, default=50.0, help="demo events per second [50]")
+
+    drain_timeout: Duration = parse_duration(DRAIN)
+    """How long the dataflows under `up` wait for records in flight when stopped (shorter
+    than a dataflow's own default, so Ctrl-C is quick); passed on to them."""
 
 
 @dataclass
@@ -139,10 +131,14 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         pass
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.demo and args.spec is None and "FEATUREPLANE_SPEC" not in os.environ:
-        args.spec = str(EXAMPLES)
-    settings = settings_from(args)
+def run(settings: Settings, up: UpSettings, demo_rate: float | None = None) -> int:
+    """Run everything until SIGTERM or Ctrl-C; 0 after a clean stop, 1 if a part kept dying.
+
+    `demo_rate` (events a second) feeds sample events, on the example catalog unless a
+    spec was given.
+    """
+    if demo_rate is not None and "spec" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"spec": EXAMPLES})
     catalog = load_catalog(settings.spec)
     data_dir = settings.data_dir.resolve()
     # Everything that would fail later, checked before anything starts.
@@ -155,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
     broker: Service | None = None
     children: list[Child] = []
-    drain_s = parse_duration(os.environ.get("FEATUREPLANE_DRAIN_TIMEOUT", DRAIN)) / 1000
+    drain_s = up.drain_timeout / 1000
     try:
         if stopping():
             return 0
@@ -166,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
             bootstrap = broker.address
             log.info("embedded broker (tansu) on %s", bootstrap)
         create_topics(bootstrap, catalog)
-        children = plan_children(settings.spec.resolve(), data_dir, bootstrap, args)
+        children = plan_children(settings, up, bootstrap, demo_rate)
         for child in children:
             if not stopping():
                 child.start()
@@ -215,30 +211,34 @@ def create_topics(bootstrap: str, catalog: Catalog, partitions: int = 4) -> None
     wanted = [name for t in catalog.topics for name in (t, retry_topic(t), dlq_topic(t))]
     try:
         ensure_topics(bootstrap, dict.fromkeys(wanted, partitions))
-    except KafkaException as exc:
-        err = exc.args[0] if exc.args else exc
-        reason = err.str() if hasattr(err, "str") else str(err)
-        raise StartupError(f"cannot create the topics on Kafka at {bootstrap}: {reason}") from None
+    except (KafkaException, TimeoutError) as exc:
+        raise broker_error(bootstrap, "create the topics", exc) from None
 
 
 def plan_children(
-    spec: Path, data_dir: Path, bootstrap: str, args: argparse.Namespace
+    settings: Settings, up: UpSettings, bootstrap: str, demo_rate: float | None = None
 ) -> list[Child]:
-    env = dict(os.environ)
+    """The children, each with the environment that carries the settings `up` was given."""
+    data_dir = settings.data_dir.resolve()
+    env = dict(os.environ)  # the rest (AWS_*, FEATUREPLANE_REDIS_URL...) as the user set it
     env.update(
-        FEATUREPLANE_SPEC=str(spec),
+        FEATUREPLANE_SPEC=str(settings.spec.resolve()),
         FEATUREPLANE_DATA_DIR=str(data_dir),
         FEATUREPLANE_KAFKA_BOOTSTRAP=bootstrap,
+        FEATUREPLANE_HOST=settings.host,
+        FEATUREPLANE_PORT=str(settings.port),
         PYTHONUNBUFFERED="1",
     )
-    # The dataflows' metrics are for this machine only; their drain fits in up's stop timeout.
-    flow_env = {"FEATUREPLANE_METRICS_HOST": "127.0.0.1", "FEATUREPLANE_DRAIN_TIMEOUT": DRAIN}
-    flow_env |= {k: env[k] for k in flow_env if k in os.environ}
-    for name in ("host", "port"):
-        if getattr(args, name) is not None:
-            env[f"FEATUREPLANE_{name.upper()}"] = str(getattr(args, name))
-    host = env.get("FEATUREPLANE_HOST", "127.0.0.1")
-    port = env.get("FEATUREPLANE_PORT", "8000")
+    # The dataflows' metrics are for this machine only (unless the user chose an address);
+    # their drain fits in up's stop timeout.
+    metrics_host = "127.0.0.1"
+    if "metrics_host" in settings.model_fields_set:
+        metrics_host = settings.metrics_host
+    flow_env = {
+        "FEATUREPLANE_METRICS_HOST": metrics_host,
+        "FEATUREPLANE_DRAIN_TIMEOUT": format_duration(up.drain_timeout),
+    }
+    host, port = settings.host, settings.port
     exe = [sys.executable, "-m", "featureplane.cli"]
     logs = data_dir / "logs"
     children = []
@@ -262,8 +262,8 @@ def plan_children(
             f"http://{_loopback(host)}:{port}/readyz",
         )
     )
-    if args.demo:
-        demo = [*exe, "demo-events", "--rate", str(args.rate)]
+    if demo_rate is not None:
+        demo = [*exe, "demo-events", "--rate", str(demo_rate)]
         children.append(Child("demo-events", demo, env, logs / "demo-events.log"))
     return children
 

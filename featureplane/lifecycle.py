@@ -1,12 +1,13 @@
 """Start-up checks and graceful stop of the long-running commands (up, ingest, retry).
 
-`install_stop_handlers()` runs first thing in `featureplane.cli.main`, before
+`install_stop_handlers()` runs first thing in the `featureplane` command, before
 the slow imports, so a SIGTERM at any moment of start-up is a clean stop:
 it only sets `STOP`, and each command checks it between its start-up steps
 and while it runs. The checks find what would make a start fail (a port
 already taken, a broker that does not answer) before anything is started,
 and say in one line what to change. Their failures are `StartupError`s, which
-the CLI prints without a traceback.
+the CLI prints without a traceback; so is a Kafka call that fails
+(`broker_error`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from featureplane.errors import StartupError
 
 __all__ = [
     "STOP",
+    "broker_error",
     "cannot_listen",
     "check_kafka_reachable",
     "check_port_free",
@@ -59,6 +61,20 @@ def cannot_listen(host: str, port: int, what: str, change: str, exc: OSError) ->
     return StartupError(
         f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}; change it with {change}"
     )
+
+
+def broker_error(bootstrap: str, doing: str, exc: BaseException) -> StartupError:
+    """The one-line error for a Kafka call that failed: what it did, where, and why.
+
+    `exc` is a confluent_kafka KafkaException (its first argument a KafkaError
+    whose `str()` is librdkafka's reason) or any other exception of a Kafka call.
+    """
+    err: object = exc.args[0] if exc.args else exc
+    describe = getattr(err, "str", None)  # KafkaError.str(): librdkafka's reason alone
+    reason = str(describe() if callable(describe) else err)
+    if not reason:
+        reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+    return StartupError(f"cannot {doing} on Kafka at {bootstrap}: {reason}")
 
 
 def check_port_free(host: str, port: int, what: str, change: str) -> None:

@@ -1,48 +1,100 @@
-"""Settings shared by every command, read once from FEATUREPLANE_* variables.
+"""Settings shared by every command, and the `Duration` type every settings model uses.
 
-Flags override variables: the CLI passes what was given on the command line
-to `Settings(**flags)`. CONTRACT section 4 fixes the names and defaults.
+`Settings` says where the spec, broker, store, cache and HTTP server are. It
+reads FEATUREPLANE_* variables once, at the entry point; the command line
+passes the flags that were given as keyword arguments, so a flag wins over a
+variable. Each field's docstring is its description, and the command line's
+help for its flag.
+
+A `Duration` is milliseconds, given as a number (`1000`, also as text) or as
+a number with a unit (`500ms`, `30s`, `5m`, `2h`, `30d`), the same in every
+model, flag and variable.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+from featureplane.errors import quote
+from featureplane.spec import parse_duration
+
+__all__ = ["DURATION", "Duration", "Settings", "format_duration", "to_ms"]
+
+
+def to_ms(value: object) -> object:
+    """A duration as milliseconds: an int as is, digits as an int, `30s` and the like parsed.
+
+    Anything else is returned for pydantic to reject with its own message (a float
+    with no fraction is accepted as milliseconds, like the int it equals).
+    """
+    if isinstance(value, bool):  # an int to Python, never a duration to a person
+        raise ValueError(f"bad duration {quote(value)}")
+    if isinstance(value, str):
+        text = value.strip()
+        return int(text) if text.isdigit() else parse_duration(text)
+    return value
+
+
+class _DurationMark:
+    """Marks a field as a `Duration`, so the command line shows `30s` rather than 30000."""
+
+    def __repr__(self) -> str:
+        return "DURATION"
+
+
+DURATION: Final = _DurationMark()
+"""The marker in `Duration`'s metadata (`DURATION in field.metadata`)."""
+
+Duration = Annotated[int, BeforeValidator(to_ms), Field(ge=0), DURATION]
+"""Milliseconds: `1000`, `"1000"`, `"1s"`, `"500ms"`, `"5m"`, `"2h"`, `"30d"`."""
+
+_UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000))
+
+
+def format_duration(ms: int) -> str:
+    """Milliseconds in the largest unit that divides them: 30000 -> `30s`, 1500 -> `1500ms`."""
+    for unit, size in _UNITS:
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
 
 
 class Settings(BaseSettings):
     """Where the spec, broker, store, cache and HTTP server are."""
 
-    model_config = SettingsConfigDict(env_prefix="FEATUREPLANE_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="FEATUREPLANE_", extra="forbid", frozen=True, use_attribute_docstrings=True
+    )
 
     spec: Path = Path("featureplane.yaml")
     """Spec file or folder."""
     kafka_bootstrap: str | None = None
-    """Kafka bootstrap servers; unset under `up` starts the embedded broker."""
+    """Kafka bootstrap servers, HOST:PORT[,...]; unset under `up` starts the embedded broker."""
     kafka_group: str = "featureplane-ingest"
     """Consumer group of the ingest dataflow."""
     store: Literal["embedded", "dynamodb"] = "embedded"
-    """The durable store."""
+    """The durable store: the embedded one on this machine, or DynamoDB."""
     data_dir: Path = Path(".featureplane")
-    """Where the embedded store keeps its files."""
+    """Where the embedded store keeps its files (and `up` its logs)."""
     dynamodb_table: str = "featureplane"
     """DynamoDB table, created if missing."""
     dynamodb_endpoint: str | None = None
     """DynamoDB endpoint URL; unset means AWS (region and credentials from AWS_* variables)."""
     redis_url: SecretStr | None = None
-    """redis://... of the Redis tier; unset means no Redis tier."""
+    """redis://... or rediss://... of the Redis tier; unset means no Redis tier."""
     host: str = "127.0.0.1"
-    """Serving address."""
+    """Address the HTTP API listens on."""
     port: int = Field(8000, ge=0, le=65535)
-    """Serving port."""
+    """Port the HTTP API listens on."""
     metrics_port: int = Field(9100, ge=0, le=65535)
-    """Prometheus port of a dataflow process (unset: 9100 for ingest, 9101 for retry)."""
+    """Prometheus port of a dataflow process; 0 picks a free one; a taken port stops the
+    start. Unset, ingest uses 9100 and retry 9101, so both run on one host."""
     metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped by Prometheus from outside the pod
-    """Address the dataflow's metrics listen on (`up` uses 127.0.0.1)."""
+    """Address a dataflow's metrics listen on (`up` uses 127.0.0.1)."""
     token: SecretStr | None = None
-    """Bearer token the HTTP API requires; unset means none."""
+    """Bearer token the HTTP API requires; unset means none. A variable only, never a flag,
+    so it stays out of `ps`."""

@@ -1,52 +1,32 @@
-"""Stream ingestion: read the event topics that the spec's ingestion rules name,
-from the consumer group's committed offsets, and write every feature group
-they feed.
+"""The entry of the stream ingestion dataflow: `featureplane ingest`, and cluster mode.
 
-Each record is decoded and validated, dispatched to every rule it matches
-(event_type and `where`), turned into items by the rule's group, and
-written to the store (and, for `write: through` groups, the Redis tier)
-batch by batch with concurrent I/O. Offsets are committed only when a
-record's items are written, or the record is confirmed delivered to
-<topic>.dlq (malformed: bad JSON, missing field, wrong type, over 8 KiB;
-a copy larger than the broker's max.message.bytes is cut, with headers
-truncated=true and original_size) or <topic>.retry (transient store
-failure, or tiers=redis when only the Redis write failed; see `featureplane
-retry`). A record a step fails on affects only itself, never its batch. The
-retry and DLQ topics (and missing event topics) are created at start.
-SIGTERM stops reading, finishes writes in flight, commits and exits 0 (a
-SIGTERM during start-up too). A broker that does not answer, or a metrics
-port that is taken, stops the start with one line saying what to change.
-Metrics are served on FEATUREPLANE_METRICS_PORT [9100; retry's is 9101]
-(0 picks a free port). Scale out by starting more processes in the same
-FEATUREPLANE_KAFKA_GROUP: they share the topics' partitions, and a process
-that dies has its partitions moved to the others after the session timeout.
+`run` runs the dataflow (built in `featureplane.flows.dataflow`) in this
+process until SIGTERM. `flow` builds the same dataflow from FEATUREPLANE_*
+variables for Bytewax's own runner, which calls it:
 
-Cluster mode: python -m bytewax.run flows.ingest:flow -w WORKERS [-i ID -a ADDRS]
-reads the same FEATUREPLANE_* variables.
+    python -m bytewax.run "featureplane.flows.ingest:flow()" -w WORKERS [-i ID -a ADDRS]
 """
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+from bytewax.dataflow import Dataflow
 
-from featureplane.cli import load_spec, settings_from
 from featureplane.flows import dataflow
-from featureplane.flows.options import add_arguments_of, options_from
+from featureplane.flows.options import FlowOptions
+from featureplane.settings import Settings
+from featureplane.spec import Catalog
 
-__all__ = ["add_arguments", "run"]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_arguments_of("ingest", p)
+__all__ = ["flow", "run"]
 
 
-def run(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
-    return dataflow.run("ingest", settings, load_spec(settings), options_from(args))
+def run(settings: Settings, catalog: Catalog, options: FlowOptions) -> int:
+    """Run the ingest dataflow in this process until SIGTERM; 0 after a graceful stop."""
+    return dataflow.run("ingest", settings, catalog, options)
 
 
-def __getattr__(name: str) -> Any:
-    if name == "flow":
-        return dataflow.module_flow("ingest")
-    raise AttributeError(name)
+def flow() -> Dataflow:
+    """The ingest dataflow built from FEATUREPLANE_* variables, for `bytewax.run`.
+
+    It checks the broker, serves metrics and creates missing topics first, as `run` does.
+    """
+    return dataflow.module_flow("ingest")

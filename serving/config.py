@@ -1,21 +1,14 @@
-"""Settings of the HTTP server beyond the shared `Settings` (FEATUREPLANE_SERVE_*)."""
+"""Settings of the HTTP server beyond the shared `Settings`, from flags or FEATUREPLANE_SERVE_*.
+
+Each field's docstring is its flag's help; a flag wins over a variable.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
-from pydantic import BeforeValidator, Field
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from featureplane.spec import parse_duration
-
-
-def _ms(value: Any) -> Any:
-    return parse_duration(value) if isinstance(value, str) and not value.isdigit() else value
-
-
-Duration = Annotated[int, BeforeValidator(_ms), Field(ge=0)]
-"""Milliseconds, given as a number or as `500ms`, `30s`, `5m`..."""
+from featureplane.settings import Duration
 
 __all__ = ["ServeConfig"]
 
@@ -23,22 +16,24 @@ __all__ = ["ServeConfig"]
 class ServeConfig(BaseSettings):
     """Cache sizes, timeouts and breaker of `featureplane serve`."""
 
-    model_config = SettingsConfigDict(env_prefix="FEATUREPLANE_SERVE_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="FEATUREPLANE_SERVE_", extra="forbid", frozen=True, use_attribute_docstrings=True
+    )
 
     local_cache_mb: int = Field(64, ge=0)
-    """Bytes of the in-process tier, in MiB; 0 turns the tier off."""
+    """Size of the in-process tier in MiB; 0 turns the tier off."""
     negative_ttl: Duration = 5_000
-    """How long a (group, id) the store lacks is remembered as missing (ms)."""
+    """How long a (group, id) the store lacks is remembered as missing."""
     redis_timeout: Duration = 100
-    """Timeout of one Redis round trip (ms)."""
+    """Timeout of one Redis round trip."""
     store_timeout: Duration = 1_000
-    """Timeout of one store read (ms)."""
+    """Timeout of one store read."""
     breaker_failures: int = Field(5, ge=1)
     """Consecutive failures of a tier that open its circuit breaker."""
     breaker_cooldown: Duration = 2_000
-    """How long an open breaker skips its tier before one trial call (ms)."""
+    """How long an open breaker skips its tier before one trial call."""
     xfetch_beta: float = Field(1.0, ge=0)
-    """XFetch beta: > 1 refreshes earlier, 0 turns early refresh off."""
+    """XFetch early-refresh eagerness: > 1 refreshes earlier, 0 turns early refresh off."""
     shutdown_timeout: float = Field(10.0, ge=0)
     """Seconds to finish in-flight requests after SIGTERM."""
     drain_delay: float = Field(5.0, ge=0)
@@ -48,7 +43,8 @@ class ServeConfig(BaseSettings):
     """Seconds a connection has, from opening or from its previous answer, to send a complete
     request head; an idle keep-alive connection is closed after the same time."""
     body_timeout: float = Field(10.0, gt=0)
-    """Seconds a request has to deliver its whole body once its head has arrived."""
+    """Seconds a request has to deliver its whole body once its head has arrived; later,
+    it is answered 408 and disconnected."""
     max_connections: int = Field(10_000, ge=1)
     """Open connections at most (lowered to fit the process's file descriptor limit); more
     are answered 503 and closed."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -16,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from featureplane.cli.up import DRAIN, UpSettings, plan_children, stop_timeout
+from featureplane.settings import Settings
 from featureplane.spec import parse_duration
-from featureplane.cli.up import DRAIN, plan_children, stop_timeout
 from tests.services import free_port
 
 GROUP = "recent_user_clicked_fleaMarketArticles"
@@ -180,10 +180,14 @@ def test_up_help_explains() -> None:
     assert "--demo" in out and "FEATUREPLANE_DATA_DIR" in out
 
 
-def test_up_stop_timeout_outlasts_the_dataflows_drain(tmp_path: Path) -> None:
+def test_up_stop_timeout_outlasts_the_dataflows_drain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Under up a dataflow drains for DRAIN and then closes: up must not SIGKILL it before."""
-    args = argparse.Namespace(host=None, port=None, demo=False, rate=1.0)
-    children = plan_children(tmp_path / "spec", tmp_path, "127.0.0.1:9092", args)
+    monkeypatch.delenv("FEATUREPLANE_DRAIN_TIMEOUT", raising=False)
+    monkeypatch.delenv("FEATUREPLANE_METRICS_HOST", raising=False)
+    settings = Settings(spec=tmp_path / "spec", data_dir=tmp_path)
+    children = plan_children(settings, UpSettings(), "127.0.0.1:9092")
     for child in children:
         if child.name in ("ingest", "retry"):
             assert child.env["FEATUREPLANE_DRAIN_TIMEOUT"] == DRAIN
@@ -191,3 +195,20 @@ def test_up_stop_timeout_outlasts_the_dataflows_drain(tmp_path: Path) -> None:
     drain_s = parse_duration(DRAIN) / 1000
     assert stop_timeout(drain_s) >= drain_s + 15
     assert stop_timeout(60.0) > 60.0  # a longer FEATUREPLANE_DRAIN_TIMEOUT moves it too
+
+
+def test_up_passes_its_settings_to_its_children(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain timeout in bare milliseconds is a duration like any other; host and port
+    given as flags reach the server; the demo feeder runs only with a rate."""
+    monkeypatch.setenv("FEATUREPLANE_DRAIN_TIMEOUT", "60000")
+    up = UpSettings()
+    assert up.drain_timeout == 60_000
+    settings = Settings(spec=tmp_path / "spec", data_dir=tmp_path, host="127.0.0.2", port=8123)
+    children = {c.name: c for c in plan_children(settings, up, "127.0.0.1:9092", 7.5)}
+    assert children["ingest"].env["FEATUREPLANE_DRAIN_TIMEOUT"] == "1m"
+    assert children["serve"].env["FEATUREPLANE_PORT"] == "8123"
+    assert children["serve"].ready_url == "http://127.0.0.2:8123/readyz"
+    assert children["demo-events"].argv[-2:] == ["--rate", "7.5"]
+    assert "demo-events" not in {c.name for c in plan_children(settings, up, "127.0.0.1:9092")}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from featureplane.cli import COMMANDS
+from featureplane.cli.parser import COMMANDS
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 

@@ -1,0 +1,232 @@
+"""What each `featureplane` command runs: its settings from the parsed flags, then its part.
+
+A command's docstring is its `--help` description (the first line its summary
+in `featureplane --help`). Each part is imported inside its command, so a
+command loads only what it runs: `validate` no Kafka, Bytewax, aiohttp or
+Redis client.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from featureplane.cli.flags import model_from
+from featureplane.flows.options import FlowOptions
+from featureplane.serving.config import ServeConfig
+from featureplane.settings import Settings
+from featureplane.spec import load_catalog
+
+__all__ = ["backfill", "demo_events", "ingest", "load", "retry", "serve", "up", "validate"]
+
+
+def up(args: argparse.Namespace) -> int:
+    """Run the whole platform on this machine on embedded defaults.
+
+    Starts, supervises and stops together: the embedded Kafka-compatible broker
+    (tansu; skipped when FEATUREPLANE_KAFKA_BOOTSTRAP or --bootstrap names one),
+    the ingest and retry dataflows, and the HTTP server, all on the embedded
+    store in --data-dir (plus the Redis tier when FEATUREPLANE_REDIS_URL is set).
+    Before starting anything it checks that the HTTP port is free and that a
+    named broker answers, and says in one line what to change if not. It
+    creates the topics the spec needs, waits until every part is ready,
+    prints what runs where, restarts a part that dies (at most 3 times a
+    minute, else it exits non-zero with the reason) and stops everything on
+    Ctrl-C or SIGTERM: the dataflows get 10s to finish the records in flight
+    (FEATUREPLANE_DRAIN_TIMEOUT) and 20s more to commit and close before they
+    are killed. Their metrics listen on 127.0.0.1 only. With --demo it uses the
+    example catalog (unless --spec or FEATUREPLANE_SPEC names one) and feeds a
+    steady stream of sample events, so features appear within seconds.
+    """
+    from featureplane.cli.up import UpSettings, run
+
+    settings, up_settings = model_from(Settings, args), model_from(UpSettings, args)
+    return run(settings, up_settings, args.rate if args.demo else None)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the HTTP feature server.
+
+    Reads go through each group's `tiers`, top first: an in-process LRU bounded by
+    bytes (`--local-cache-mb`), Redis (`FEATUREPLANE_REDIS_URL`; unset = no Redis
+    tier), then the durable store (`FEATUREPLANE_STORE`). Values past a group's
+    soft TTL are served and refreshed in the background; past its hard TTL never
+    served. Ids the store lacks are remembered for `--negative-ttl`. A tier that
+    fails or times out is skipped by its circuit breaker for a while; with Redis
+    down the store answers, with the store down cached values within hard TTL are
+    served and the rest get 503.
+
+    Security: set FEATUREPLANE_TOKEN to require `Authorization: Bearer <token>`
+    on /v1/* (environment only, never a flag, so it stays out of `ps`).
+    Every FEATUREPLANE_SERVE_* variable below is the flag's default.
+
+    Hostile clients: a connection must send each request head within
+    `--header-timeout` (also the idle keep-alive time) and its body within
+    `--body-timeout`, or it is disconnected (408 for a late body); beyond
+    `--max-connections` open ones, new connections get a 503 and are closed.
+    These events are counted in /metrics and summarised in the log at most once a
+    minute per kind, never one line each.
+
+    SIGTERM: /readyz turns 503 while requests are still served for
+    `--drain-delay` (so load balancers stop sending), then the server stops
+    accepting, finishes in-flight requests (`--shutdown-timeout`) and closes
+    every client. Ctrl-C (SIGINT) does the same without the drain delay.
+    """
+    settings, config = model_from(Settings, args), model_from(ServeConfig, args)
+    catalog = load_catalog(settings.spec)
+    from featureplane.serving import main
+
+    return main.run(settings, catalog, config)
+
+
+def ingest(args: argparse.Namespace) -> int:
+    """Run the stream ingestion dataflow.
+
+    It reads the event topics that the spec's ingestion rules name, from the
+    consumer group's committed offsets, and writes every feature group they feed.
+    Each record is decoded and validated, dispatched to every rule it matches
+    (event_type and `where`), turned into items by the rule's group, and
+    written to the store (and, for `write: through` groups, the Redis tier)
+    batch by batch with concurrent I/O. Offsets are committed only when a
+    record's items are written, or the record is confirmed delivered to
+    <topic>.dlq (malformed: bad JSON, missing field, wrong type, over 8 KiB;
+    a copy larger than the broker's max.message.bytes is cut, with headers
+    truncated=true and original_size) or <topic>.retry (transient store
+    failure, or tiers=redis when only the Redis write failed; see `featureplane
+    retry`). A record a step fails on affects only itself, never its batch. The
+    retry and DLQ topics (and missing event topics) are created at start.
+    SIGTERM stops reading, finishes writes in flight, commits and exits 0 (a
+    SIGTERM during start-up too). A broker that does not answer, or a metrics
+    port that is taken, stops the start with one line saying what to change.
+    Metrics are served on FEATUREPLANE_METRICS_PORT [9100; retry's is 9101]
+    (0 picks a free port). Scale out by starting more processes in the same
+    FEATUREPLANE_KAFKA_GROUP: they share the topics' partitions, and a process
+    that dies has its partitions moved to the others after the session timeout.
+
+    Cluster mode: python -m bytewax.run "featureplane.flows.ingest:flow()" -w WORKERS
+    [-i ID -a ADDRS] builds the same dataflow from the same FEATUREPLANE_* variables.
+    """
+    settings, options = model_from(Settings, args), model_from(FlowOptions, args)
+    catalog = load_catalog(settings.spec)
+    from featureplane.flows.ingest import run
+
+    return run(settings, catalog, options)
+
+
+def retry(args: argparse.Namespace) -> int:
+    """Run the retry-topic dataflow.
+
+    It reprocesses records that failed for a transient reason. It reads
+    <topic>.retry for every event topic of the spec (its own consumer group,
+    --retry-group). A record with header attempt=n waits a random backoff of up
+    to min(cap, base * 2**(n-1)) from when it was handed over, without holding
+    back other records, then goes through the same decode, dispatch, aggregate
+    and write steps as in `featureplane ingest` (a record with header
+    tiers=redis, whose store write had succeeded, rewrites the Redis tier only).
+    If it fails again it goes back to <topic>.retry as attempt n+1 until
+    --retry-budget has passed since its first failure, then to <topic>.dlq with
+    the reason; a Redis-only record is never dead-lettered: its cache write is
+    abandoned, logged and counted in featureplane_ingest_cache_abandoned.
+    Offsets are committed only once a record is written or handed over with
+    delivery confirmed. SIGTERM stops gracefully. Metrics are served on
+    FEATUREPLANE_METRICS_PORT [9101, so that ingest's 9100 and retry's do not
+    collide on one host].
+
+    Cluster mode: python -m bytewax.run "featureplane.flows.retry:flow()" builds the
+    same dataflow from the same FEATUREPLANE_* variables.
+    """
+    settings, options = model_from(Settings, args), model_from(FlowOptions, args)
+    catalog = load_catalog(settings.spec)
+    from featureplane.flows.retry import run
+
+    return run(settings, catalog, options)
+
+
+def backfill(args: argparse.Namespace) -> int:
+    """Reprocess a Kafka topic's time range into the store.
+
+    Reads every partition of --topic from the first offset at --from (Kafka's
+    offsets-for-times lookup) to the end of the log, keeps the records whose
+    Kafka timestamp is within [--from, --to], and passes them through the same
+    decode, dispatch and aggregate steps as `featureplane ingest`, optionally only
+    for --groups. A partition stops at the end of its log, or at its first record
+    stamped more than --grace after --to (records are in timestamp order within a
+    partition, up to producers' clock skew). It joins no consumer group and
+    commits nothing: the live ingest is untouched. Writes are idempotent, so a
+    backfill over data already ingested changes nothing, and one stopped midway
+    can simply run again.
+
+    Malformed records are counted and listed, not sent to the DLQ again (the live
+    ingest did that). Transient store failures are retried with backoff; after
+    --max-attempts the job stops with the reason and exit status 1. A broker that
+    does not answer, or fails a call, stops the job with one line naming it.
+
+    TIME is epoch milliseconds or ISO 8601 with a timezone (2026-11-01T00:00:00Z).
+    """
+    settings = model_from(Settings, args)
+    catalog = load_catalog(settings.spec)
+    from featureplane.batch.backfill import BackfillJob, run
+
+    job = BackfillJob(
+        topic=args.topic,
+        start=args.start,
+        end=args.end,
+        groups=args.groups,
+        batch_size=args.batch_size,
+        grace_ms=args.grace,
+        max_attempts=args.max_attempts,
+    )
+    return run(settings, catalog, job)
+
+
+def load(args: argparse.Namespace) -> int:
+    """Load a JSONL or Parquet file into a feature group.
+
+    The file is a local path or s3://bucket/key. Each row is one item: `id`
+    (string, or an integer taken as its decimal string), `ts` (event time, epoch
+    ms) and the features, either as an object `features: {name: value}` or as
+    columns named like the features. `event_id` is optional: without it a row's
+    id is derived from its content, so loading the same file again overwrites
+    instead of duplicating. A row that does not fit the group (bad JSON, missing
+    id or ts, unknown feature, wrong type, over 8 KiB) is rejected with its line
+    (or row) number and reason, printed and, with --rejects, written as JSONL;
+    the rest loads. The exit status is 1 when any row was rejected.
+
+    Items go to the store and, for `write: through` groups, to the Redis tier
+    (which also forgets any cached "missing" for the ids loaded).
+    s3:// sources use the standard AWS variables (AWS_REGION, credentials,
+    AWS_ENDPOINT_URL_S3 for an S3-compatible endpoint). Parquet needs pyarrow
+    (`pip install 'featureplane[parquet]'`).
+    """
+    settings = model_from(Settings, args)
+    catalog = load_catalog(settings.spec)
+    from featureplane.batch.load import LoadJob, run
+
+    job = LoadJob(args.source, args.group, args.format, args.batch_size, args.rejects)
+    return run(settings, catalog, job)
+
+
+def validate(args: argparse.Namespace) -> int:
+    """Check spec files and print every problem.
+
+    PATH is one YAML file or a folder of them. Each problem is one line,
+    `file:line: field: message`. Exit status 0 when the catalog is valid, 1
+    otherwise.
+    """
+    from featureplane.cli.validate import run
+
+    return run(args.path)
+
+
+def demo_events(args: argparse.Namespace) -> int:
+    """Feed sample events for the example catalog into Kafka.
+
+    Clicks and searches on `user-actions`, keyword changes on `user-updates`,
+    article updates with 64-float embeddings and stats on `article-updates`.
+    User `user-1` is the busiest, so its features visibly grow within seconds:
+
+        curl -s localhost:8000/v1/features/recent_user_clicked_fleaMarketArticles/user-1
+    """
+    settings = model_from(Settings, args)
+    from featureplane.cli.demo import run
+
+    return run(settings, rate=args.rate, count=args.count, users=args.users, seed=args.seed)
