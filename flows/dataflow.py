@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
@@ -45,10 +45,10 @@ from featureplane.operators.pipeline import Pipeline, PipelineConfig, Worker
 from featureplane.operators.records import Message, Origin
 from featureplane.operators.retry import Backoff, RetryHold
 from featureplane.operators.route import dlq_topic, parse_retry_headers, retry_topic
-from featureplane.operators.write import CacheWriter, ToRetryTopic, Writer
+from featureplane.operators.write import ToRetryTopic, Writer
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
-from featureplane.stores import open_redis, open_store
+from featureplane.stores import open_cache, open_store
 from featureplane.stores.base import wall_clock_ms
 
 __all__ = [
@@ -163,7 +163,7 @@ def worker_factory(
         writer = Writer(
             catalog,
             open_store(settings, catalog),
-            cast("CacheWriter | None", open_redis(settings, catalog)),
+            open_cache(settings, catalog),
             policy=ToRetryTopic(),
             metrics=metrics,
             flow=config.flow,
