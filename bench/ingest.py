@@ -35,9 +35,17 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from tests.services import Service, free_port, start_dynalite, start_redis, start_tansu
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the service launchers live beside the tests
+
+from tests.services import (  # noqa: E402
+    Service,
+    free_port,
+    start_dynalite,
+    start_redis,
+    start_tansu,
+)
+
 PARTITIONS = 4
 RULES = """
 ingestion:
