@@ -1,4 +1,7 @@
-"""The Lua scripts of the Redis tier, with their SHA1s (see `featureplane.stores.redis`).
+"""The Lua scripts of the Redis store and cache tier, with their SHA1s.
+
+The layout they write is `stores.redis_layout`'s; `stores.redis` and `stores.redis_cache`
+say the rules they keep.
 
 Each script is idempotent, so a call rerun after NOSCRIPT or a timeout is safe.
 Every script starts with `_SHARED`, the two rules they have in common.
@@ -8,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 
-# stored_is_newer: versions are compared as numbers (ts, then the hex hash), not with Lua's
-# `<`, which follows the server's locale collation; an equal version is the same event.
+# stored_is_newer(cur, new) is `not keys.replaces(new, cur)`: versions are compared as
+# numbers (ts, then the hex hash), not with Lua's `<`, which follows the server's locale
+# collation; an equal version is the same event, so it is rewritten.
 # add_members: ARGV[first..last] are members (version .. value); a replayed version first
 # removes itself, so it overwrites instead of duplicating.
 _SHARED = """

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
-from featureplane.cache import Cached, CacheFill
+from featureplane.cache import Cached, CacheFill, CacheTier
 from featureplane.codec import Item
 from featureplane.keys import newest
 from featureplane.spec import Catalog, FeatureGroup
@@ -197,3 +197,8 @@ class RedisCache:
                 )
             )
         return out
+
+
+def _implements_the_protocol(cache: RedisCache) -> CacheTier:
+    """Never called: the type checker proves here that `RedisCache` is a `CacheTier`."""
+    return cache
