@@ -4,7 +4,7 @@ Batch jobs have no retry topic: a transient failure (throttling, a timeout,
 Redis restarting or down at start-up) is retried here with capped
 exponential backoff and jitter, the failed tier alone, and after
 `max_attempts` retries the job stops with the reason. Items go to the same
-tiers as ingestion writes them (`operators.write.targets`). Writes are
+tiers as ingestion writes them (`operators.policy.targets`). Writes are
 idempotent, so running a stopped job again is safe.
 """
 
@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from featureplane.codec import Item
-from featureplane.operators.write import CacheWriter, RetryInPlace, Writer
+from featureplane.operators.policy import RetryInPlace
+from featureplane.operators.write import CacheWriter, Writer
 from featureplane.stores.base import Store
 
 __all__ = ["Sink"]

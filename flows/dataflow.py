@@ -42,10 +42,11 @@ from featureplane.operators.kafka import (
 )
 from featureplane.operators.metrics import IngestMetrics, serve_metrics
 from featureplane.operators.pipeline import Pipeline, PipelineConfig, Worker
+from featureplane.operators.policy import ToRetryTopic
 from featureplane.operators.records import Message, Origin
 from featureplane.operators.retry import Backoff, RetryHold
 from featureplane.operators.route import dlq_topic, parse_retry_headers, retry_topic
-from featureplane.operators.write import ToRetryTopic, Writer
+from featureplane.operators.write import Writer
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
 from featureplane.stores import open_cache, open_store

@@ -56,29 +56,27 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import Histogram
 
 from featureplane.backoff import backoff_ms
 from featureplane.codec import Item
-from featureplane.errors import TransientStoreError, ValidationError
+from featureplane.errors import TransientStoreError
 from featureplane.operators.metrics import IngestMetrics
+from featureplane.operators.policy import (
+    Failure,
+    RetryPolicy,
+    ToRetryTopic,
+    classify,
+    targets,
+)
 from featureplane.operators.records import Status, Work
-from featureplane.spec import Catalog, FeatureGroup
+from featureplane.spec import Catalog
 from featureplane.stores.base import Store, wall_clock_ms
 
-__all__ = [
-    "CacheWriter",
-    "Failure",
-    "RetryInPlace",
-    "RetryPolicy",
-    "ToRetryTopic",
-    "Writer",
-    "classify",
-    "targets",
-]
+__all__ = ["CacheWriter", "Writer"]
 
 log = logging.getLogger(__name__)
 
@@ -91,61 +89,6 @@ class CacheWriter(Protocol):
     async def aclose(self) -> None: ...
 
     async def write_through(self, items: Sequence[Item]) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ToRetryTopic:
-    """The dataflows' policy: one attempt; failed records go to the retry topic or DLQ."""
-
-    cache_pause_ms: tuple[int, int] = (1_000, 15_000)
-    """First and longest pause of the cache tier after an outage-like failure."""
-
-
-@dataclass(frozen=True, slots=True)
-class RetryInPlace:
-    """The batch jobs' policy: retry failed writes here, then raise with the reason."""
-
-    max_attempts: int = 8
-    """Retries after the first attempt."""
-    base_ms: float = 200.0
-    cap_ms: float = 30_000.0
-
-
-RetryPolicy = ToRetryTopic | RetryInPlace
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """Why a tier write failed: `kind` is the metric label, `reason` the header."""
-
-    kind: str
-    reason: str
-    malformed: bool = False
-    error: Exception | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def retryable(self) -> bool:
-        """Worth trying again: an outage, a timeout or a paused cache, not bad data or a bug."""
-        return self.kind in ("transient", "timeout", "paused")
-
-
-def classify(exc: Exception, tier: str) -> Failure:
-    """Exception of a write -> Failure (malformed goes to the DLQ, the rest to retry)."""
-    text = f"{tier}: {type(exc).__name__}: {exc}"[:500]
-    if isinstance(exc, ValidationError):
-        return Failure("malformed", text, malformed=True, error=exc)
-    if isinstance(exc, TimeoutError):
-        return Failure("timeout", f"{tier}: write timed out", error=exc)
-    if isinstance(exc, TransientStoreError):
-        return Failure("transient", text, error=exc)
-    return Failure("store_error", text, error=exc)
-
-
-def targets(group: FeatureGroup) -> tuple[bool, bool]:
-    """(to the store, to the Redis tier) of a group's items: the rule every job follows."""
-    if group.on_demand:
-        return False, False
-    return "store" in group.tiers, "redis" in group.tiers
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +112,7 @@ class Writer:
         store: Store | None,
         cache: CacheWriter | None,
         *,
-        policy: RetryPolicy = ToRetryTopic(),
+        policy: RetryPolicy | None = None,
         metrics: IngestMetrics | None = None,
         flow: str = "ingest",
         chunk_items: int = 10_000,
@@ -181,7 +124,8 @@ class Writer:
         self.catalog = catalog
         self.store = store
         self.cache = cache
-        self.policy = policy
+        self.policy: RetryPolicy = ToRetryTopic() if policy is None else policy
+        """What a failed write becomes; the dataflows' `ToRetryTopic` by default."""
         self.metrics = metrics
         self.flow = flow
         self.chunk_items = chunk_items

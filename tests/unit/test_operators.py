@@ -22,6 +22,7 @@ from featureplane.operators.decode import MalformedError, decode_event, decode_w
 from featureplane.operators.dispatch import MISSING, Dispatcher, get_path
 from featureplane.operators.metrics import IngestMetrics
 from featureplane.operators.pipeline import Pipeline, PipelineConfig, Worker
+from featureplane.operators.policy import RetryInPlace, ToRetryTopic, classify, targets
 from featureplane.operators.records import Event, Message, Origin, Work
 from featureplane.operators.retry import Backoff, RetryHold
 from featureplane.operators.route import (
@@ -34,7 +35,7 @@ from featureplane.operators.route import (
     route_of,
     wire_size,
 )
-from featureplane.operators.write import RetryInPlace, ToRetryTopic, Writer, classify, targets
+from featureplane.operators.write import Writer
 from featureplane.spec import load_catalog
 from featureplane.stores.base import Query, Store
 
