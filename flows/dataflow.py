@@ -18,7 +18,7 @@ import atexit
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,7 +26,8 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from confluent_kafka import KafkaException
 from confluent_kafka import Message as KafkaMessage
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client import REGISTRY, CollectorRegistry, Metric
+from prometheus_client.registry import Collector
 
 from featureplane import lifecycle
 from featureplane.errors import FeatureplaneError
@@ -141,13 +142,19 @@ def _header_pairs(
 
 
 def process_metrics() -> IngestMetrics:
-    """The metrics of a dataflow process: the ingest collectors beside the process,
-    platform and GC ones that Prometheus's default registry shows."""
+    """The metrics a dataflow process serves: the ingest collectors, in a registry of
+    their own, beside everything in Prometheus's default registry (the process, platform
+    and GC collectors, and module-level ones such as the embedded store's)."""
     registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    GCCollector(registry=registry)
+    registry.register(_DefaultRegistry())
     return IngestMetrics(registry)
+
+
+class _DefaultRegistry(Collector):
+    """Prometheus's default registry as one collector of another registry."""
+
+    def collect(self) -> Iterable[Metric]:
+        return REGISTRY.collect()
 
 
 def worker_factory(
