@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from featureplane.cache import Cached, CacheFill
 from featureplane.codec import Item, Record, make_item
 from featureplane.errors import (
     FeatureplaneError,
@@ -41,6 +42,7 @@ def _group(**kw: Any) -> FeatureGroup:
 CATALOG = Catalog(
     groups={
         "last": _group(name="last", kind="latest", tiers=["local", "store"]),
+        "both": _group(name="both", kind="latest", tiers=["local", "redis", "store"]),
         "recent": _group(name="recent", kind="timeseries", max_items=5, tiers=["local", "store"]),
         "computed": _group(
             name="computed", kind="latest", on_demand="test_serving_reader:compute_x"
@@ -248,3 +250,65 @@ async def test_errors_from_below_get_their_status_in_serving(
         assert body["error"]["code"] == code
         if code == "unknown_group":
             assert body["error"]["message"] == "unknown feature group 'gone'"
+
+
+class FakeCache:
+    """A cache tier in memory: `held` answers reads, `fills` records writes, `down` fails."""
+
+    def __init__(self) -> None:
+        self.held: dict[tuple[str, str], Cached] = {}
+        self.fills: list[CacheFill] = []
+        self.reads = 0
+        self.down = False
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    async def write_through(self, items: Sequence[Item]) -> None: ...
+
+    async def fill(self, fills: Sequence[CacheFill]) -> None:
+        self.fills.extend(fills)
+
+    async def read_cached(self, keys: Sequence[tuple[str, str]]) -> list[Cached]:
+        self.reads += 1
+        if self.down:
+            raise TransientStoreError("cache is down")
+        return [self.held.get(k, Cached([], None, None)) for k in keys]
+
+
+async def test_redis_tier_fills_refreshes_the_local_tier_and_is_skipped_when_down() -> None:
+    store, cache, clock = FakeStore(CATALOG), FakeCache(), Clock()
+    both = CATALOG.group("both")
+    await store.write([make_item(both, "u", T0, "a", {"x": 1})])
+    r = TieredReader(
+        catalog=CATALOG,
+        store=store,
+        redis=cache,
+        local=LocalCache(1 << 20),
+        metrics=Metrics(),
+        clock=clock,
+        rand=lambda: 0.5,
+        config=ReaderConfig(xfetch_beta=0.0),
+    )
+    await r.start()
+    assert (await r.read([Query("both", "u")]))[0][0].ts == T0  # type: ignore[index]
+    await r.idle()  # the store's answer reached Redis by the fill queue
+    assert [(f.group, f.id, [x.ts for x in f.records]) for f in cache.fills] == [
+        ("both", "u", [T0])
+    ]
+    newer = make_item(both, "u", T0 + 1, "b", {"x": 2})
+    cache.held[("both", "u")] = Cached([Record(newer.ts, newer.version, newer.value)], 60_000, None)
+    clock.now += 10_000  # past soft locally: served stale, refreshed from Redis, not the store
+    assert (await r.read([Query("both", "u")]))[0][0].ts == T0  # type: ignore[index]
+    await r.idle()
+    assert (await r.read([Query("both", "u")]))[0][0].ts == T0 + 1  # type: ignore[index]
+    assert store.reads == 1 and cache.reads == 2  # the cold read, then the refresh
+    cache.down = True
+    clock.now += 60_000  # past hard everywhere: Redis fails, the store answers
+    assert (await r.read([Query("both", "u")]))[0][0].ts == T0  # type: ignore[index]
+    assert store.reads == 2
+    assert r.metrics.errors.labels("redis", "read")._value.get() == 1
+    await r.aclose()
