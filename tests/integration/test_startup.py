@@ -3,7 +3,8 @@ the real CLI in subprocesses against the real tansu broker.
 
 An early SIGTERM is a clean stop (exit 0); a dead broker, a taken HTTP port or a
 taken metrics port is one line naming what to change, found before anything
-starts; ingest and retry run side by side on their default metrics ports.
+starts; ingest and retry run side by side on their default metrics ports; in
+cluster mode Bytewax's own runner builds the dataflow from its factory.
 """
 
 from __future__ import annotations
@@ -150,12 +151,14 @@ def _one_line_error(proc: subprocess.Popen[str]) -> str:
 # ---------------------------------------------------------------- dead broker
 
 
-@pytest.mark.parametrize("command", ["up", "ingest", "retry"])
+@pytest.mark.parametrize("command", ["up", "ingest", "retry", "backfill"])
 def test_dead_broker_is_one_clear_line(tmp_path: Path, command: str) -> None:
     dead = f"127.0.0.1:{_closed_port()}"
     args = [command, "--bootstrap", dead, "--data-dir", str(tmp_path / "data")]
     if command == "up":
         args += ["--port", str(free_port())]
+    if command == "backfill":
+        args += ["--topic", "user-actions", "--from", "0", "--to", "1"]
     env = _env(FEATUREPLANE_METRICS_PORT="0")
     started = time.monotonic()
     proc = _cli(*args, env=env, cwd=tmp_path)
@@ -230,3 +233,44 @@ def test_ingest_and_retry_metrics_both_come_up_on_one_host(
         outs = [_finish(p) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
     assert "0.0.0.0:9100/metrics" in outs[0] and "0.0.0.0:9101/metrics" in outs[1]
+
+
+# ---------------------------------------------------------------- cluster mode
+
+
+@pytest.mark.parametrize("kind", ["ingest", "retry"])
+def test_bytewax_run_builds_the_dataflow_from_its_factory(
+    tmp_path: Path, kafka_bootstrap: str, kind: str
+) -> None:
+    """`python -m bytewax.run "featureplane.flows.<kind>:flow()"`, as the docs give it: it
+    reads, and SIGTERM stops it gracefully."""
+    env = _env(
+        FEATUREPLANE_KAFKA_BOOTSTRAP=kafka_bootstrap,
+        FEATUREPLANE_KAFKA_GROUP=f"cluster-{uuid.uuid4().hex[:8]}",
+        FEATUREPLANE_METRICS_PORT="0",
+        FEATUREPLANE_DATA_DIR=str(tmp_path / "data"),
+    )
+    log = tmp_path / "out.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bytewax.run", f"featureplane.flows.{kind}:flow()"],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while f"{kind} worker 1/1: reading" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "Traceback" not in text and "consumer closed" in text, text
