@@ -208,6 +208,17 @@ def test_the_core_imports_no_part_and_parts_keep_their_floors() -> None:
     assert not found, "\n".join(found)
 
 
+def test_tests_and_benches_import_the_parts_by_their_installed_names() -> None:
+    """From the repository root `import serving` would still work, as a second copy of
+    every module beside featureplane.serving; only the installed names are used."""
+    bad = []
+    for path in sorted([*(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]):
+        for imp in imports("tests.x", path.read_text(), {}):
+            if imp.target.split(".")[0] in PARTS:
+                bad.append(f"{path.relative_to(ROOT)}:{imp.line} imports bare {imp.target!r}")
+    assert not bad, "\n".join(bad)
+
+
 def test_no_import_by_dotted_string() -> None:
     found = {name: dynamic_imports(text) for name, text in _tree().items()}
     found = {name: lines for name, lines in found.items() if lines}
