@@ -120,13 +120,7 @@ class DynamoStore(Store):
     async def start(self) -> None:
         if self._client is not None:
             return
-        session = aioboto3.Session(region_name=self.region)
-        region = session.region_name or _FALLBACK_REGION
-        if self.endpoint_url and await session.get_credentials() is None:
-            # A local endpoint (dynalite, DynamoDB Local) accepts any signature.
-            session = aioboto3.Session(region_name=region, **_LOCAL_CREDENTIALS)
-        elif region != session.region_name:
-            session = aioboto3.Session(region_name=region)
+        session = await self._session()
         config = AioConfig(
             connect_timeout=3,
             read_timeout=10,
@@ -147,6 +141,18 @@ class DynamoStore(Store):
             self._stack = None
             await stack.aclose()
             raise
+
+    async def _session(self) -> aioboto3.Session:
+        """A session on botocore's region and credentials, or the local fallbacks."""
+        try:
+            session = aioboto3.Session(region_name=self.region)
+            region = session.region_name or _FALLBACK_REGION
+            if self.endpoint_url and await session.get_credentials() is None:
+                # A local endpoint (dynalite, DynamoDB Local) accepts any signature.
+                return aioboto3.Session(region_name=region, **_LOCAL_CREDENTIALS)
+        except BotoCoreError as exc:  # a profile that does not exist, say
+            raise StoreError(f"DynamoDB: cannot resolve AWS region or credentials: {exc}") from exc
+        return session if region == session.region_name else aioboto3.Session(region_name=region)
 
     async def aclose(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
