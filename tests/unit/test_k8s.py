@@ -1,14 +1,17 @@
-"""The k8s manifests parse, list every file, and run commands that exist."""
+"""The k8s manifests parse, list every file, and run commands that exist; the image holds
+every folder the package is built from."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import yaml
 
 from featureplane.cli.parser import COMMANDS
 
-K8S = Path(__file__).resolve().parents[2] / "k8s"
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
 
 
 def _docs() -> list[dict]:
@@ -42,3 +45,14 @@ def test_workloads_run_real_commands_with_known_config() -> None:
     for w in workloads:
         labels = w["spec"]["template"]["metadata"]["labels"]
         assert w["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_image_copies_every_folder_the_package_is_built_from() -> None:
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {"featureplane", *setuptools["package-dir"].values()}
+    copied = {
+        line.split()[1]
+        for line in (K8S / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ") and "--from" not in line
+    }
+    assert folders <= copied, folders - copied
