@@ -55,7 +55,10 @@ def _type(value: Any) -> FeatureType:
     return parse_type(value)
 
 
-Duration = Annotated[int, PlainValidator(parse_duration)]
+SpecDuration = Annotated[int, PlainValidator(parse_duration)]
+"""A duration in a spec file, in milliseconds: always written with its unit (`30s`), so
+`ttl: {soft: 30}` is an error, not 30 ms. Settings take bare milliseconds too
+(`featureplane.settings.Duration`, parsed by the same `parse_duration`)."""
 TypeField = Annotated[FeatureType, PlainValidator(_type), PlainSerializer(str, return_type=str)]
 Name = Annotated[str, Field(pattern=f"^{NAME}$")]
 Scalar = str | int | float | bool
@@ -77,9 +80,9 @@ class Feature(_Model):
 class TTL(_Model):
     """Cache TTLs: past `soft` a cached value is refreshed, past `hard` never served."""
 
-    soft: Duration = 30_000
+    soft: SpecDuration = 30_000
     """Milliseconds after which a cached value is refreshed in the background."""
-    hard: Duration = 300_000
+    hard: SpecDuration = 300_000
     """Milliseconds after which a cached value is never served."""
     jitter: float = Field(0.1, ge=0, le=1)
     """Fraction by which each TTL is randomly shortened, to spread expiries."""
@@ -107,7 +110,7 @@ class FeatureGroup(_Model):
     """Features in stored order; append only."""
     max_items: int = Field(50, ge=1, le=10_000)
     """timeseries: the most items a read may ask for and a cache keeps per id."""
-    retention: Duration | None = None
+    retention: SpecDuration | None = None
     """timeseries: items older than this (by event time) expire; None keeps them."""
     ttl: TTL = TTL()
     """Cache TTLs."""
