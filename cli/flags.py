@@ -26,6 +26,7 @@ from featureplane.errors import StartupError, quote
 from featureplane.settings import DURATION, format_duration
 
 __all__ = [
+    "ENV_ONLY",
     "FLAG_NAMES",
     "BadSettingError",
     "add_flags",
@@ -37,6 +38,9 @@ __all__ = [
 
 FLAG_NAMES = {"kafka_bootstrap": "--bootstrap", "kafka_group": "--group"}
 """Fields whose flag the command line spells otherwise than `--field-name`."""
+
+ENV_ONLY = frozenset({"token"})
+"""Secrets read from their variable only: a flag would show them to anyone running `ps`."""
 
 M = TypeVar("M", bound=BaseSettings)
 
@@ -73,6 +77,8 @@ def add_flags(
     """A flag for each of `fields` of `model`; `shown_defaults` overrides the default the help
     names (where a command's default differs from the model's)."""
     for name in fields:
+        if name in ENV_ONLY:
+            raise ValueError(f"{name} is a secret: read from {env_name(model, name)} only")
         info = model.model_fields[name]
         shown = (shown_defaults or {}).get(name, info.default)
         kwargs: dict[str, Any] = {

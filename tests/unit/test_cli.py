@@ -20,7 +20,7 @@ from bytewax.run import _locate_dataflow, _prepare_import  # what `python -m byt
 from pydantic_settings import BaseSettings
 
 from featureplane.cli import main
-from featureplane.cli.flags import BadSettingError, model_from, unknown_variables
+from featureplane.cli.flags import BadSettingError, add_flags, model_from, unknown_variables
 from featureplane.cli.parser import COMMANDS, build_parser, parse_time, settings_models
 from featureplane.cli.up import UpSettings
 from featureplane.flows.options import FlowOptions
@@ -206,6 +206,8 @@ def test_help_names_each_variable_and_its_default(capsys: pytest.CaptureFixture[
     assert "FEATUREPLANE_TOKEN" in serve  # in the description: a variable only
     for command in COMMANDS:
         assert "--token" not in _help([command], capsys)
+    with pytest.raises(ValueError, match="FEATUREPLANE_TOKEN only"):
+        add_flags(argparse.ArgumentParser(), Settings, ["token"])
 
 
 def test_every_setting_has_a_description() -> None:
