@@ -156,7 +156,10 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pins.write_text(
         "\n".join(re.findall(r"^([A-Za-z0-9][\w.-]*==\S+)", LOCK.read_text(), re.MULTILINE))
     )
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(pins)]
+    # --no-compile: byte-compiling every installed module (botocore's thousands) is CPU that
+    # the other tests need; a module is compiled when first imported all the same.
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile"]
+    pip += ["-c", str(pins)]
     _run([*pip, str(wheel)], venv, 600, _clean_env())
     return venv / "bin"
 
