@@ -32,8 +32,7 @@ from featureplane.operators.dispatch import Dispatcher
 from featureplane.operators.records import Message, Origin, Work
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
-from featureplane.stores import open_redis, open_store
-from featureplane.stores.redis import RedisStore
+from featureplane.stores import open_cache, open_store
 
 __all__ = ["BackfillJob", "backfill", "run"]
 
@@ -98,8 +97,7 @@ async def backfill(settings: Settings, catalog: Catalog, job: BackfillJob) -> Co
         }
     )
     counts: Counter[str] = Counter()
-    redis = open_redis(settings, catalog)
-    assert redis is None or isinstance(redis, RedisStore)
+    redis = open_cache(settings, catalog)
     try:
         meta = consumer.list_topics(job.topic, timeout=10).topics.get(job.topic)
         if meta is None or meta.error is not None or not meta.partitions:

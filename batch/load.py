@@ -27,8 +27,7 @@ from featureplane.codec import Item, make_item
 from featureplane.errors import FeatureplaneError, ValidationError
 from featureplane.settings import Settings
 from featureplane.spec import Catalog, FeatureGroup
-from featureplane.stores import open_redis, open_store
-from featureplane.stores.redis import RedisStore
+from featureplane.stores import open_cache, open_store
 
 __all__ = ["LoadJob", "Reject", "item_of", "load", "run"]
 
@@ -150,8 +149,7 @@ async def load(settings: Settings, catalog: Catalog, job: LoadJob) -> list[Rejec
     if group.on_demand:
         raise FeatureplaneError(f"group {group.name!r} is on-demand: it is never stored")
     fmt = job.format or ("parquet" if job.source.endswith(".parquet") else "jsonl")
-    redis = open_redis(settings, catalog)
-    assert redis is None or isinstance(redis, RedisStore)
+    redis = open_cache(settings, catalog)
     rejects: list[Reject] = []
     async with _local_copy(job.source) as path, Sink(open_store(settings, catalog), redis) as sink:
         rows = _parquet_rows(path, job.batch_size) if fmt == "parquet" else _jsonl_rows(path)

@@ -24,8 +24,7 @@ from featureplane.serving.config import ServeConfig
 from featureplane.serving.connections import ConnectionGuard, fit_to_fd_limit
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
-from featureplane.stores import open_redis, open_store
-from featureplane.stores.redis import RedisStore
+from featureplane.stores import open_cache, open_store
 
 __all__ = ["run", "serve"]
 
@@ -37,8 +36,7 @@ log = logging.getLogger(__name__)
 
 def run(settings: Settings, catalog: Catalog, config: ServeConfig) -> int:
     """Serve `catalog` until SIGTERM or Ctrl-C; 0 after a graceful stop."""
-    redis = open_redis(settings, catalog)
-    assert redis is None or isinstance(redis, RedisStore)
+    redis = open_cache(settings, catalog)
     app = create_app(
         catalog,
         store=open_store(settings, catalog),
