@@ -100,8 +100,9 @@ return 1
 
 # Write-through of many keys in one call (the rules of the two scripts above, with ARGV[4]
 # = "1"). KEYS[1..n]: value keys; KEYS[n+1..]: negative markers to delete. ARGV[1]: n;
-# then per value key: "l", ttl, member | "t", ttl, max_items, cutoff or "", count, members.
-# Returns n.
+# then per value key: "l", ttl, member | "t" or "T", ttl, max_items, cutoff or "", count,
+# members. "t" appends only to a key that exists; "T" creates it (a group without a store,
+# whose items Redis alone holds). Returns n.
 CACHE_THROUGH_LUA = (
     _SHARED
     + """
@@ -118,7 +119,7 @@ for k = 1, n do
     local cap, low, count = tonumber(ARGV[a + 2]), ARGV[a + 3], tonumber(ARGV[a + 4])
     local first = a + 5
     a = first + count
-    if redis.call('EXISTS', key) == 1 then
+    if kind == 'T' or redis.call('EXISTS', key) == 1 then
       add_members(key, first, a - 1)
       if low ~= '' then redis.call('ZREMRANGEBYLEX', key, '-', '(' .. low) end
       redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))

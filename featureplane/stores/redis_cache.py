@@ -106,7 +106,8 @@ class RedisCache:
 
         latest: newest wins. timeseries: appended only to keys that already exist (a
         cached key holds the store's newest items, so it is never created from a partial
-        batch), capped at `max_items`. Written keys expire after the group's hard TTL
+        batch), capped at `max_items`; a group whose tiers lack `store` has no other copy,
+        so its keys are created. Written keys expire after the group's hard TTL
         (with jitter); every (group, id) loses its negative marker. Groups that are
         on-demand, not cached in Redis, or `write: around` only lose their markers.
 
@@ -138,7 +139,8 @@ class RedisCache:
                 entries.append((None, neg, []))
                 continue
             ttl, low = self._ttl(group), oldest_kept(group, now)
-            entries.append((key, neg, [b"t", ttl, group.max_items, low, len(members), *members]))
+            kind = b"t" if "store" in group.tiers else b"T"
+            entries.append((key, neg, [kind, ttl, group.max_items, low, len(members), *members]))
         calls = [through_call(chunk) for chunk in through_chunks(entries, THROUGH_KEYS, slot_of)]
         await self.connection.run(calls, "cache write")
 

@@ -2,7 +2,8 @@
 against `RedisCache` on a real redis-server with an injected clock and jitter draw.
 
 Rules: `fill` then `read_cached` gives back what the store answered; `write_through`
-appends only to timeseries keys that exist and never creates a partial one; latest values
+appends only to timeseries keys that exist and never creates a partial one (but creates
+the keys of a group without a store, which Redis alone holds); latest values
 follow `keys.replaces` whatever the order of write-throughs and fills; an empty fill
 writes a negative marker that a write-through of that (group, id) clears; every written
 key lives at most its group's jittered hard TTL; a key holds at most `max_items` and
@@ -72,6 +73,18 @@ async def test_write_through_never_creates_a_partial_timeseries_key(cache: Redis
     await cache.write_through([_small("u1", T0 + 1)])
     [got] = await cache.read_cached([("small", "u1")])
     assert got.records == [] and got.pttl is None and got.negative_pttl is None
+
+
+async def test_write_through_creates_the_key_of_a_group_without_a_store(
+    cache: RedisCache,
+) -> None:
+    # Redis is the only copy of a `tiers: [local, redis]` group: nothing else would ever
+    # create its key, so the write-through does (capped at max_items, newest first).
+    await cache.write_through([_item("cacheonly", "u1", T0 + i, i) for i in range(3)])
+    await cache.write_through([_item("cacheonly", "u1", T0 + 5, 5)])
+    got = await _one(cache, "cacheonly", "u1")
+    assert [r.ts for r in got.records] == [T0 + 5, T0 + 2]
+    assert got.pttl is not None
 
 
 async def test_fill_then_write_through_appends_capped_and_sets_hard_ttl(cache: RedisCache) -> None:

@@ -38,6 +38,8 @@ GROUPS = """
 feature_groups:
   - {name: cache_latest, entity: user, kind: latest, tiers: [local, redis], write: through,
      features: [{name: v, type: string}, {name: n, type: int}]}
+  - {name: cache_series, entity: user, kind: timeseries, tiers: [local, redis],
+     write: through, features: [{name: v, type: string}, {name: n, type: int}]}
   - {name: all_latest, entity: user, kind: latest, tiers: [local, redis, store],
      write: through, features: [{name: v, type: string}, {name: n, type: int}]}
   - {name: all_series, entity: user, kind: timeseries, tiers: [local, redis, store],
@@ -47,7 +49,14 @@ feature_groups:
   - {name: around_latest, entity: user, kind: latest, tiers: [redis, store], write: around,
      features: [{name: v, type: string}, {name: n, type: int}]}
 """
-NAMES = ("cache_latest", "all_latest", "all_series", "store_series", "around_latest")
+NAMES = (
+    "cache_latest",
+    "cache_series",
+    "all_latest",
+    "all_series",
+    "store_series",
+    "around_latest",
+)
 RULES = "ingestion:\n" + "".join(
     f"  - {{name: to_{g}, topic: TOPIC, event_type: e, group: {g}, id: user_id,\n"
     "     features: {v: v, n: n}}\n"
@@ -238,10 +247,11 @@ def test_ingest_retry_backfill_and_load_write_the_same_items_to_the_same_tiers(
     assert in_store == {"all_latest", "all_series", "store_series", "around_latest"}
     series = [r for r in stores["ingest"] if r[0] == partition_key("store_series", "u1").encode()]
     assert len(series) == 4  # three events (one replayed: overwritten) and an older one
-    # ... Redis the write-through groups cached in Redis (a timeseries: only keys cached)
+    # ... Redis the write-through groups cached in Redis (a timeseries with a store: only
+    # keys cached; one without: every key, Redis is its only copy)
     cached = {k.decode().removeprefix("fp:").split("#")[0] for k in caches["ingest"]}
-    assert cached == {"cache_latest", "all_latest", "all_series"}
-    assert len(caches["ingest"]) == 2 * len(USERS) + 1
+    assert cached == {"cache_latest", "cache_series", "all_latest", "all_series"}
+    assert len(caches["ingest"]) == 3 * len(USERS) + 1
     seeded = caches["ingest"][b"fp:" + partition_key(*SEEDED).encode()]
     assert len(seeded) == 1 + 4  # the seed and u1's items
     latest = caches["ingest"][b"fp:" + partition_key("cache_latest", "u1").encode()]
