@@ -83,7 +83,11 @@ class Settings(BaseSettings):
     dynamodb_table: str = "featureplane"
     """DynamoDB table, created if missing."""
     dynamodb_endpoint: str | None = None
-    """DynamoDB endpoint URL; unset means AWS (region and credentials from AWS_* variables)."""
+    """DynamoDB endpoint URL; unset means AWS."""
+    dynamodb_region: str | None = None
+    """AWS region of the DynamoDB table; unset leaves it to the AWS SDK (AWS_DEFAULT_REGION,
+    the AWS config file), else us-east-1. Credentials always come from the SDK's chain
+    (variables, files, the pod's or instance's role)."""
     redis_url: SecretStr | None = None
     """redis://... or rediss://... of the Redis tier; unset means no Redis tier."""
     host: str = "127.0.0.1"

@@ -25,7 +25,11 @@ def _dynamodb(settings: Settings, catalog: Catalog, clock: Clock) -> Store:
     from featureplane.stores.dynamodb import DynamoStore
 
     return DynamoStore(
-        catalog, table=settings.dynamodb_table, endpoint_url=settings.dynamodb_endpoint, clock=clock
+        catalog,
+        table=settings.dynamodb_table,
+        endpoint_url=settings.dynamodb_endpoint,
+        region=settings.dynamodb_region,
+        clock=clock,
     )
 
 
