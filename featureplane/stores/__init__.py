@@ -12,7 +12,7 @@ from featureplane.stores.base import Clock, Query, Store, wall_clock_ms
 if TYPE_CHECKING:
     from featureplane.stores.redis_cache import RedisCache
 
-__all__ = ["Query", "Store", "open_cache", "open_redis", "open_store"]
+__all__ = ["Query", "Store", "open_cache", "open_store"]
 
 
 def _embedded(settings: Settings, catalog: Catalog, clock: Clock) -> Store:
@@ -56,4 +56,3 @@ def open_cache(
     return RedisCache(catalog, settings.redis_url.get_secret_value(), clock=clock)
 
 
-open_redis = open_cache  # the old name, until its callers move to open_cache
