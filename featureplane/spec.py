@@ -1,4 +1,4 @@
-"""The spec model: feature groups and ingestion rules (CONTRACT section 2).
+"""The spec model: feature groups and ingestion rules, as spec files declare them.
 
 `load_catalog(path)` reads one YAML file or a folder of them and returns a
 frozen `Catalog`, or raises `SpecError` listing every problem as

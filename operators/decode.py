@@ -1,4 +1,4 @@
-"""Decode and validate Kafka record values into events (CONTRACT section 1).
+"""Decode and validate Kafka record values into events: the envelope every event must have.
 
 A value that is not a UTF-8 JSON object with a string `event_id`, a string
 `event_type` and an integer `ts` (epoch ms) makes the record malformed: the

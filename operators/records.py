@@ -60,7 +60,7 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """A decoded event (CONTRACT section 1): required fields and the whole object."""
+    """A decoded event: the envelope fields every event has, and the whole object."""
 
     event_id: str
     event_type: str

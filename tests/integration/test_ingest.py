@@ -210,7 +210,7 @@ def own_redis(tmp_path: Path) -> Iterator[Service]:
 
 
 OUTAGE_S = 180.0
-"""Issue 8: Redis down for 3 minutes under ingest."""
+"""Redis down for 3 minutes under ingest."""
 
 
 @pytest.mark.slow

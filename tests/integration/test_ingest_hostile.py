@@ -1,4 +1,4 @@
-"""Hostile events against `featureplane ingest` and the real tansu broker (issue 8).
+"""Hostile events against `featureplane ingest` and a real tansu broker, one record at a time.
 
 Whatever a record holds (any size the broker takes, any nesting depth, any
 bytes), it is decided within seconds and affects only itself: the good
