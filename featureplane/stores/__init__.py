@@ -54,5 +54,3 @@ def open_cache(
     from featureplane.stores.redis_cache import RedisCache
 
     return RedisCache(catalog, settings.redis_url.get_secret_value(), clock=clock)
-
-
