@@ -231,7 +231,7 @@ EXPECTED: dict[str, list[str]] = {
         "load_catalog",
         "parse_duration",
     ],
-    "featureplane.stores": ["Query", "Store", "open_cache", "open_redis", "open_store"],
+    "featureplane.stores": ["Query", "Store", "open_cache", "open_store"],
     "featureplane.stores.base": [
         "Clock",
         "Query",
