@@ -1,1 +1,3 @@
 """Batch ingestion: backfill from Kafka time ranges, file loads, scheduled jobs."""
+
+__all__: list[str] = []

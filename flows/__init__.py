@@ -1,1 +1,3 @@
 """Stream ingestion dataflows (Bytewax): ingest and retry."""
+
+__all__: list[str] = []

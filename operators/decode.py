@@ -18,7 +18,7 @@ from featureplane.errors import MalformedError, quote
 from featureplane.keys import MAX_TS
 from featureplane.operators.records import Event, Work
 
-__all__ = ["MalformedError", "decode_event", "decode_works"]
+__all__ = ["decode_event", "decode_works"]
 
 
 def decode_event(value: bytes | None) -> Event:

@@ -37,6 +37,7 @@ print(json.dumps(out))
 EXPECTED: dict[str, list[str]] = {
     "featureplane": ["__version__"],
     "featureplane.backoff": ["backoff_ms"],
+    "featureplane.batch": [],
     "featureplane.batch.backfill": ["BackfillJob", "backfill", "run"],
     "featureplane.batch.load": ["LoadJob", "Reject", "item_of", "load", "run"],
     "featureplane.batch.progress": ["Progress"],
@@ -107,6 +108,8 @@ EXPECTED: dict[str, list[str]] = {
         "ValidationError",
         "quote",
     ],
+    "featureplane.examples": [],
+    "featureplane.flows": [],
     "featureplane.flows.dataflow": [
         "Built",
         "build",
@@ -144,7 +147,7 @@ EXPECTED: dict[str, list[str]] = {
     "featureplane.operators": [],
     "featureplane.operators.aggregate": ["Aggregator"],
     "featureplane.operators.commit": ["OffsetTracker"],
-    "featureplane.operators.decode": ["MalformedError", "decode_event", "decode_works"],
+    "featureplane.operators.decode": ["decode_event", "decode_works"],
     "featureplane.operators.dispatch": ["Dispatcher", "MISSING", "get_parts", "get_path"],
     "featureplane.operators.handoff": ["Delivery", "HandOff", "SMALL_MESSAGE", "abandon"],
     "featureplane.operators.kafka": [

@@ -56,3 +56,27 @@ def test_image_copies_every_folder_the_package_is_built_from() -> None:
         if line.startswith("COPY ") and "--from" not in line
     }
     assert folders <= copied, folders - copied
+
+
+def test_the_image_tag_is_the_package_version_and_set_in_one_place() -> None:
+    from importlib import metadata
+
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    [image] = [i for i in kust["images"] if i["name"] == "featureplane"]
+    assert image["newTag"] == metadata.version("featureplane")
+    images = [
+        c["image"]
+        for d in _docs()
+        for spec in _pod_specs(d)
+        for c in spec.get("containers", []) + spec.get("initContainers", [])
+    ]
+    assert images and all(i == "featureplane" for i in images), images
+
+
+def _pod_specs(doc: dict) -> list[dict]:
+    """Pod specs of a Deployment, Job or CronJob."""
+    spec = doc.get("spec", {})
+    if doc.get("kind") == "CronJob":
+        spec = spec.get("jobTemplate", {}).get("spec", {})
+    template = spec.get("template", {}).get("spec")
+    return [template] if template else []

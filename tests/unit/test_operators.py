@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featureplane.codec import Item
-from featureplane.errors import TransientStoreError
+from featureplane.errors import MalformedError, TransientStoreError
 from featureplane.operators.aggregate import Aggregator
 from featureplane.operators.commit import OffsetTracker
-from featureplane.operators.decode import MalformedError, decode_event, decode_works
+from featureplane.operators.decode import decode_event, decode_works
 from featureplane.operators.dispatch import MISSING, Dispatcher, get_path
 from featureplane.operators.metrics import IngestMetrics
 from featureplane.operators.pipeline import Pipeline, PipelineConfig, Worker
