@@ -10,16 +10,19 @@
     │   ├── TransientStoreError  ... and may succeed if retried (timeout, throttling, outage)
     │   └── NotStartedError      a store or cache used before `start()` or after `aclose()`
     ├── StartupError         a process cannot start: a port taken, a broker that does not
-    │                        answer, a binary missing (the message says what to change)
-    ├── OnDemandError        an on-demand group's function failed (serving/ondemand.py)
-    └── ApiError             an HTTP request the API refuses: status, code, message
-                             (serving/api.py)
+    │   │                    answer (the message says in one line what to change)
+    │   └── ServiceError         a local service (the embedded broker) missing or not
+    │                            starting (cli/broker.py)
+    ├── OnDemandError        an on-demand group's function failed: `.group`, `.message`
+    │                        (serving/ondemand.py)
+    └── ApiError             an HTTP request the API refuses: `.status`, `.code`,
+                             `.message` (serving/api.py)
 
-The exceptions of `serving/` subclass the root there: HTTP status codes are
-decided in `serving/`, never here. Every message that
-quotes user input quotes it through `quote`, so no input (1 MiB long, nested
-10,000 deep, any bytes) can make an error message large or raise while it
-is built.
+The last three are defined beside the code that raises them, under this
+root; HTTP status codes are decided in `serving/`, never here. Every message
+that quotes user input quotes it through `quote`, so no input (1 MiB long,
+nested 10,000 deep, any bytes) can make an error message large or raise while
+it is built.
 """
 
 from __future__ import annotations
