@@ -11,18 +11,20 @@
     │   └── NotStartedError      a store or cache used before `start()` or after `aclose()`
     ├── StartupError         a process cannot start: a port taken, a broker that does not
     │   │                    answer (the message says in one line what to change)
-    │   └── ServiceError         a local service (the embedded broker) missing or not
-    │                            starting (cli/broker.py)
+    │   ├── ServiceError         a local service (the embedded broker) missing or not
+    │   │                        starting (cli/broker.py)
+    │   └── BadSettingError      a flag or FEATUREPLANE_* variable whose value does not
+    │                            fit its setting (cli/flags.py)
     ├── OnDemandError        an on-demand group's function failed: `.group`, `.message`
     │                        (serving/ondemand.py)
     └── ApiError             an HTTP request the API refuses: `.status`, `.code`,
                              `.message` (serving/api.py)
 
-The last three are defined beside the code that raises them, under this
-root; HTTP status codes are decided in `serving/`, never here. Every message
-that quotes user input quotes it through `quote`, so no input (1 MiB long,
-nested 10,000 deep, any bytes) can make an error message large or raise while
-it is built.
+ServiceError, BadSettingError, OnDemandError and ApiError are defined beside
+the code that raises them, under this root; HTTP status codes are decided in
+`serving/`, never here. Every message that quotes user input quotes it
+through `quote`, so no input (1 MiB long, nested 10,000 deep, any bytes) can
+make an error message large or raise while it is built.
 """
 
 from __future__ import annotations
