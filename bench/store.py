@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import sys
 import tempfile
 import time
 import uuid
@@ -30,7 +31,11 @@ from featureplane.stores.dynamodb import DynamoStore
 from featureplane.stores.embedded import EmbeddedStore
 from featureplane.stores.redis import RedisStore
 from featureplane.stores.redis_layout import key_of, lex_range
-from tests.services import start_dynalite, start_redis
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the service launchers live beside the tests
+
+from tests.services import start_dynalite, start_redis  # noqa: E402
 
 CATALOG_YAML = """
 feature_groups:
