@@ -220,6 +220,7 @@ def build(
     else:
         group = options.retry_group or f"{settings.kafka_group}-retry"
         topics, convert = [retry_topic(t) for t in catalog.topics], _retry_message
+    metrics.initialize(kind, topics, catalog.topics)
     backoff = Backoff(options.backoff_base, options.backoff_cap)
 
     def partition(worker: int, workers: int) -> GroupPartition:

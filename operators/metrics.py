@@ -11,6 +11,7 @@ start-up error) and `FEATUREPLANE_METRICS_HOST`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -25,6 +26,12 @@ _FRESHNESS_BUCKETS = (
     *(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75),
     *(1, 1.5, 2, 3, 5, 10, 30, 60, 300, 3600),
 )
+
+
+_FAILURE_REASONS = ("malformed", "transient", "store_error", "timeout", "cache", "delivery")
+"""The `reason` label values of `featureplane_ingest_failures_total`."""
+_STEPS = ("decode", "dispatch", "aggregate", "write")
+"""The `step` label values of `featureplane_ingest_internal_errors_total`."""
 
 
 class IngestMetrics:
@@ -110,6 +117,27 @@ class IngestMetrics:
             buckets=_FRESHNESS_BUCKETS,
             registry=r,
         )
+
+    def initialize(
+        self, flow: str, read_topics: Iterable[str], event_topics: Iterable[str]
+    ) -> None:
+        """Create at zero the counters `flow` will count, before any record is read.
+
+        A counter that appears at its first increment is no increase to `rate()` or
+        `increase()`: the first dead letter would never fire an alert. `read_topics` are
+        the topics the flow consumes (event topics, or their retry topics), `event_topics`
+        the event topics that the DLQ and retry counters name.
+        """
+        for topic in read_topics:
+            self.records_in.labels(flow, topic)
+        for topic in event_topics:
+            for counter in (self.retries, self.dlq, self.dlq_truncated, self.cache_abandoned):
+                counter.labels(flow, topic)
+        for reason in _FAILURE_REASONS:
+            self.failures.labels(flow, reason)
+        for step in _STEPS:
+            self.internal_errors.labels(flow, step)
+        self.batch_write_seconds.labels(flow)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         """One sample's value (`name` as exposed, e.g. `..._total`), None when absent."""

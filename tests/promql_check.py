@@ -43,8 +43,9 @@ __all__ = [
 
 Known = dict[str, frozenset[str]]
 
-SCRAPE_LABELS = frozenset({"namespace", "pod", "job", "instance", "container"})
-"""Labels a Prometheus Operator scrape puts on every series of a pod's target."""
+SCRAPE_LABELS = frozenset({"namespace", "pod", "job", "instance", "container", "endpoint"})
+"""Labels a Prometheus Operator scrape puts on every series of a pod's target
+(a PodMonitor: `job` is `<namespace>/<PodMonitor name>`, `endpoint` the port name)."""
 
 EXTERNAL: Known = {
     # Written by Prometheus itself for every target.
