@@ -100,5 +100,8 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped by Prometheus from outside the pod
     """Address a dataflow's metrics listen on (`up` uses 127.0.0.1)."""
     token: SecretStr | None = None
+    redis_cluster: bool = False
+    """The Redis URL is a node of a Redis Cluster (ElastiCache cluster mode: give its
+    configuration endpoint); the client finds the other nodes from it."""
     """Bearer token the HTTP API requires; unset means none. A variable only, never a flag,
     so it stays out of `ps`."""

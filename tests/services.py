@@ -1,14 +1,21 @@
 """Start the local stand-ins for Redis, DynamoDB and S3 (and the broker) for tests and benches.
 
 Each service gets a free loopback port and its own directory; `stop()` ends
-it. Run `python -m tests.services` to start them by hand.
+it. `start_redis_cluster` starts a real Redis Cluster of three masters (no
+replicas) on loopback. Run `python -m tests.services` to start them by hand.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import redis
 
 from featureplane.cli.broker import (
     REPO,
@@ -22,6 +29,7 @@ from featureplane.cli.broker import (
 
 __all__ = [
     "REPO",
+    "RedisClusterService",
     "Service",
     "ServiceError",
     "find_binary",
@@ -29,13 +37,106 @@ __all__ = [
     "start_dynalite",
     "start_moto",
     "start_redis",
+    "start_redis_cluster",
     "start_tansu",
 ]
 
 
 def start_redis(port: int | None = None, workdir: Path | None = None) -> Service:
     port = port or free_port()
-    argv = [
+    return start_process("redis", _redis_argv(port), port, workdir, 20)
+
+
+@dataclass
+class RedisClusterService:
+    """A running Redis Cluster: one `Service` per master, in slot order."""
+
+    nodes: list[Service]
+    workdir: Path
+
+    @property
+    def address(self) -> str:
+        """One node's address: a cluster client finds the others from it."""
+        return self.nodes[0].address
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.address}/0"
+
+    def alive(self) -> bool:
+        return all(n.alive() for n in self.nodes)
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.kill()  # no data to save: SIGKILL ends each at once
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _redis_cli() -> str:
+    cli = Path(find_binary("redis-server")).with_name("redis-cli")
+    found = str(cli) if cli.exists() else shutil.which("redis-cli")
+    if found is None:
+        raise ServiceError("redis-cli not found; install it with: apt-get install -y redis-tools")
+    return found
+
+
+def start_redis_cluster(masters: int = 3, node_timeout_ms: int = 2000) -> RedisClusterService:
+    """`masters` cluster-enabled redis-servers joined by `redis-cli --cluster create`
+    (slots split evenly, no replicas), returned once every node says `cluster_state:ok`.
+
+    `node_timeout_ms` is how long a silent master takes to be marked failed (then, with
+    no replica to promote, the cluster answers CLUSTERDOWN). Each node's bus port is
+    picked free too (`--cluster-port`), not the default port + 10000, which may be taken
+    or past 65535.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="fp-redis-cluster-"))
+    cluster = RedisClusterService([], workdir)
+    try:
+        ports: set[int] = set()
+        while len(ports) < 2 * masters:
+            ports.add(free_port())
+        pairs = sorted(ports)
+        for port, bus in zip(pairs[:masters], pairs[masters:], strict=True):
+            wd = workdir / str(port)
+            argv = [
+                *_redis_argv(port),
+                *("--cluster-enabled", "yes", "--cluster-config-file", str(wd / "nodes.conf")),
+                *("--cluster-node-timeout", str(node_timeout_ms), "--cluster-port", str(bus)),
+            ]
+            cluster.nodes.append(start_process("redis-cluster", argv, port, wd, 20))
+        create = [_redis_cli(), "--cluster", "create", *(n.address for n in cluster.nodes)]
+        done = subprocess.run(
+            [*create, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise ServiceError(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
+        _wait_cluster_ok(cluster, time.monotonic() + 20)
+    except BaseException:
+        cluster.cleanup()
+        raise
+    return cluster
+
+
+def _wait_cluster_ok(cluster: RedisClusterService, deadline: float) -> None:
+    pending = list(cluster.nodes)
+    while pending:
+        node = pending[0]
+        with redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=1) as client:
+            info = client.cluster("INFO")
+        if info.get("cluster_state") == "ok" and int(info.get("cluster_slots_ok", 0)) == 16384:
+            pending.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            raise ServiceError(f"redis cluster node {node.address} not ok: {info}")
+        time.sleep(0.05)
+
+
+def _redis_argv(port: int) -> list[str]:
+    return [
         find_binary("redis-server"),
         "--port",
         str(port),
@@ -48,7 +149,6 @@ def start_redis(port: int | None = None, workdir: Path | None = None) -> Service
         "--protected-mode",
         "no",
     ]
-    return start_process("redis", argv, port, workdir, 20)
 
 
 def start_dynalite(port: int | None = None, workdir: Path | None = None) -> Service:
@@ -81,11 +181,14 @@ def start_moto(port: int | None = None) -> Service:
 
 if __name__ == "__main__":  # pragma: no cover - manual helper: python -m tests.services
     services = [start_redis(), start_dynalite(), start_tansu()]
+    cluster = start_redis_cluster()
     for s in services:
         print(f"{s.name}: {s.address} (log {s.log})")
+    print(f"redis cluster: {cluster.url} (logs under {cluster.workdir})")
     try:
         input("press Enter to stop\n")
     finally:
         for s in services:
             s.cleanup()
+        cluster.cleanup()
     sys.exit(0)

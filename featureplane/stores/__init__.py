@@ -48,9 +48,11 @@ def open_store(settings: Settings, catalog: Catalog, clock: Clock = wall_clock_m
 def open_cache(
     settings: Settings, catalog: Catalog, clock: Clock = wall_clock_ms
 ) -> RedisCache | None:
-    """The Redis cache tier (not started), or None when no Redis URL is configured."""
+    """The Redis cache tier (not started), or None when no Redis URL is configured; a
+    Redis Cluster client when `settings.redis_cluster`."""
     if settings.redis_url is None:
         return None
     from featureplane.stores.redis_cache import RedisCache
 
-    return RedisCache(catalog, settings.redis_url.get_secret_value(), clock=clock)
+    url = settings.redis_url.get_secret_value()
+    return RedisCache(catalog, url, clock=clock, cluster=settings.redis_cluster)

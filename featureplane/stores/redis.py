@@ -12,8 +12,9 @@ The layout is `stores.redis_layout`'s. On top of it, as a store:
                 arrival order.
 
 Writes run two Lua scripts, one call per key per batch, in one
-non-transactional pipeline (each script touches one key, so the layout also
-suits Redis Cluster). A replayed event removes its own version first and so
+non-transactional pipeline. Every command names one key, so under Redis
+Cluster (`cluster=True`) redis-py routes each to its slot's primary and sends
+the pipeline to every node at once. A replayed event removes its own version first and so
 overwrites itself. Reads are one pipelined round trip of GET and
 ZREVRANGEBYLEX over `base.window`, so expired items are hidden before Redis
 removes them.
@@ -30,16 +31,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from featureplane.codec import Item, Record
 from featureplane.keys import newest
 from featureplane.spec import Catalog
 from featureplane.stores import _redis_lua as lua
-from featureplane.stores._redis_conn import RedisConnection, first_error, translated
+from featureplane.stores._redis_conn import Client, RedisConnection, first_error, translated
 from featureplane.stores.base import Clock, Query, Store, oldest_kept, wall_clock_ms, window
 from featureplane.stores.redis_layout import (
     Call,
+    check_prefix,
     key_of,
     member_of,
     records_of,
@@ -61,13 +61,15 @@ class RedisStore(Store):
         *,
         clock: Clock = wall_clock_ms,
         prefix: str = "fp:",
-        client: aioredis.Redis | None = None,
+        client: Client | None = None,
+        cluster: bool = False,
     ) -> None:
-        """`client`: use this one (left open by `aclose`) instead of connecting to `url`."""
+        """`client`: use this one (left open by `aclose`) instead of connecting to `url`;
+        `cluster`: `url` is a node of a Redis Cluster."""
         super().__init__(catalog, clock)
         self.url = url
-        self.prefix = prefix
-        self.connection = RedisConnection(url, client, owner="RedisStore")
+        self.prefix = check_prefix(prefix)
+        self.connection = RedisConnection(url, client, owner="RedisStore", cluster=cluster)
 
     async def start(self) -> None:
         await self.connection.start()

@@ -18,6 +18,11 @@ It uses the layout and default prefix of `stores.redis_layout` (so
                 lives for the fill's negative TTL; every `write_through` of that
                 (group, id) deletes it.
 
+Under Redis Cluster (`cluster=True`) a (group, id)'s keys share one hash slot
+(`stores.redis_layout`), so every script call names keys of one slot: batched
+reads and write-throughs are split by slot, and the calls go out in one
+cluster pipeline, which redis-py sends to every node at once.
+
 Races between write-through and a background fill (which read the store
 earlier) can leave a cached value that misses a newer item; merging in `fill`
 narrows this to a fill that creates a key concurrently with a write-through
@@ -30,19 +35,20 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-import redis.asyncio as aioredis
-
 from featureplane.cache import Cached, CacheFill, CacheTier
 from featureplane.codec import Item
 from featureplane.keys import newest
 from featureplane.spec import Catalog, FeatureGroup
 from featureplane.stores import _redis_lua as lua
-from featureplane.stores._redis_conn import RedisConnection
+from featureplane.stores._redis_conn import Client, RedisConnection
 from featureplane.stores.base import Clock, cutoff, group_of, oldest_kept, wall_clock_ms
 from featureplane.stores.redis_layout import (
+    NEGATIVE_SUFFIX,
     THROUGH_KEYS,
     Call,
     ThroughEntry,
+    by_slot,
+    check_prefix,
     key_of,
     member_of,
     negative_key_of,
@@ -69,17 +75,19 @@ class RedisCache:
         *,
         clock: Clock = wall_clock_ms,
         prefix: str = "fp:",
-        client: aioredis.Redis | None = None,
+        client: Client | None = None,
         rand: Rand = random.random,
+        cluster: bool = False,
     ) -> None:
         """`clock` judges retention, `rand` draws the TTL jitter; `client`: use this one
-        (left open by `aclose`) instead of connecting to `url`."""
+        (left open by `aclose`) instead of connecting to `url`; `cluster`: `url` is a node
+        of a Redis Cluster."""
         self.catalog = catalog
         self.clock = clock
         self.rand = rand
         self.url = url
-        self.prefix = prefix
-        self.connection = RedisConnection(url, client, owner="RedisCache")
+        self.prefix = check_prefix(prefix)
+        self.connection = RedisConnection(url, client, owner="RedisCache", cluster=cluster)
 
     async def __aenter__(self) -> RedisCache:
         await self.start()
@@ -113,8 +121,7 @@ class RedisCache:
 
         One script call writes up to `THROUGH_KEYS` pairs (KEYS and ARGV flattened): the
         client's CPU per call, not Redis, bounded the per-key calls. Under Redis Cluster
-        (a `RedisCluster` client) the pairs are grouped by hash slot first, as a
-        multi-key script needs.
+        the pairs are grouped by hash slot first, as a multi-key script needs.
         """
         by_key: dict[tuple[str, str], list[Item]] = {}
         for item in items:
@@ -174,8 +181,9 @@ class RedisCache:
         """Every cached member, PTTL and negative marker of each (group, id): one round trip.
 
         One script call reads the whole batch: redis-py spends far more CPU per command
-        than Redis does, so 1 command beats a pipeline of 3 a pair. It is a multi-key
-        script; under Redis Cluster the batch would have to be split by hash slot.
+        than Redis does, so 1 command beats a pipeline of 3 a pair. Redis Cluster refuses
+        a script over keys of several slots, so there the batch becomes one call per slot,
+        all in one pipeline, and the answers are put back in request order.
         """
         if not keys:
             return []
@@ -184,21 +192,25 @@ class RedisCache:
         for group_name, entity_id in keys:
             group = group_of(self.catalog, group_name)
             names.append(key_of(self.prefix, group_name, entity_id))
-            names.append(negative_key_of(self.prefix, group_name, entity_id))
             kinds.append("l" if group.kind == "latest" else "t")
-        [results] = await self.connection.run([(lua.CACHE_READ_SHA, names, kinds)], "cache read")
-        out: list[Cached] = []
-        for i in range(0, len(results), 3):
-            value, pttl, neg = results[i : i + 3]
-            records = records_of(value or None)
-            out.append(
-                Cached(
+        slot_of = self.connection.slot_of()
+        runs = [list(range(len(keys)))] if slot_of is None else by_slot(names, slot_of)
+        calls: list[Call] = []
+        for run in runs:
+            pairs = [k for i in run for k in (names[i], names[i] + NEGATIVE_SUFFIX)]
+            calls.append((lua.CACHE_READ_SHA, pairs, [kinds[i] for i in run]))
+        replies = await self.connection.run(calls, "cache read")
+        out: dict[int, Cached] = {}
+        for run, results in zip(runs, replies, strict=True):
+            for i, j in zip(run, range(0, len(results), 3), strict=True):
+                value, pttl, neg = results[j : j + 3]
+                records = records_of(value or None)
+                out[i] = Cached(
                     records,
                     int(pttl) if records and pttl >= 0 else None,
                     int(neg) if neg >= 0 else None,
                 )
-            )
-        return out
+        return [out[i] for i in range(len(keys))]
 
 
 def _implements_the_protocol(cache: RedisCache) -> CacheTier:

@@ -1,6 +1,22 @@
 """How feature items sit in Redis: keys, members and script arguments, as pure functions.
 
-Every key is `prefix + keys.partition_key(group, id)`, UTF-8:
+Every key of one (group, id) is UTF-8 and carries `{group#id}` as its Redis
+Cluster hash tag, so a value key and its negative marker share one slot:
+
+    value       `prefix + "{" + keys.partition_key(group, id) + "}"`
+    negative    the value key + `":neg"`
+
+The marker *extends* the value key: Redis hashes what lies between a key's
+first `{` and the first `}` after it, and both sit in the part the two keys
+share, so the pair stays in one slot whatever braces the id or the prefix
+hold (an id with `}` shortens the tag for both keys alike). The one prefix
+refused is one whose first `{` is followed at once by `}`: that empty tag
+makes Redis hash each key whole. Value keys end in `}` and markers in `:neg`,
+so no key of one (group, id) is a key of another. The layout is the same for
+a standalone Redis and a cluster, so data moved from one to the other is read
+as written.
+
+The kinds of value:
 
     timeseries  a sorted set; every score is 0 and every member is
                 `version (26 bytes) + value`, so lexicographic order is time
@@ -9,8 +25,8 @@ Every key is `prefix + keys.partition_key(group, id)`, UTF-8:
                 `keys.version_bounds`.
     latest      a string `version (26 bytes) + value`, replaced only as
                 `keys.replaces` says.
-    negative    `prefix + "neg:" + group#id` marks "the store has nothing for
-                this (group, id)" (the cache tier only).
+    negative    an empty string: "the store has nothing for this (group, id)"
+                (the cache tier only).
 
 The store (`stores.redis.RedisStore`) and the cache tier
 (`stores.redis_cache.RedisCache`) share this layout and the default prefix,
@@ -28,10 +44,13 @@ from featureplane.keys import partition_key, version_bounds
 from featureplane.stores import _redis_lua as lua
 
 __all__ = [
+    "NEGATIVE_SUFFIX",
     "THROUGH_KEYS",
     "VERSION_LEN",
     "Call",
     "ThroughEntry",
+    "by_slot",
+    "check_prefix",
     "key_of",
     "lex_range",
     "member_of",
@@ -59,20 +78,32 @@ ThroughEntry = tuple[bytes | None, bytes | None, list[bytes | int | str]]
 marker key to delete (None: none), the value key's ARGV in `lua.CACHE_THROUGH_LUA`."""
 
 
+def check_prefix(prefix: str) -> str:
+    """`prefix`, or `ValidationError` when its hash tag would be empty (see the docstring)."""
+    first = prefix.find("{")
+    if first >= 0 and prefix[first + 1 : first + 2] == "}":
+        raise ValidationError(
+            f"redis key prefix {prefix!r}: an empty hash tag {{}} would spread one id's keys"
+            " over several Redis Cluster slots"
+        )
+    return prefix
+
+
 def key_of(prefix: str, group: str, entity_id: str) -> bytes:
     """The Redis key of one (group, id)."""
     try:
-        return (prefix + partition_key(group, entity_id)).encode("utf-8")
+        return (prefix + "{" + partition_key(group, entity_id) + "}").encode("utf-8")
     except UnicodeEncodeError:
         raise ValidationError(f"id {entity_id!r} is not valid unicode text") from None
 
 
-def negative_key_of(prefix: str, group: str, entity_id: str) -> bytes:
-    """The key of the negative marker of one (group, id).
+NEGATIVE_SUFFIX = b":neg"
+"""What a negative marker's key adds to its value key."""
 
-    Group names never contain ':', so `prefix + "neg:"...` cannot collide with a value key.
-    """
-    return key_of(prefix + "neg:", group, entity_id)
+
+def negative_key_of(prefix: str, group: str, entity_id: str) -> bytes:
+    """The key of the negative marker of one (group, id): its value key + `NEGATIVE_SUFFIX`."""
+    return key_of(prefix, group, entity_id) + NEGATIVE_SUFFIX
 
 
 def member_of(item: Item) -> bytes:
@@ -131,18 +162,25 @@ def through_call(entries: Sequence[ThroughEntry]) -> Call:
     return lua.CACHE_THROUGH_SHA, keys, args
 
 
+def by_slot(keys: Sequence[bytes], slot_of: Callable[[bytes], int]) -> list[list[int]]:
+    """Indexes of `keys` grouped by hash slot, each group in order, groups by first key."""
+    groups: dict[int, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(slot_of(key), []).append(i)
+    return list(groups.values())
+
+
 def through_chunks(
     entries: Sequence[ThroughEntry], size: int, slot_of: Callable[[bytes], int] | None
 ) -> list[list[ThroughEntry]]:
-    """Runs of at most `size` entries; with `slot_of` (a cluster), one slot per run."""
+    """Runs of at most `size` entries; with `slot_of` (a cluster), one slot per run (an
+    entry's value key and marker share their slot)."""
     if slot_of is None:
         return [list(entries[i : i + size]) for i in range(0, len(entries), size)]
-    # A value key and its marker differ before the id, so they usually sit in different
-    # slots: each becomes an entry of its own slot.
-    by_slot: dict[int, list[ThroughEntry]] = {}
-    for key, neg, args in entries:
-        if key is not None:
-            by_slot.setdefault(slot_of(key), []).append((key, None, args))
-        if neg is not None:
-            by_slot.setdefault(slot_of(neg), []).append((None, neg, []))
-    return [run[i : i + size] for run in by_slot.values() for i in range(0, len(run), size)]
+    runs: dict[int, list[ThroughEntry]] = {}
+    for entry in entries:
+        key = entry[0] if entry[0] is not None else entry[1]
+        if key is None:
+            raise ValueError("a write-through entry without a key")
+        runs.setdefault(slot_of(key), []).append(entry)
+    return [run[i : i + size] for run in runs.values() for i in range(0, len(run), size)]

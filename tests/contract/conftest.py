@@ -1,17 +1,23 @@
 """The fixtures of the contract suites: a store parametrised over every backend, and the
-cache tier on a real redis-server, all on an injected clock."""
+cache tier on a real redis-server and on a real 3-master Redis Cluster, all on an
+injected clock."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from featureplane.spec import Catalog, load_catalog
+from featureplane.stores._redis_conn import Client
 from featureplane.stores.base import Store
 from featureplane.stores.redis_cache import RedisCache
+from tests.services import RedisClusterService, ServiceError, start_redis_cluster
 
 CATALOG = load_catalog(Path(__file__).with_name("catalog.yaml"))
 CACHE_CATALOG = Catalog(
@@ -46,6 +52,16 @@ def _redis(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[Catalog,
     return lambda catalog, clock: RedisStore(catalog, url, clock=clock, prefix=prefix)
 
 
+def _redis_cluster(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Callable[[Catalog, FakeClock], Store]:
+    from featureplane.stores.redis import RedisStore
+
+    url = request.getfixturevalue("redis_cluster_url")
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    return lambda catalog, clock: RedisStore(catalog, url, clock=clock, prefix=prefix, cluster=True)
+
+
 def _dynamodb(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Callable[[Catalog, FakeClock], Store]:
@@ -58,7 +74,60 @@ def _dynamodb(
     )
 
 
-BACKENDS = {"embedded": _embedded, "redis": _redis, "dynamodb": _dynamodb}
+BACKENDS = {
+    "embedded": _embedded,
+    "redis": _redis,
+    "redis-cluster": _redis_cluster,
+    "dynamodb": _dynamodb,
+}
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_service() -> Iterator[RedisClusterService]:
+    """A 3-master Redis Cluster for this session (a missing binary fails, never skips)."""
+    try:
+        svc = start_redis_cluster()
+    except ServiceError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield svc
+    finally:
+        svc.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(redis_cluster_service: RedisClusterService) -> str:
+    return redis_cluster_service.url
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where the cache suite runs: a standalone redis-server or a Redis Cluster."""
+
+    url: str
+    cluster: bool
+
+    def client(self) -> Client:
+        """A plain client of the target, for a test to look at or tamper with keys."""
+        if self.cluster:
+            return RedisCluster.from_url(self.url)
+        return aioredis.Redis.from_url(self.url)
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_target(request: pytest.FixtureRequest) -> RedisTarget:
+    if request.param == "cluster":
+        return RedisTarget(request.getfixturevalue("redis_cluster_url"), cluster=True)
+    return RedisTarget(request.getfixturevalue("redis_url"), cluster=False)
+
+
+@pytest.fixture
+async def raw(redis_target: RedisTarget) -> AsyncIterator[Client]:
+    client = redis_target.client()
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture
@@ -106,10 +175,15 @@ def rand() -> FixedRand:
 
 
 @pytest.fixture
-def make_cache(redis_url: str) -> Callable[[Catalog, FakeClock, FixedRand], RedisCache]:
+def make_cache(redis_target: RedisTarget) -> Callable[[Catalog, FakeClock, FixedRand], RedisCache]:
     prefix = f"c{uuid.uuid4().hex[:8]}:"
     return lambda catalog, clock, rand: RedisCache(
-        catalog, redis_url, clock=clock, prefix=prefix, rand=rand
+        catalog,
+        redis_target.url,
+        clock=clock,
+        prefix=prefix,
+        rand=rand,
+        cluster=redis_target.cluster,
     )
 
 

@@ -1,5 +1,6 @@
 """The cache contract: the rules of the cache tier (`featureplane.cache.CacheTier`), pinned
-against `RedisCache` on a real redis-server with an injected clock and jitter draw.
+against `RedisCache` on a real redis-server and on a real 3-master Redis Cluster, with an
+injected clock and jitter draw.
 
 Rules: `fill` then `read_cached` gives back what the store answered; `write_through`
 appends only to timeseries keys that exist and never creates a partial one (but creates
@@ -16,14 +17,15 @@ import itertools
 from collections.abc import Callable
 
 import pytest
-import redis.asyncio as aioredis
 
 from featureplane.cache import Cached, CacheFill
 from featureplane.codec import Item, Record, make_item
 from featureplane.errors import NotStartedError, UnknownGroupError
 from featureplane.keys import version
 from featureplane.spec import Catalog
+from featureplane.stores._redis_conn import Client
 from featureplane.stores.redis_cache import RedisCache
+from featureplane.stores.redis_layout import key_of
 from featureplane.ttl import jittered
 from tests.contract.conftest import CACHE_CATALOG as CATALOG
 from tests.contract.conftest import FakeClock, FixedRand
@@ -197,15 +199,11 @@ async def test_every_write_lives_at_most_the_jittered_hard_ttl(
 
 
 async def test_an_older_latest_neither_lands_nor_extends_the_ttl(
-    cache: RedisCache, redis_url: str
+    cache: RedisCache, raw: Client
 ) -> None:
     new, old = _item("last", "u1", T0 + 1, 1), _item("last", "u1", T0, 0)
     await cache.write_through([new])
-    raw = aioredis.Redis.from_url(redis_url)
-    try:
-        await raw.pexpire(cache.prefix.encode() + b"last#u1", 1000)
-    finally:
-        await raw.aclose()
+    await raw.pexpire(key_of(cache.prefix, "last", "u1"), 1000)
     await cache.write_through([old])
     await cache.fill([CacheFill("last", "u1", [_rec(old)])])
     got = await _one(cache, "last", "u1")
@@ -265,16 +263,13 @@ async def test_use_before_start_or_after_close_is_not_started(
         await cache.aclose()
 
 
-async def test_scripts_are_reloaded_after_a_flush(cache: RedisCache, redis_url: str) -> None:
-    raw = aioredis.Redis.from_url(redis_url)
+async def test_scripts_are_reloaded_after_a_flush(cache: RedisCache, raw: Client) -> None:
+    # under a cluster, SCRIPT FLUSH goes to every primary
     item = _item("last", "u1", T0, 1)
-    try:
-        await raw.script_flush()
-        await cache.write_through([item])
-        await raw.script_flush()
-        await cache.fill([CacheFill("last", "u2", [_rec(item)]), CacheFill("last", "u3", [])])
-        await raw.script_flush()
-        got = await cache.read_cached([("last", "u1"), ("last", "u2"), ("last", "u3")])
-    finally:
-        await raw.aclose()
+    await raw.script_flush()
+    await cache.write_through([item])
+    await raw.script_flush()
+    await cache.fill([CacheFill("last", "u2", [_rec(item)]), CacheFill("last", "u3", [])])
+    await raw.script_flush()
+    got = await cache.read_cached([("last", "u1"), ("last", "u2"), ("last", "u3")])
     assert [len(c.records) for c in got] == [1, 1, 0] and got[2].negative_pttl is not None

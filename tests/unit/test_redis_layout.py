@@ -1,10 +1,14 @@
-"""The pure layout functions of the Redis tier: members, bounds and batch planning."""
+"""The pure layout functions of the Redis tier: keys and their hash slots, members, bounds
+and batch planning."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.crc import key_slot
 from redis.exceptions import DataError
 
 from featureplane.codec import make_item
@@ -14,9 +18,12 @@ from featureplane.spec import load_catalog
 from featureplane.stores._redis_conn import c_packing
 from featureplane.stores.redis_layout import (
     VERSION_LEN,
+    by_slot,
+    check_prefix,
     key_of,
     lex_range,
     member_of,
+    negative_key_of,
     record_of,
     records_of,
     stored_of,
@@ -43,10 +50,60 @@ def test_member_round_trips_to_a_record() -> None:
     assert records_of(member_of(item)) == [record] == records_of([member_of(item)])
 
 
-def test_keys_are_utf8_and_bad_text_is_rejected() -> None:
-    assert key_of("fp:", "g", "ü#1") == "fp:g#ü#1".encode()
+def test_keys_are_utf8_tagged_and_bad_text_is_rejected() -> None:
+    assert key_of("fp:", "g", "ü#1") == "fp:{g#ü#1}".encode()
+    assert negative_key_of("fp:", "g", "ü#1") == "fp:{g#ü#1}:neg".encode()
     with pytest.raises(ValidationError):
         key_of("fp:", "g", "\ud800")
+
+
+BRACES = st.text(alphabet=st.sampled_from("{}#:ab\u00e9\U0001f600"), max_size=12)
+"""Text made mostly of the characters that decide a hash tag."""
+IDS = st.one_of(BRACES, st.text(max_size=40).filter(lambda t: t.encode("utf-8", "replace")))
+GROUPS = st.from_regex(r"[A-Za-z0-9_]{1,20}", fullmatch=True)
+
+
+def _tagged(prefix: str) -> bool:
+    """False for the prefixes `check_prefix` refuses (an empty tag at the first `{`)."""
+    first = prefix.find("{")
+    return not (first >= 0 and prefix[first + 1 : first + 2] == "}")
+
+
+@given(prefix=BRACES.filter(_tagged), group=GROUPS, entity_id=IDS)
+def test_a_pairs_keys_share_their_slot_whatever_braces_they_hold(
+    prefix: str, group: str, entity_id: str
+) -> None:
+    try:
+        key = key_of(prefix, group, entity_id)
+    except ValidationError:  # not valid unicode: refused before any slot matters
+        return
+    assert key_slot(key) == key_slot(negative_key_of(prefix, group, entity_id))
+    assert key != negative_key_of(prefix, group, entity_id)
+
+
+@given(prefix=BRACES.filter(_tagged), group=GROUPS, a=IDS, b=IDS)
+def test_no_two_pairs_share_a_key(prefix: str, group: str, a: str, b: str) -> None:
+    try:
+        keys_a = {key_of(prefix, group, a), negative_key_of(prefix, group, a)}
+        keys_b = {key_of(prefix, group, b), negative_key_of(prefix, group, b)}
+    except ValidationError:
+        return
+    assert (keys_a == keys_b) == (a == b) and (a == b or not keys_a & keys_b)
+
+
+def test_plain_ids_spread_over_slots_and_a_prefix_with_an_empty_tag_is_refused() -> None:
+    # the tag is the (group, id), not the prefix: ids land on many slots
+    assert len({key_slot(key_of("fp:", "g", f"u{i}")) for i in range(100)}) > 90
+    assert check_prefix("a{b}:") == "a{b}:"  # legal, though it puts every key in one slot
+    for bad in ("{}", "x{}y:", "x{}{y}"):
+        with pytest.raises(ValidationError, match="empty hash tag"):
+            check_prefix(bad)
+
+
+def test_by_slot_groups_indexes_in_order() -> None:
+    keys = [b"a", b"b", b"c", b"d", b"e"]
+    assert by_slot(keys, lambda k: k[0] % 2) == [[0, 2, 4], [1, 3]]
+    assert by_slot([], key_slot) == []
 
 
 def test_lex_range_is_inclusive_at_both_ends() -> None:
@@ -76,19 +133,24 @@ def test_latest_winner_is_the_greatest_version_whatever_the_order() -> None:
 
 
 def test_through_chunks_cap_size_and_keep_one_slot_per_call() -> None:
-    entries = [(f"k{i}".encode(), f"n{i}".encode(), [b"l", 1, b"m"]) for i in range(10)]
+    entries = [
+        (key_of("fp:", "g", f"u{i}"), negative_key_of("fp:", "g", f"u{i}"), [b"l", 1, b"m"])
+        for i in range(10)
+    ]
+    entries.append((None, negative_key_of("fp:", "g", "u0"), []))  # only clears a marker
     plain = through_chunks(entries, 4, None)
-    assert [len(c) for c in plain] == [4, 4, 2] and [e for c in plain for e in c] == entries
-    # under a cluster, value keys and markers go to the call of their own slot
-    cluster = through_chunks(entries, 3, lambda key: key[-1] % 2)
+    assert [len(c) for c in plain] == [4, 4, 3] and [e for c in plain for e in c] == entries
+    # under a cluster an entry stays whole (its keys share a slot), one slot per call
+    cluster = through_chunks(entries, 3, key_slot)
     for chunk in cluster:
         assert len(chunk) <= 3
-        assert len({k[-1] % 2 for key, neg, _ in chunk for k in (key, neg) if k}) == 1
+        assert len({key_slot(k) for key, neg, _ in chunk for k in (key, neg) if k}) == 1
+    assert sorted(map(repr, (e for c in cluster for e in c))) == sorted(map(repr, entries))
     _, keys, args = through_call(cluster[0])
-    assert len(keys) == 3 and args[0] == sum(1 for key, _, _ in cluster[0] if key is not None)
-    assert sorted(k for c in cluster for key, neg, _ in c for k in (key, neg) if k) == sorted(
-        k for key, neg, _ in entries for k in (key, neg)
-    )
+    assert len(keys) == sum(k is not None for e in cluster[0] for k in e[:2])
+    assert args[0] == sum(1 for key, _, _ in cluster[0] if key is not None)
+    with pytest.raises(ValueError, match="without a key"):
+        through_chunks([(None, None, [])], 3, key_slot)
 
 
 def test_through_call_puts_value_keys_before_markers() -> None:
