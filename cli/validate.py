@@ -10,16 +10,19 @@ import sys
 from pathlib import Path
 
 from featureplane.errors import SpecError
-from featureplane.spec import load_catalog
+from featureplane.spec import SpecNotFoundError, load_catalog
 
 __all__ = ["run"]
 
 
 def run(path: Path) -> int:
     """0 when the catalog at `path` is valid; else 1, each problem printed as
-    `file:line: field: message`."""
+    `file:line: field: message`. A path with no spec raises `SpecNotFoundError`, whose
+    message every command prints the same way."""
     try:
         catalog = load_catalog(path)
+    except SpecNotFoundError:
+        raise
     except SpecError as exc:
         for problem in exc.problems:
             print(problem)

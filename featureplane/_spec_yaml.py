@@ -1,8 +1,9 @@
 """Reading one spec file as YAML, in bounded time and memory whatever it holds.
 
-`read_yaml(file)` returns the document and the line of every mapping key and
-list item, or raises `SpecError` with one problem located at the line where
-reading stopped. A spec is small and shallow (a group is ~30 nodes, 6 levels
+`read_yaml(file)` returns the document, the line of every mapping key and
+list item, and the problems that do not stop the reading (a duplicate key),
+or raises `SpecError` with one problem located at the line where reading
+stopped. A spec is small and shallow (a group is ~30 nodes, 6 levels
 deep), so the limits below refuse only hostile or broken files, before they
 cost anything: PyYAML alone spent 3 GB and then raised MemoryError on a
 billion-laughs alias bomb, and RecursionError on 5,000-deep nesting.
@@ -17,6 +18,7 @@ after a few hundred events. Only PyYAML's safe constructor runs (no
 from __future__ import annotations
 
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from yaml.resolver import Resolver
 
 from featureplane.errors import SpecError, SpecProblem, quote
 
-__all__ = ["MAX_DEPTH", "MAX_FILE_BYTES", "MAX_NODES", "read_yaml"]
+__all__ = ["MAX_DEPTH", "MAX_FILE_BYTES", "MAX_NODES", "Document", "field_of", "read_yaml"]
 
 MAX_FILE_BYTES = 4 << 20
 """A larger spec file is refused unread (a group takes ~300 bytes)."""
@@ -58,6 +60,7 @@ class _Loader(Composer, CParser, SafeConstructor, Resolver):
         self.level = 0  # of the node being composed; the root is 1
         self.deepest = 0  # deepest level reached under the node being composed
         self.shapes: dict[str, tuple[int, int]] = {}  # anchor -> (nodes, height), once composed
+        self.duplicates: dict[int, list[tuple[ScalarNode, int]]] = {}  # id(mapping) -> keys
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         event: Any = self.peek_event()
@@ -94,14 +97,17 @@ class _Loader(Composer, CParser, SafeConstructor, Resolver):
     def compose_mapping_node(self, anchor: Any) -> MappingNode:
         node = super().compose_mapping_node(anchor)
         seen: dict[tuple[str, str], int] = {}  # (tag, text) -> line
-        for key, _ in node.value:
+        kept, dropped = [], []
+        for key, value in node.value:
             if isinstance(key, ScalarNode):
                 if (first := seen.get((key.tag, key.value))) is not None:
-                    raise _Refused(
-                        f"duplicate key {quote(key.value)} (first at line {first})",
-                        key.start_mark,
-                    )
+                    dropped.append((key, first))
+                    continue
                 seen[key.tag, key.value] = key.start_mark.line + 1
+            kept.append((key, value))
+        if dropped:  # the first one counts; the others are reported where the walk finds them
+            node.value = kept
+            self.duplicates[id(node)] = dropped
         return node
 
     def construct_object(self, node: Node, deep: bool = False) -> Any:
@@ -117,8 +123,24 @@ class _Loader(Composer, CParser, SafeConstructor, Resolver):
             raise _Refused(f"not a valid {tag}{detail}", node.start_mark) from None
 
 
-def read_yaml(file: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
-    """Parse one YAML file and record the line (1-based) of every mapping key and list item."""
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One spec file as read: its data, where each part is, and what reading found wrong."""
+
+    data: Any
+    """The document's value, None for an empty file."""
+    lines: dict[tuple[Any, ...], int]
+    """Path in the document (keys and list indexes) -> its line, 1-based."""
+    problems: list[SpecProblem]
+    """Problems that did not stop the reading (a duplicate key: the first one counts)."""
+
+
+def read_yaml(file: Path) -> Document:
+    """Parse one YAML file and record the line (1-based) of every mapping key and list item.
+
+    A problem that leaves the document's meaning clear (a duplicate key) is returned with it;
+    one that does not (bad syntax, a budget exceeded) raises `SpecError`.
+    """
     name = str(file)
     text = _read_text(file)
     loader = _Loader(text)
@@ -130,11 +152,17 @@ def read_yaml(file: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
     finally:
         loader.dispose()
     if node is None:
-        return None, {}
+        return Document(None, {}, [])
     lines: dict[tuple[Any, ...], int] = {(): node.start_mark.line + 1}
+    problems: list[SpecProblem] = []
 
     def walk(n: Node, path: tuple[Any, ...]) -> None:  # depth <= MAX_DEPTH
         if isinstance(n, MappingNode):
+            # Popped: a mapping reached again through an alias is reported once.
+            for k, first in loader.duplicates.pop(id(n), ()):
+                where = field_of((*path, k.value))
+                message = f"duplicate key (first at line {first})"
+                problems.append(SpecProblem(name, k.start_mark.line + 1, where, message))
             for k, v in n.value:
                 key = (*path, k.value if isinstance(k, ScalarNode) else None)
                 lines[key] = k.start_mark.line + 1
@@ -145,7 +173,21 @@ def read_yaml(file: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
                 walk(v, (*path, i))
 
     walk(node, ())
-    return data, lines
+    return Document(data, lines, problems)
+
+
+def field_of(path: tuple[Any, ...]) -> str:
+    """A path in a document as a problem names it: `feature_groups[0].ttl.soft`, `-` for none.
+
+    Keys are quoted when they are not short text: a key can be anything (100 KB long, a
+    list), and a problem line stays short whatever the file holds.
+    """
+    out = ""
+    for part in path:
+        if not isinstance(part, int):
+            part = part if isinstance(part, str) and len(part) <= 60 else quote(part, 60)
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "-"
 
 
 def _read_text(file: Path) -> str:

@@ -9,16 +9,20 @@ too, found in bounded time and memory.
 
 from __future__ import annotations
 
+import difflib
 import re
+import typing
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator
+from pydantic_core import PydanticCustomError
 
-from featureplane._spec_yaml import read_yaml
+from featureplane._spec_yaml import field_of, read_yaml
 from featureplane.errors import SpecError, SpecProblem, quote
 from featureplane.types import FeatureType, parse_type
 
@@ -28,6 +32,7 @@ __all__ = [
     "Feature",
     "FeatureGroup",
     "IngestionRule",
+    "SpecNotFoundError",
     "load_catalog",
     "parse_duration",
 ]
@@ -36,6 +41,7 @@ NAME = r"[A-Za-z0-9_]{1,128}"
 _DURATION = re.compile(r"(\d+)(ms|s|m|h|d)")
 _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _ON_DEMAND = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_DUPLICATE_FEATURE = "duplicate_feature"
 
 
 def parse_duration(value: Any) -> int:
@@ -124,8 +130,10 @@ class FeatureGroup(_Model):
     @pydantic.field_validator("features")
     @classmethod
     def _unique_features(cls, features: tuple[Feature, ...]) -> tuple[Feature, ...]:
-        if dup := _duplicate([f.name for f in features]):
-            raise ValueError(f"duplicate feature name {dup[1]!r}")
+        names = [f.name for f in features]
+        if len(set(names)) != len(names):
+            # A type of its own: the loader reports each repeat at its own line instead.
+            raise PydanticCustomError(_DUPLICATE_FEATURE, "duplicate feature names")
         return features
 
     @pydantic.field_validator("tiers")
@@ -178,77 +186,148 @@ class Catalog(_Model):
 # ---------------------------------------------------------------- loading
 
 
+class SpecNotFoundError(SpecError):
+    """The spec path names no file or folder, or a folder without spec files."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__([SpecProblem(str(path), 0, "-", reason)])
+        self.path = path
+        where = "" if path.is_absolute() else f" ({path.absolute()})"
+        self.message = (
+            f"no spec at {path}{where}: {reason}.\n"
+            "A spec is a YAML file, or a folder of them, declaring feature groups and "
+            "ingestion rules.\nPoint --spec or FEATUREPLANE_SPEC at yours "
+            "(`featureplane validate PATH` checks it),\nor try `featureplane up --demo`, "
+            "which runs on the example catalog."
+        )
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def load_catalog(path: str | Path) -> Catalog:
-    """Load a YAML file or a folder of `*.yaml`/`*.yml` files; raise `SpecError`."""
-    path = Path(path)
+    """Load a YAML file or a folder of `*.yaml`/`*.yml` files.
+
+    Raises `SpecNotFoundError` when there is nothing to read, else `SpecError` with every
+    problem of every file: each group and rule is checked, and checked against the others,
+    even when some fail, but a problem is reported once, not again as the problems it causes.
+    """
+    problems: list[SpecProblem] = []
+    groups: list[_Entry] = []
+    rules: list[_Entry] = []
+    for file in _spec_files(Path(path)):
+        for entry in _parse_file(file, problems):
+            (groups if entry.model_type is FeatureGroup else rules).append(entry)
+    known = _check_groups(groups, problems)
+    _check_rules(rules, known, problems)
+    if problems:
+        raise SpecError(sorted(problems, key=lambda p: (p.file, p.line)))
+    return Catalog(
+        groups={g.model.name: g.model for g in groups if isinstance(g.model, FeatureGroup)},
+        rules=tuple(r.model for r in rules if isinstance(r.model, IngestionRule)),
+    )
+
+
+def _spec_files(path: Path) -> list[Path]:
     if path.is_dir():
         # rglob does not follow symlinked folders, so a symlink loop cannot make it endless.
         files = sorted(
             p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and not p.is_dir()
         )
         if not files:
-            raise SpecError([SpecProblem(str(path), 0, "-", "no .yaml or .yml files")])
-    elif path.exists():
-        files = [path]
-    else:
-        raise SpecError([SpecProblem(str(path), 0, "-", "no such file or folder")])
+            raise SpecNotFoundError(path, "a folder with no .yaml or .yml files")
+        return files
+    if path.exists() or path.is_symlink():  # a dangling symlink: a problem of its own
+        return [path]
+    raise SpecNotFoundError(path, "no such file or folder")
 
-    problems: list[SpecProblem] = []
-    invalid: set[Any] = set()  # names of groups that failed validation
-    groups: dict[str, tuple[FeatureGroup, _Loc]] = {}
-    rules: list[tuple[IngestionRule, _Loc]] = []
-    for file in files:
-        for obj, loc in _parse_file(file, problems, invalid):
-            if isinstance(obj, FeatureGroup):
-                if obj.name in groups:
-                    first = groups[obj.name][1]
-                    problems.append(
-                        loc.problem(
-                            ("name",),
-                            f"duplicate group {obj.name!r} "
-                            f"(first at {first.file}:{first.line(())})",
-                        )
-                    )
-                else:
-                    groups[obj.name] = (obj, loc)
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One group or rule as declared, valid or not: what the checks across entries need.
+
+    For an entry that failed validation the fields come from what it holds, where they are
+    well formed (None where not), so that its other problems are still found."""
+
+    model_type: type[FeatureGroup] | type[IngestionRule]
+    loc: _Loc
+    model: FeatureGroup | IngestionRule | None
+    """None when the entry failed validation."""
+    name: str | None
+    features: tuple[str, ...] | None
+    """A group's feature names, a rule's feature keys; None when they cannot be told."""
+    group: str | None = None
+    """A rule's group."""
+    on_demand: bool = False
+    """A group computed per request."""
+
+
+def _check_groups(groups: list[_Entry], problems: list[SpecProblem]) -> dict[str, _Entry]:
+    """Group name -> its first declaration; each later one is a duplicate."""
+    known: dict[str, _Entry] = {}
+    for entry in groups:
+        if entry.name is None:
+            continue
+        if (first := known.get(entry.name)) is not None:
+            where = f"first at {first.loc.file}:{first.loc.line(())}"
+            problems.append(
+                entry.loc.problem(("name",), f"duplicate group {_q(entry.name)} ({where})")
+            )
+        else:
+            known[entry.name] = entry
+    return known
+
+
+def _check_rules(
+    rules: list[_Entry], groups: Mapping[str, _Entry], problems: list[SpecProblem]
+) -> None:
+    names: dict[str, _Entry] = {}
+    for rule in rules:
+        if rule.name is not None:
+            if (first := names.get(rule.name)) is not None:
+                where = f"first at {first.loc.file}:{first.loc.line(())}"
+                problems.append(
+                    rule.loc.problem(("name",), f"duplicate rule {_q(rule.name)} ({where})")
+                )
             else:
-                rules.append((obj, loc))
+                names[rule.name] = rule
+        if rule.group is None:
+            continue
+        group = groups.get(rule.group)
+        if group is None:
+            hint = _did_you_mean(rule.group, groups)
+            problems.append(rule.loc.problem(("group",), f"unknown group {_q(rule.group)}{hint}"))
+            continue
+        if group.on_demand:
+            problems.append(
+                rule.loc.problem(
+                    ("group",), f"group {_q(rule.group)} is on-demand and cannot be ingested"
+                )
+            )
+        if group.features is None or rule.features is None:
+            continue  # a problem of the group's or the rule's own, reported there
+        for name in rule.features:
+            if name not in group.features:
+                hint = _did_you_mean(name, group.features)
+                problems.append(
+                    rule.loc.problem(
+                        ("features", name),
+                        f"group {_q(rule.group)} has no feature {_q(name)}{hint}",
+                    )
+                )
 
-    names: set[str] = set()
-    for rule, loc in rules:
-        if rule.name in names:
-            problems.append(loc.problem(("name",), f"duplicate rule {rule.name!r}"))
-        names.add(rule.name)
-        if rule.group not in invalid:
-            problems.extend(_check_rule(rule, groups, loc))
 
-    if problems:
-        raise SpecError(sorted(problems, key=lambda p: (p.file, p.line)))
-    return Catalog(groups={n: g for n, (g, _) in groups.items()}, rules=tuple(r for r, _ in rules))
+def _did_you_mean(word: Any, choices: Iterator[str] | Mapping[str, Any] | tuple[str, ...]) -> str:
+    """` (did you mean 'x'?)` for the choice closest to `word`, if one is close; else ``."""
+    if not isinstance(word, str) or len(word) > 128:
+        return ""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _duplicate(names: list[Any]) -> tuple[int, Any] | None:
-    """(index, name) of the first name seen twice, or None."""
-    seen: set[Any] = set()
-    for i, name in enumerate(names):
-        if name in seen:
-            return i, name
-        seen.add(name)
-    return None
-
-
-def _check_rule(
-    rule: IngestionRule, groups: Mapping[str, tuple[FeatureGroup, _Loc]], loc: _Loc
-) -> Iterator[SpecProblem]:
-    if rule.group not in groups:
-        yield loc.problem(("group",), f"unknown group {rule.group!r}")
-        return
-    group = groups[rule.group][0]
-    if group.on_demand:
-        yield loc.problem(("group",), f"group {group.name!r} is on-demand and cannot be ingested")
-    for name in rule.features:
-        if name not in group.index:
-            yield loc.problem(("features", name), f"group {group.name!r} has no feature {name!r}")
+def _q(name: str) -> str:
+    """A name for a message: as written when it fits a name's length, else cut short."""
+    return repr(name) if len(name) <= 128 else quote(name)
 
 
 class _Loc:
@@ -264,16 +343,7 @@ class _Loc:
         return self.lines.get(path, 1)
 
     def problem(self, sub: tuple[Any, ...], message: str) -> SpecProblem:
-        return SpecProblem(self.file, self.line(sub), _field(self.prefix + sub), message)
-
-
-def _field(path: tuple[Any, ...]) -> str:
-    out = ""
-    for part in path:
-        if not isinstance(part, int):  # a key of the spec's own: any length
-            part = part if isinstance(part, str) and len(part) <= 60 else quote(part, 60)
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out or "-"
+        return SpecProblem(self.file, self.line(sub), field_of(self.prefix + sub), message)
 
 
 _SECTIONS: dict[str, type[FeatureGroup] | type[IngestionRule]] = {
@@ -282,15 +352,15 @@ _SECTIONS: dict[str, type[FeatureGroup] | type[IngestionRule]] = {
 }
 
 
-def _parse_file(
-    file: Path, problems: list[SpecProblem], invalid: set[Any]
-) -> Iterator[tuple[FeatureGroup | IngestionRule, _Loc]]:
+def _parse_file(file: Path, problems: list[SpecProblem]) -> Iterator[_Entry]:
     name = str(file)
     try:
-        data, lines = read_yaml(file)
+        doc = read_yaml(file)
     except SpecError as exc:
         problems.extend(exc.problems)
         return
+    problems.extend(doc.problems)
+    data, lines = doc.data, doc.lines
     if data is None:
         return
     if not isinstance(data, dict):
@@ -300,44 +370,127 @@ def _parse_file(
         return
     for key in data:
         if key not in _SECTIONS:
-            problems.append(
-                SpecProblem(
-                    name,
-                    lines.get((key,), 1),
-                    _field((key,)),
-                    "unknown section (expected feature_groups or ingestion)",
-                )
-            )
+            hint = _did_you_mean(key, _SECTIONS) or " (expected feature_groups or ingestion)"
+            line = lines.get((key,), 1)
+            problems.append(SpecProblem(name, line, field_of((key,)), "unknown section" + hint))
     for section, model in _SECTIONS.items():
         entries = data.get(section) or []
         if not isinstance(entries, list):
             problems.append(SpecProblem(name, lines.get((section,), 1), section, "must be a list"))
             continue
-        for i, entry in enumerate(entries):
+        for i, raw in enumerate(entries):
             loc = _Loc(name, (section, i), lines)
             try:
-                yield model.model_validate(entry), loc
+                yield _valid_entry(model.model_validate(raw), loc)
             except pydantic.ValidationError as exc:
-                if model is FeatureGroup and isinstance(entry, dict):
-                    invalid.add(_hashable(entry.get("name")))
-                    problems.extend(_raw_duplicate_features(entry, loc))
-                errors = exc.errors()
-                for err in errors:
-                    if err["type"] == "too_short" and any(
-                        e["loc"][: len(err["loc"])] == err["loc"] and e is not err for e in errors
-                    ):
-                        continue  # "too short" only because its entries failed
-                    problems.append(loc.problem(tuple(err["loc"]), _message(err)))
+                renamed = _report(model, exc, loc, problems)
+                if isinstance(raw, dict):
+                    yield _raw_entry(model, raw, renamed, loc, problems)
 
 
-def _raw_duplicate_features(entry: dict[str, Any], loc: _Loc) -> Iterator[SpecProblem]:
-    """Duplicate feature names, found even when other parts of the group fail to parse."""
-    features = entry.get("features")
+def _valid_entry(model: FeatureGroup | IngestionRule, loc: _Loc) -> _Entry:
+    if isinstance(model, FeatureGroup):
+        names = tuple(f.name for f in model.features)
+        return _Entry(FeatureGroup, loc, model, model.name, names, None, bool(model.on_demand))
+    return _Entry(IngestionRule, loc, model, model.name, tuple(model.features), model.group)
+
+
+def _raw_entry(
+    model: type[FeatureGroup] | type[IngestionRule],
+    raw: dict[Any, Any],
+    renamed: dict[tuple[Any, ...], Any],
+    loc: _Loc,
+    problems: list[SpecProblem],
+) -> _Entry:
+    """An entry that failed validation, from what it holds (a misspelled key read as the
+    field it stands for), so that the checks across entries still see it."""
+
+    def get(mapping: dict[Any, Any], path: tuple[Any, ...]) -> Any:
+        if path[-1] in mapping or path not in renamed:
+            return mapping.get(path[-1])
+        return mapping.get(renamed[path])
+
+    def text(value: Any) -> str | None:
+        return value if isinstance(value, str) and value else None
+
+    features = get(raw, ("features",))
+    if model is IngestionRule:
+        keys = None
+        if isinstance(features, dict) and all(isinstance(k, str) for k in features):
+            keys = tuple(features)
+        return _Entry(model, loc, None, text(get(raw, ("name",))), keys, text(get(raw, ("group",))))
+    names = None
     if isinstance(features, list):
-        names = [_hashable(f.get("name")) if isinstance(f, dict) else None for f in features]
-        if (dup := _duplicate([n for n in names if n is not None])) is not None:
-            i = [k for k, n in enumerate(names) if n == dup[1]][1]
-            yield loc.problem(("features", i, "name"), f"duplicate feature name {quote(dup[1])}")
+        found = [
+            text(get(f, ("features", i, "name"))) if isinstance(f, dict) else None
+            for i, f in enumerate(features)
+        ]
+        seen: set[str] = set()
+        for i, n in enumerate(found):
+            if n in seen:
+                message = f"duplicate feature name {_q(n)}"
+                problems.append(loc.problem(("features", i, "name"), message))
+            elif n is not None:
+                seen.add(n)
+        if None not in found:  # else a rule's feature might be the one that cannot be read
+            names = tuple(n for n in found if n is not None)
+    on_demand = bool(text(get(raw, ("on_demand",))))
+    return _Entry(model, loc, None, text(get(raw, ("name",))), names, None, on_demand)
+
+
+def _report(
+    model: type[BaseModel], exc: pydantic.ValidationError, loc: _Loc, problems: list[SpecProblem]
+) -> dict[tuple[Any, ...], Any]:
+    """Report a failed entry's errors, one per root cause; return the misspelled keys taken
+    for a missing field (field path -> the key written)."""
+    errors = exc.errors()
+    missing = {tuple(e["loc"]) for e in errors if e["type"] == "missing"}
+    renamed: dict[tuple[Any, ...], Any] = {}
+    found: list[tuple[tuple[Any, ...], str]] = []
+    for err in errors:
+        where = tuple(err["loc"])
+        if err["type"] == _DUPLICATE_FEATURE:
+            continue  # reported per repeated name, at its line, by `_raw_entry`
+        if err["type"] == "too_short" and any(
+            e["loc"][: len(where)] == err["loc"] and e is not err for e in errors
+        ):
+            continue  # "too short" only because its entries failed
+        message = _message(err)
+        if err["type"] == "extra_forbidden":
+            hint = _did_you_mean(where[-1], _keys_at(model, where[:-1]))
+            message += hint
+            if hint:
+                meant = (*where[:-1], hint.split("'")[1])
+                if meant in missing:
+                    renamed[meant] = where[-1]
+        found.append((where, message))
+    for where, message in found:
+        if where not in renamed:  # "missing" because it is misspelled: said by the misspelling
+            problems.append(loc.problem(where, message))
+    return renamed
+
+
+def _keys_at(model: type[BaseModel], path: tuple[Any, ...]) -> tuple[str, ...]:
+    """The fields of the model found at `path` under `model` (a group's `ttl`, a feature)."""
+    for part in path:
+        if isinstance(part, int):
+            continue  # an item of a list: the list's item model
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        inner = _model_in(field.annotation) if field else None
+        if inner is None:
+            return ()
+        model = inner
+    return tuple(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds: `TTL`, `tuple[Feature, ...]` -> Feature; else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (inner := _model_in(arg)) is not None:
+            return inner
+    return None
 
 
 def _message(err: Any) -> str:
@@ -349,12 +502,3 @@ def _message(err: Any) -> str:
     if err["type"] == "literal_error":
         return f"{msg}, got {quote(err.get('input'))}"
     return msg
-
-
-def _hashable(value: Any) -> Any:
-    """`value`, or None when it cannot go in a set (a name written as a list)."""
-    try:
-        hash(value)
-    except TypeError:
-        return None
-    return value

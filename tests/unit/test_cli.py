@@ -280,6 +280,55 @@ def test_bad_setting_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) 
     assert "\n" not in err
 
 
+NO_SPEC = [
+    ["serve"],
+    ["ingest"],
+    ["retry"],
+    ["load", "--group", "g", "x.jsonl"],
+    ["backfill", "--topic", "t", "--from", "0", "--to", "1"],
+    ["validate", "featureplane.yaml"],
+]
+
+
+def _says_how_to_get_a_spec(err: str, where: Path) -> None:
+    assert err.startswith(
+        f"no spec at featureplane.yaml ({where / 'featureplane.yaml'}): no such file or folder."
+    ), err
+    assert "featureplane up --demo" in err and "--spec" in err and "featureplane validate" in err
+    assert ":0:" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", NO_SPEC, ids=[a[0] for a in NO_SPEC])
+def test_a_missing_spec_says_how_to_get_one(
+    argv: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    _says_how_to_get_a_spec(err, tmp_path)
+
+
+def test_up_without_a_spec_says_how_to_get_one(tmp_path: Path) -> None:
+    # In a process of its own: `up` installs signal handlers, and must fail before it starts
+    # anything (no broker, no data folder).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEATUREPLANE_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "featureplane.cli", "up"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    _says_how_to_get_a_spec(proc.stderr, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_variable_no_setting_reads_is_named_with_its_likely_meaning() -> None:
     environ = {"FEATUREPLANE_COMIT_INTERVAL": "1s", "FEATUREPLANE_PORT": "1", "HOME": "/"}
     environ |= {"FEATUREPLANE_SERVE_UVLOOP": "1", "FEATUREPLANE_DRAIN_TIMEOUT": "1s"}

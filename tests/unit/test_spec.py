@@ -10,7 +10,7 @@ import pytest
 
 from featureplane.cli import main
 from featureplane.errors import SpecError
-from featureplane.spec import load_catalog, parse_duration
+from featureplane.spec import SpecNotFoundError, load_catalog, parse_duration
 from featureplane.types import parse_type
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -79,8 +79,14 @@ def test_every_problem_is_located(tmp_path: Path) -> None:
     ]
     for want in expected:
         assert any(line.startswith(want) for line in lines), (want, lines)
-    # r2 points at a group that failed to parse: no misleading second error about it
-    assert not any("ingestion[1]" in line for line in lines)
+    # A duplicate feature is said once, at the repeat, even beside the group's other problems.
+    assert sum("duplicate feature" in line for line in lines) == 1, lines
+    # r2 points at a group that failed to parse: its features are still known, so r2's own
+    # mistake is found now, and the group is not called unknown.
+    rule_problems = [line for line in lines if "ingestion[1]" in line]
+    assert rule_problems == [
+        f"{f}:29: ingestion[1].features.zz: group 'clicks' has no feature 'zz'"
+    ]
 
 
 def test_rule_feature_must_exist(tmp_path: Path) -> None:
@@ -104,6 +110,111 @@ def test_duplicate_groups_across_files(tmp_path: Path) -> None:
     (tmp_path / "b.yaml").write_text(group)
     with pytest.raises(SpecError, match=r"b.yaml:2: feature_groups\[0\].name: duplicate group 'g'"):
         load_catalog(tmp_path)
+
+
+ONE_PASS = """\
+feature_groups:
+  - name: clicks
+    entity: user
+    kind: timeseries
+    kind: latest
+    max_item: 10
+    features:
+      - {name: a, type: string}
+      - {nme: b, type: int}
+      - {name: a, type: int}
+    ttl: {sfot: 1s}
+  - name: clicks
+    entity: user
+    kind: latest
+    features: [{name: x, type: int}]
+  - nme: stats
+    entity: article
+    kind: latest
+    features: [{name: v, type: int}]
+ingestion:
+  - name: r1
+    topic: t
+    event_type: click
+    group: clicks
+    id: user_id
+    features: {a: a, zz: z}
+  - name: r1
+    topic: t
+    evnt_type: click
+    group: stats
+    id: user_id
+    features: {v: v, w: w}
+  - name: r3
+    topic: t
+    event_type: click
+    group: clcks
+    id: user_id
+    features: {a: a}
+fetaure_groups: []
+"""
+
+
+def test_every_problem_of_a_file_in_one_pass(tmp_path: Path) -> None:
+    """A duplicate key, a failed group and a failed rule no longer hide the problems of the
+    others; a misspelled key is suggested its field and not also called missing."""
+    spec = tmp_path / "one.yaml"
+    spec.write_text(ONE_PASS)
+    with pytest.raises(SpecError) as err:
+        load_catalog(spec)
+    f = str(spec)
+    assert [str(p) for p in err.value.problems] == [
+        f"{f}:5: feature_groups[0].kind: duplicate key (first at line 4)",
+        f"{f}:6: feature_groups[0].max_item: unknown field (did you mean 'max_items'?)",
+        f"{f}:9: feature_groups[0].features[1].nme: unknown field (did you mean 'name'?)",
+        f"{f}:10: feature_groups[0].features[2].name: duplicate feature name 'a'",
+        f"{f}:11: feature_groups[0].ttl.sfot: unknown field (did you mean 'soft'?)",
+        f"{f}:12: feature_groups[1].name: duplicate group 'clicks' (first at {f}:2)",
+        f"{f}:16: feature_groups[2].nme: unknown field (did you mean 'name'?)",
+        f"{f}:26: ingestion[0].features.zz: group 'clicks' has no feature 'zz'",
+        f"{f}:27: ingestion[1].name: duplicate rule 'r1' (first at {f}:21)",
+        f"{f}:29: ingestion[1].evnt_type: unknown field (did you mean 'event_type'?)",
+        f"{f}:32: ingestion[1].features.w: group 'stats' has no feature 'w'",
+        f"{f}:36: ingestion[2].group: unknown group 'clcks' (did you mean 'clicks'?)",
+        f"{f}:39: fetaure_groups: unknown section (did you mean 'feature_groups'?)",
+    ]
+
+
+def test_unknown_keys_without_a_close_field_name_the_choices_or_nothing(tmp_path: Path) -> None:
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        "metadata: {}\nfeature_groups:\n"
+        "  - {name: g, entity: u, kind: latest, colour: red, features: [{name: a, type: int}]}\n"
+    )
+    with pytest.raises(SpecError) as err:
+        load_catalog(spec)
+    assert [str(p) for p in err.value.problems] == [
+        f"{spec}:1: metadata: unknown section (expected feature_groups or ingestion)",
+        f"{spec}:3: feature_groups[0].colour: unknown field",
+    ]
+
+
+def test_a_missing_spec_says_how_to_get_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecNotFoundError) as err:
+        load_catalog("featureplane.yaml")
+    text = str(err.value)
+    assert text.startswith(
+        f"no spec at featureplane.yaml ({tmp_path / 'featureplane.yaml'}): no such file or folder."
+    )
+    for hint in (
+        "--spec",
+        "FEATUREPLANE_SPEC",
+        "featureplane validate PATH",
+        "featureplane up --demo",
+    ):
+        assert hint in text
+    assert ":0:" not in text
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpecNotFoundError, match=r"^no spec at .*empty: a folder with no \.yaml"):
+        load_catalog(tmp_path / "empty")
 
 
 def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
@@ -172,7 +283,7 @@ def test_types_nest_up_to_32_levels() -> None:
 
 def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(EXAMPLES)]) == 0
-    assert "6 feature groups" in capsys.readouterr().out
+    assert "7 feature groups" in capsys.readouterr().out
     (tmp_path / "bad.yaml").write_text(BAD)
     assert main(["validate", str(tmp_path)]) == 1
     out = capsys.readouterr().out

@@ -92,8 +92,8 @@ CASES: dict[str, tuple[bytes | str, int, str, str]] = {
     "duplicate_key": (
         GROUP + "    kind: timeseries\n",
         5,
-        "-",
-        r"duplicate key 'kind' \(first at line 4\)",
+        "feature_groups[0].kind",
+        r"duplicate key \(first at line 4\)",
     ),
     "control_character": (
         GROUP + "    entity: a\x07b\n",
@@ -108,8 +108,8 @@ CASES: dict[str, tuple[bytes | str, int, str, str]] = {
     "duplicate_key_in_flow": (
         "x: {a: 1, a: 2}\n",
         1,
-        "-",
-        r"duplicate key 'a' \(first at line 1\)",
+        "x.a",
+        r"duplicate key \(first at line 1\)",
     ),
     "two_documents": (
         "a: 1\n---\nb: 2\n",
