@@ -459,3 +459,28 @@ def test_bytewax_run_calls_the_flow_factory(
     assert _locate_dataflow(module, "flow") is built  # bytewax calls a bare function too
     mod = sys.modules[module]
     assert not hasattr(mod, "__getattr__")  # nothing is built on attribute access
+
+
+# ---------------------------------------------------------------- ./dev
+
+
+def _dev(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(REPO / "dev"), *argv], capture_output=True, text=True, timeout=30, cwd=REPO
+    )
+
+
+def test_dev_bench_without_a_name_lists_the_benches() -> None:
+    listed = _dev("bench")
+    assert listed.returncode == 0, listed.stderr
+    benches = sorted((REPO / "bench").glob("*.py"))
+    assert benches
+    for path in benches:
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        first = doc.splitlines()[0]  # every bench says what it measures
+        assert re.search(rf"^  {path.stem} +{re.escape(first)}", listed.stdout, re.M), path.stem
+    unknown = _dev("bench", "no_such_bench")
+    assert unknown.returncode == 2  # as `./dev no_such_task`
+    assert unknown.stdout.startswith("unknown bench: no_such_bench\n")
+    assert listed.stdout in unknown.stdout
+    assert "./dev bench [NAME" in _dev("help").stdout
