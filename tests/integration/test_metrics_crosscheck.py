@@ -180,6 +180,8 @@ def test_dashboard_and_alerts_use_only_exported_metrics_and_labels(
             and _value(ingest, "featureplane_ingest_retry_total", flow="ingest") >= 1
             and _value(ingest, "featureplane_ingest_lag", flow="ingest") == 0
             and _value(retry, "featureplane_ingest_items_written_total", tier="redis") >= 1
+            and 'featureplane_ingest_lag{flow="ingest"' in ingest
+            and 'featureplane_ingest_committed_offset{flow="ingest"' in ingest
             and 'featureplane_ingest_lag{flow="retry"' in retry
         )
 
@@ -191,8 +193,8 @@ def test_dashboard_and_alerts_use_only_exported_metrics_and_labels(
     for _ in range(2):  # the store, then the local tier
         status, body = _get(recent)
         assert status == 200 and json.loads(body)["found"], body
-    body = json.dumps({"requests": [{"group": "user_last_click", "ids": [user, "nobody"]}]})
-    assert _get(f"{base}/v1/features", body.encode())[0] == 200
+    many = {"requests": [{"group": "user_last_click", "ids": [user, "nobody"]}]}
+    assert _get(f"{base}/v1/features", json.dumps(many).encode())[0] == 200
     assert _get(f"{base}/v1/features/no_such_group/u1")[0] == 400
     assert _get(f"{base}/v1/features/boom_context/u1")[0] == 503
     own_redis.kill()  # serving's Redis goes away: reads of new ids count tier errors
