@@ -44,12 +44,18 @@ def _kustomize(root: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _copy_k8s(tmp: Path, *, secrets: bool = True) -> Path:
-    """k8s/ in a temporary folder, with the files a user (or another part) adds."""
+def _copy_k8s(tmp: Path, *, secrets: bool = True, components: tuple[str, ...] = ()) -> Path:
+    """k8s/ in a temporary folder, with the files a user (or another part) adds: secrets.env
+    from the example (its optional lines too), and `components` enabled."""
     root = tmp / "k8s"
     shutil.copytree(K8S, root, ignore=shutil.ignore_patterns("secrets.env"))
     if secrets:
-        shutil.copy(root / "secrets.env.example", root / "secrets.env")
+        lines = (root / "secrets.env.example").read_text().splitlines()
+        (root / "secrets.env").write_text("\n".join(_uncommented(lines)) + "\n")
+    if components:
+        kust = yaml.safe_load((root / "kustomization.yaml").read_text())
+        kust["components"] = list(components)
+        (root / "kustomization.yaml").write_text(yaml.safe_dump(kust))
     dashboard = root / "dashboards" / "featureplane.json"
     if not dashboard.exists():  # written by the dashboards' owner; a stand-in until then
         dashboard.parent.mkdir(exist_ok=True)
@@ -61,6 +67,17 @@ def _copy_k8s(tmp: Path, *, secrets: bool = True) -> Path:
             "metadata: {name: featureplane}\nspec: {groups: []}\n"
         )
     return root
+
+
+def _uncommented(lines: list[str]) -> list[str]:
+    """The VARIABLE=value lines of an env file, the commented-out optional ones included."""
+    out = []
+    for line in lines:
+        text = line.removeprefix("# ")
+        name = text.split("=")[0]
+        if "=" in text and name.isupper() and name.replace("_", "").isalnum():
+            out.append(text)
+    return out
 
 
 def _render(root: Path) -> list[Doc]:
@@ -239,10 +256,9 @@ def test_without_secrets_env_kustomize_names_the_missing_file(tmp_path: Path) ->
 def test_the_external_secret_component_renders_valid_in_place_of_the_file(
     tmp_path: Path,
 ) -> None:
-    root = _copy_k8s(tmp_path, secrets=False)
+    root = _copy_k8s(tmp_path, secrets=False, components=("components/external-secret",))
     kust = yaml.safe_load((root / "kustomization.yaml").read_text())
-    del kust["secretGenerator"]  # the two edits the component's instructions give
-    kust["components"] = ["components/external-secret"]
+    del kust["secretGenerator"]  # the other of the two edits the component's notes give
     (root / "kustomization.yaml").write_text(yaml.safe_dump(kust))
     docs = _render(root)
     assert _validate(docs) == []
@@ -301,11 +317,31 @@ def test_settings_in_the_manifests_are_ones_featureplane_reads(rendered: list[Do
         for field in model.model_fields
     }
     env = _one(rendered, "ConfigMap", "featureplane-env")["data"]
-    example = (K8S / "secrets.env.example").read_text().splitlines()
-    names = [*env, *(line.split("=")[0] for line in example if line and line[0] != "#")]
+    example = _uncommented((K8S / "secrets.env.example").read_text().splitlines())
+    names = [*env, *(line.split("=")[0] for line in example)]
     ours = [n for n in names if n.startswith("FEATUREPLANE_")]
     assert ours and set(ours) <= known, set(ours) - known
-    assert set(names) - set(ours) <= {"AWS_DEFAULT_REGION"}  # what the AWS SDK reads
+    # what the AWS SDK reads, and KEDA's Kafka credentials (components/kafka-sasl-scram)
+    assert set(names) - set(ours) == {
+        "AWS_DEFAULT_REGION",
+        "KEDA_KAFKA_USERNAME",
+        "KEDA_KAFKA_PASSWORD",
+    }
+
+
+def test_the_kafka_sasl_component_gives_keda_the_credentials_of_the_pods(tmp_path: Path) -> None:
+    docs = _render(_copy_k8s(tmp_path, components=("components/kafka-sasl-scram",)))
+    assert _validate(docs) == []
+    [secret] = [d for d in docs if d["kind"] == "Secret"]
+    auths = {d["metadata"]["name"]: d for d in docs if d["kind"] == "TriggerAuthentication"}
+    for obj in (d for d in docs if d["kind"] == "ScaledObject"):
+        [trigger] = obj["spec"]["triggers"]
+        assert trigger["metadata"]["sasl"] == "scram_sha512"
+        assert trigger["metadata"]["tls"] == "enable"  # MSK's SASL listener is TLS only
+        auth = auths[trigger["authenticationRef"]["name"]]["spec"]
+        assert {e["parameter"] for e in auth["env"]} == {"username", "password"}
+        assert {e["name"] for e in auth["env"]} <= set(secret["data"])
+        assert "FEATUREPLANE_KAFKA_CONFIG" in secret["data"]
 
 
 def test_pods_meet_the_restricted_pod_security_standard(rendered: list[Doc]) -> None:
