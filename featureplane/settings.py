@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Annotated, Final, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from featureplane.errors import quote
+from featureplane.kafka_config import KafkaConfig
 from featureplane.spec import parse_duration
 
 __all__ = ["DURATION", "Duration", "Settings", "format_duration", "to_ms"]
@@ -67,7 +68,11 @@ class Settings(BaseSettings):
     """Where the spec, broker, store, cache and HTTP server are."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FEATUREPLANE_", extra="forbid", frozen=True, use_attribute_docstrings=True
+        env_prefix="FEATUREPLANE_",
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        hide_input_in_errors=True,  # a bad value may hold a password
     )
 
     spec: Path = Path("featureplane.yaml")
@@ -76,6 +81,11 @@ class Settings(BaseSettings):
     """Kafka bootstrap servers, HOST:PORT[,...]; unset under `up` starts the embedded broker."""
     kafka_group: str = "featureplane-ingest"
     """Consumer group of the ingest dataflow."""
+    kafka_config: Annotated[KafkaConfig, NoDecode] = KafkaConfig()
+    """librdkafka properties added to every Kafka client, as one JSON object: TLS or SASL
+    for a production cluster, e.g. {"security.protocol": "SASL_SSL", "sasl.mechanism":
+    "SCRAM-SHA-512", "sasl.username": "...", "sasl.password": "..."}. A variable only, never
+    a flag, since it holds passwords; the properties featureplane sets itself are refused."""
     store: Literal["embedded", "dynamodb"] = "embedded"
     """The durable store: the embedded one on this machine, or DynamoDB."""
     data_dir: Path = Path(".featureplane")
