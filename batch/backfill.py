@@ -29,6 +29,7 @@ from featureplane.lifecycle import broker_error, check_kafka_reachable
 from featureplane.operators.aggregate import Aggregator
 from featureplane.operators.decode import decode_works
 from featureplane.operators.dispatch import Dispatcher
+from featureplane.operators.kafka import KafkaCluster
 from featureplane.operators.records import Message, Origin, Work
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
@@ -87,14 +88,17 @@ async def backfill(settings: Settings, catalog: Catalog, job: BackfillJob) -> Co
         raise FeatureplaneError("--to is before --from")
     dispatcher, aggregator = _dispatcher(catalog, job.topic, job.groups), Aggregator(catalog)
     check_kafka_reachable(bootstrap)
+    kafka = KafkaCluster(bootstrap, settings.kafka_config)
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"featureplane-backfill-{uuid.uuid4().hex[:8]}",  # never committed
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-        }
+        kafka.client_config(
+            {
+                "group.id": f"featureplane-backfill-{uuid.uuid4().hex[:8]}",  # never committed
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",  # as ingestion reads
+            }
+        )
     )
     counts: Counter[str] = Counter()
     redis = open_cache(settings, catalog)
@@ -107,10 +111,11 @@ async def backfill(settings: Settings, catalog: Catalog, job: BackfillJob) -> Co
         todo = [tp for tp in starts if tp.offset >= 0]
         open_parts = {tp.partition for tp in todo}
         log.info(
-            "backfill %s [%d, %d] from offsets %s",
+            "backfill %s [%d, %d] from %s at offsets %s",
             job.topic,
             job.start,
             job.end,
+            kafka,
             {tp.partition: tp.offset for tp in todo},
         )
         consumer.assign(todo)
@@ -168,7 +173,7 @@ async def backfill(settings: Settings, catalog: Catalog, job: BackfillJob) -> Co
                 progress.advance(done=len(works) - len(bad), rejected=len(bad))
         progress.finish()
     except KafkaException as exc:
-        raise broker_error(bootstrap, f"read topic {job.topic!r}", exc) from None
+        raise broker_error(str(kafka), f"read topic {job.topic!r}", exc) from None
     finally:
         with contextlib.suppress(KafkaException, RuntimeError):
             consumer.close()

@@ -39,8 +39,9 @@ __all__ = [
 FLAG_NAMES = {"kafka_bootstrap": "--bootstrap", "kafka_group": "--group"}
 """Fields whose flag the command line spells otherwise than `--field-name`."""
 
-ENV_ONLY = frozenset({"token"})
-"""Secrets read from their variable only: a flag would show them to anyone running `ps`."""
+ENV_ONLY = frozenset({"token", "kafka_config"})
+"""Secrets read from their variable only: a flag would show them to anyone running `ps`.
+Their values are never quoted in an error either."""
 
 M = TypeVar("M", bound=BaseSettings)
 
@@ -147,7 +148,7 @@ def _problem(model: type[BaseSettings], error: Any, given: Mapping[str, object])
     field = str(error["loc"][0]) if error["loc"] else ""
     where = flag_name(field) if field in given else env_name(model, field)
     message = str(error["msg"]).removeprefix("Value error, ")
-    if "bad duration" in message:  # it quotes the value already
+    if "bad duration" in message or field in ENV_ONLY:  # quoted already, or a secret
         return f"{where}: {message}"
     return f"{where} {quote(error.get('input'))}: {message}"
 

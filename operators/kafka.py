@@ -12,6 +12,13 @@ gauge of every assigned partition is set, whether its offset moved or not.
 every record (acks=all); `max_message_bytes` tells how large a record the
 broker takes, so the producer is sized to it and larger copies are cut
 (`operators.route.fit`).
+
+Every client is configured by `KafkaCluster.client_config`: its role's
+settings, then the user's properties (FEATUREPLANE_KAFKA_CONFIG: TLS, SASL),
+then the bootstrap servers. The properties featureplane's guarantees rest on
+(manual commits, acks=all, ...) are never among the user's (`KafkaConfig`
+refuses them), so nothing overrides them. A plain bootstrap string is a
+cluster with no properties of the user's.
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from featureplane.kafka_config import KafkaConfig
 from featureplane.operators.commit import OffsetTracker
 from featureplane.operators.metrics import IngestMetrics
 from featureplane.operators.records import Message
@@ -34,6 +43,7 @@ __all__ = [
     "KAFKA_DEFAULT_MAX_MESSAGE_BYTES",
     "Deliverer",
     "GroupConsumer",
+    "KafkaCluster",
     "ensure_topics",
     "max_message_bytes",
     "topic_partitions",
@@ -49,12 +59,50 @@ KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 `max.message.bytes` (1 MiB + 12 bytes of framing)."""
 
 
+@dataclass(frozen=True)
+class KafkaCluster:
+    """Where the Kafka cluster is and how to connect to it: every client is built from it."""
+
+    bootstrap: str
+    """Bootstrap servers, HOST:PORT[,...]."""
+    config: KafkaConfig = field(default_factory=KafkaConfig)
+    """The user's librdkafka properties (FEATUREPLANE_KAFKA_CONFIG), added to every client."""
+
+    def client_config(self, role: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """One client's librdkafka configuration: `role` (what featureplane sets for this kind
+        of client), the user's properties over it, and the bootstrap servers.
+
+        The user's properties may replace the role's tuning (`linger.ms`, `client.id`) but
+        never its guarantees: those are `RESERVED` names, which a `KafkaConfig` lacks.
+        """
+        return {
+            "error_cb": _log_error,
+            **(role or {}),
+            **self.config,
+            "bootstrap.servers": self.bootstrap,
+        }
+
+    def __str__(self) -> str:
+        """The bootstrap servers and the names of the user's properties (never their values)."""
+        if not self.config:
+            return self.bootstrap
+        return f"{self.bootstrap} (FEATUREPLANE_KAFKA_CONFIG: {self.config.describe()})"
+
+
+Cluster = KafkaCluster | str
+"""A cluster, or its bootstrap servers alone (no properties of the user's)."""
+
+
+def _cluster(where: Cluster) -> KafkaCluster:
+    return where if isinstance(where, KafkaCluster) else KafkaCluster(where)
+
+
 class GroupConsumer:
     """A subscribed consumer whose offsets are committed only once acknowledged."""
 
     def __init__(
         self,
-        bootstrap: str,
+        cluster: Cluster,
         group: str,
         topics: Sequence[str],
         convert: Convert,
@@ -68,22 +116,23 @@ class GroupConsumer:
         self.convert = convert
         self.trackers: dict[tuple[str, int], OffsetTracker] = {}
         self._paused = False
-        conf: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
-            "group.id": group,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "enable.partition.eof": False,
-            # A small prefetch queue (librdkafka's default is 64 MB) keeps a slow consumer
-            # from filling it with a few partitions' backlog while the others wait.
-            "queued.max.messages.kbytes": 8192,
-            # The broker answers a fetch at once when it has data, else after this wait:
-            # librdkafka's 500 ms default shows up directly in freshness at low rates.
-            "fetch.wait.max.ms": 100,
-            "error_cb": _log_error,
-            **(config or {}),
-        }
+        conf = _cluster(cluster).client_config(
+            {
+                "group.id": group,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": False,
+                "isolation.level": "read_committed",  # librdkafka's default, relied upon
+                # A small prefetch queue (librdkafka's default is 64 MB) keeps a slow consumer
+                # from filling it with a few partitions' backlog while the others wait.
+                "queued.max.messages.kbytes": 8192,
+                # The broker answers a fetch at once when it has data, else after this wait:
+                # librdkafka's 500 ms default shows up directly in freshness at low rates.
+                "fetch.wait.max.ms": 100,
+                **(config or {}),
+            }
+        )
         self._consumer = Consumer(conf)
         self._consumer.subscribe(
             list(topics),
@@ -211,23 +260,23 @@ class Deliverer:
 
     def __init__(
         self,
-        bootstrap: str,
+        cluster: Cluster,
         config: Mapping[str, Any] | None = None,
         *,
         max_message_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.max_message_bytes = max_message_bytes
         self._producer = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "acks": "all",
-                "linger.ms": 5,
-                # librdkafka's own default (1,000,000) is below Kafka's: sized to the
-                # broker's, a record the broker takes is never refused locally.
-                "message.max.bytes": max_message_bytes,
-                "error_cb": _log_error,
-                **(config or {}),
-            }
+            _cluster(cluster).client_config(
+                {
+                    "acks": "all",
+                    "linger.ms": 5,
+                    # librdkafka's own default (1,000,000) is below Kafka's: sized to the
+                    # broker's, a record the broker takes is never refused locally.
+                    "message.max.bytes": max_message_bytes,
+                    **(config or {}),
+                }
+            )
         )
 
     def deliver(
@@ -271,20 +320,22 @@ class Deliverer:
         self._producer.flush(timeout_s)
 
 
-def topic_partitions(bootstrap: str, timeout_s: float = 10.0) -> dict[str, int]:
+def topic_partitions(cluster: Cluster, timeout_s: float = 10.0) -> dict[str, int]:
     """Existing topics and their partition counts."""
-    admin = AdminClient(_admin_conf(bootstrap))
+    admin = AdminClient(_cluster(cluster).client_config())
     md = admin.list_topics(timeout=timeout_s)
     return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
 
 
-def ensure_topics(bootstrap: str, wanted: Mapping[str, int], timeout_s: float = 30.0) -> list[str]:
+def ensure_topics(
+    cluster: Cluster, wanted: Mapping[str, int], timeout_s: float = 30.0
+) -> list[str]:
     """Create the topics of `wanted` (name -> partitions) that are missing; return them."""
-    existing = topic_partitions(bootstrap, timeout_s)
+    existing = topic_partitions(cluster, timeout_s)
     missing = sorted(t for t in wanted if t not in existing)
     if not missing:
         return []
-    admin = AdminClient(_admin_conf(bootstrap))
+    admin = AdminClient(_cluster(cluster).client_config())
     futures = admin.create_topics(
         [NewTopic(t, num_partitions=wanted[t], replication_factor=-1) for t in missing],
         operation_timeout=timeout_s,
@@ -302,7 +353,7 @@ def ensure_topics(bootstrap: str, wanted: Mapping[str, int], timeout_s: float = 
     return missing
 
 
-def max_message_bytes(bootstrap: str, topics: Sequence[str], timeout_s: float = 5.0) -> int:
+def max_message_bytes(cluster: Cluster, topics: Sequence[str], timeout_s: float = 5.0) -> int:
     """The largest record every one of `topics` takes, from the Kafka admin API.
 
     The smallest topic `max.message.bytes` (DescribeConfigs); for a topic that does
@@ -311,7 +362,7 @@ def max_message_bytes(bootstrap: str, topics: Sequence[str], timeout_s: float = 
     (as of 2026-11) answers DescribeConfigs with no entries for topics and brokers
     and enforces no limit, so there the default applies.
     """
-    admin = AdminClient(_admin_conf(bootstrap))
+    admin = AdminClient(_cluster(cluster).client_config())
     limits: list[int] = []
     unknown = not topics
     resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics]
@@ -356,10 +407,6 @@ def _config_int(config: Mapping[str, Any], name: str) -> int | None:
     entry = config.get(name)
     value = getattr(entry, "value", None)
     return int(value) if value else None
-
-
-def _admin_conf(bootstrap: str) -> dict[str, Any]:
-    return {"bootstrap.servers": bootstrap, "error_cb": _log_error}
 
 
 def _names(partitions: Sequence[TopicPartition]) -> str:
