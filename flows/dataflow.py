@@ -37,6 +37,7 @@ from featureplane.operators.commit import OffsetTracker
 from featureplane.operators.kafka import (
     Deliverer,
     GroupConsumer,
+    KafkaCluster,
     ensure_topics,
     max_message_bytes,
     topic_partitions,
@@ -76,17 +77,21 @@ def _bootstrap(settings: Settings) -> str:
     return settings.kafka_bootstrap
 
 
+def _cluster(settings: Settings) -> KafkaCluster:
+    return KafkaCluster(_bootstrap(settings), settings.kafka_config)
+
+
 def prepare_topics(kind: Kind, settings: Settings, catalog: Catalog, options: FlowOptions) -> None:
     """Create the topics the flow needs if missing: event, retry and DLQ topics."""
-    bootstrap = _bootstrap(settings)
+    kafka = _cluster(settings)
     if not catalog.topics:
         raise FeatureplaneError(
             f"the spec at {settings.spec} has no ingestion rules: nothing to read"
         )
     try:
-        existing = topic_partitions(bootstrap)
+        existing = topic_partitions(kafka)
     except KafkaException as exc:
-        raise FeatureplaneError(f"cannot reach Kafka at {bootstrap}: {exc}") from None
+        raise FeatureplaneError(f"cannot reach Kafka at {kafka}: {exc}") from None
     wanted: dict[str, int] = {}
     for topic in catalog.topics:
         n = existing.get(topic, options.topic_partitions)
@@ -96,9 +101,9 @@ def prepare_topics(kind: Kind, settings: Settings, catalog: Catalog, options: Fl
         wanted[retry_topic(topic)] = n
         wanted[dlq_topic(topic)] = n
     try:
-        ensure_topics(bootstrap, wanted)
+        ensure_topics(kafka, wanted)
     except KafkaException as exc:
-        raise FeatureplaneError(f"cannot create topics on {bootstrap}: {exc}") from None
+        raise FeatureplaneError(f"cannot create topics on {kafka}: {exc}") from None
 
 
 def _ingest_message(m: KafkaMessage, tracker: OffsetTracker) -> Message:
@@ -163,7 +168,7 @@ def worker_factory(
     """What a worker thread calls for its own clients: an event loop, the store (started
     now, so a bad store fails fast), the Redis tier (started on first write) and a
     producer for the retry and DLQ topics sized to what the broker takes."""
-    bootstrap = _bootstrap(settings)
+    kafka = _cluster(settings)
     outgoing = [f(t) for t in catalog.topics for f in (retry_topic, dlq_topic)]
 
     def open_worker() -> Worker:
@@ -183,8 +188,8 @@ def worker_factory(
         except BaseException:
             loop.close()
             raise
-        limit = max_message_bytes(bootstrap, outgoing)
-        return Worker(loop, writer, Deliverer(bootstrap, max_message_bytes=limit))
+        limit = max_message_bytes(kafka, outgoing)
+        return Worker(loop, writer, Deliverer(kafka, max_message_bytes=limit))
 
     return open_worker
 
@@ -205,7 +210,7 @@ def build(
     metrics: IngestMetrics,
 ) -> Built:
     """The dataflow of `kind` (topics must exist: see `prepare_topics`)."""
-    bootstrap = _bootstrap(settings)
+    kafka = _cluster(settings)
     config = PipelineConfig(
         flow=kind,
         retry_budget_ms=options.retry_budget,
@@ -225,7 +230,7 @@ def build(
 
     def partition(worker: int, workers: int) -> GroupPartition:
         consumer = GroupConsumer(
-            bootstrap,
+            kafka,
             group,
             topics,
             convert,
@@ -237,12 +242,13 @@ def build(
             },
         )
         log.info(
-            "%s worker %d/%d: reading %s as group %s",
+            "%s worker %d/%d: reading %s as group %s from %s",
             kind,
             worker + 1,
             workers,
             ", ".join(topics),
             group,
+            kafka,
         )
         hold = RetryHold(backoff, wall_clock_ms) if kind == "retry" else None
         return GroupPartition(
