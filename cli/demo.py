@@ -21,6 +21,7 @@ from confluent_kafka import Producer
 
 from featureplane.errors import FeatureplaneError
 from featureplane.lifecycle import check_kafka_reachable
+from featureplane.operators.kafka import KafkaCluster
 from featureplane.settings import Settings
 
 __all__ = ["events", "run"]
@@ -112,9 +113,8 @@ def run(
     if not settings.kafka_bootstrap:
         raise FeatureplaneError("no broker: pass --bootstrap or set FEATUREPLANE_KAFKA_BOOTSTRAP")
     check_kafka_reachable(settings.kafka_bootstrap)
-    producer = Producer(
-        {"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20, "enable.idempotence": True}
-    )
+    kafka = KafkaCluster(settings.kafka_bootstrap, settings.kafka_config)
+    producer = Producer(kafka.client_config({"linger.ms": 20, "enable.idempotence": True}))
     failures: list[str] = []
 
     def delivered(err: Any, msg: Any) -> None:
@@ -124,7 +124,7 @@ def run(
     rnd = random.Random(seed)
     interval = 1.0 / rate if rate > 0 else 0.0
     next_at, sent = time.monotonic(), 0
-    log.info("feeding demo events to %s at %.0f/s", settings.kafka_bootstrap, rate)
+    log.info("feeding demo events to %s at %.0f/s", kafka, rate)
     try:
         for topic, key, event in events(rnd, lambda: time.time_ns() // 1_000_000, users):
             producer.produce(topic, orjson.dumps(event), key, on_delivery=delivered)
