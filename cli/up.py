@@ -28,6 +28,7 @@ from typing import IO
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from featureplane.cli.broker import Service, free_port, start_tansu
+from featureplane.kafka_config import KafkaConfig
 from featureplane.lifecycle import (
     STOP,
     broker_error,
@@ -161,7 +162,7 @@ def run(settings: Settings, up: UpSettings, demo_rate: float | None = None) -> i
             broker.own_dir = False
             bootstrap = broker.address
             log.info("embedded broker (tansu) on %s", bootstrap)
-        create_topics(bootstrap, catalog)
+        create_topics(bootstrap, catalog, config=settings.kafka_config)
         children = plan_children(settings, up, bootstrap, demo_rate)
         for child in children:
             if not stopping():
@@ -201,18 +202,22 @@ def stop_all(children: list[Child], timeout: float) -> None:
         child.finish(deadline)
 
 
-def create_topics(bootstrap: str, catalog: Catalog, partitions: int = 4) -> None:
-    """Create each spec topic and its .retry and .dlq topics if missing."""
+def create_topics(
+    bootstrap: str, catalog: Catalog, partitions: int = 4, *, config: KafkaConfig | None = None
+) -> None:
+    """Create each spec topic and its .retry and .dlq topics if missing; `config` is the
+    user's librdkafka properties (FEATUREPLANE_KAFKA_CONFIG)."""
     from confluent_kafka import KafkaException
 
-    from featureplane.operators.kafka import ensure_topics
+    from featureplane.operators.kafka import KafkaCluster, ensure_topics
     from featureplane.operators.route import dlq_topic, retry_topic
 
     wanted = [name for t in catalog.topics for name in (t, retry_topic(t), dlq_topic(t))]
+    kafka = KafkaCluster(bootstrap, config or KafkaConfig())
     try:
-        ensure_topics(bootstrap, dict.fromkeys(wanted, partitions))
+        ensure_topics(kafka, dict.fromkeys(wanted, partitions))
     except (KafkaException, TimeoutError) as exc:
-        raise broker_error(bootstrap, "create the topics", exc) from None
+        raise broker_error(str(kafka), "create the topics", exc) from None
 
 
 def plan_children(
