@@ -399,3 +399,13 @@ def test_the_iam_policy_allows_what_the_store_and_loads_call() -> None:
     assert {"s3:GetObject", "s3:ListBucket"} <= actions
     account = (K8S / "serviceaccount.yaml").read_text()
     assert all(c in account for c in calls) and "s3:GetObject" in account
+
+
+def test_every_object_fits_the_annotation_a_client_side_apply_writes(
+    rendered: list[Doc],
+) -> None:
+    # `kubectl apply` keeps the whole object in its last-applied annotation, and the API
+    # server refuses annotations over 256 KiB: a big dashboard would need --server-side.
+    for doc in rendered:
+        size = len(json.dumps(doc, separators=(",", ":")))
+        assert size < 256 * 1024, f"{doc['kind']}/{doc['metadata']['name']}: {size} bytes"
