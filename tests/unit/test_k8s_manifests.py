@@ -7,7 +7,9 @@ dataflows on the lag of the groups they really use, restricted pod security."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -410,3 +412,21 @@ def test_every_object_fits_the_annotation_a_client_side_apply_writes(
     for doc in rendered:
         size = len(json.dumps(doc, separators=(",", ":")))
         assert size < 256 * 1024, f"{doc['kind']}/{doc['metadata']['name']}: {size} bytes"
+
+
+def test_the_pods_environment_is_read_without_error(
+    rendered: list[Doc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = dict(_one(rendered, "ConfigMap", "featureplane-env")["data"])
+    [secret] = [d for d in rendered if d["kind"] == "Secret"]
+    env |= {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    for name in list(os.environ):
+        if name.startswith("FEATUREPLANE_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.store == "dynamodb" and settings.kafka_bootstrap
+    assert settings.dynamodb_region == env["AWS_DEFAULT_REGION"]
+    assert FlowOptions().retry_group == f"{settings.kafka_group}-retry"
+    ServeConfig()
