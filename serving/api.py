@@ -21,6 +21,7 @@ __all__ = [
     "MAX_PAIRS",
     "ApiError",
     "FeatureRequest",
+    "limit_maximum",
     "parse_body",
     "parse_query",
     "render",
@@ -151,18 +152,25 @@ def _request(
             check_id(entity_id)
         except ValidationError as exc:
             raise _bad("bad_request", str(exc)) from None
-    if limit is None:
-        limit = min(DEFAULT_LIMIT, group.max_items)
-    elif not _is_int(limit) or not 1 <= limit <= group.max_items:
-        raise _bad(
-            "bad_limit",
-            f"{where}limit must be an integer from 1 to the group's "
-            f"max_items ({group.max_items}), got {quote(limit)}",
-        )
+    # limit, since and until are checked as the OpenAPI document types them whatever the
+    # group; only a timeseries group uses them, so only there do they have to make sense.
+    timeseries = group.kind == "timeseries"
+    if limit is not None:
+        bound = group.max_items if timeseries else limit_maximum(catalog)
+        if not _is_int(limit) or not 1 <= limit <= bound:
+            allowed = (
+                f"the group's max_items ({bound})"
+                if timeseries
+                else f"{bound} (a latest group ignores it)"
+            )
+            raise _bad(
+                "bad_limit",
+                f"{where}limit must be an integer from 1 to {allowed}, got {quote(limit)}",
+            )
     for name, value in (("since", since), ("until", until)):
         if value is not None and (not _is_int(value) or not 0 <= value <= MAX_TS):
             raise _bad("bad_range", f"{where}{name} must be epoch milliseconds, got {quote(value)}")
-    if since is not None and until is not None and since > until:
+    if timeseries and since is not None and until is not None and since > until:
         raise _bad("bad_range", f"{where}since ({since}) is after until ({until})")
     names: tuple[str, ...] | None = None
     if features is not None:
@@ -174,9 +182,22 @@ def _request(
                 "unknown_feature", f"group {group.name!r} has no feature {quote(unknown[0])}"
             )
         names = tuple(dict.fromkeys(features))
-    if group.kind == "latest":  # limit, since and until are for timeseries; ignored here
-        limit, since, until = 1, None, None
+    if not timeseries:  # one value an id: limit, since and until are ignored
+        return FeatureRequest(group, tuple(ids), 1, None, None, names)
+    if limit is None:
+        limit = min(DEFAULT_LIMIT, group.max_items)
     return FeatureRequest(group, tuple(ids), limit, since, until, names)
+
+
+def limit_maximum(catalog: Catalog) -> int:
+    """The largest `limit` a request may give: the largest max_items of a timeseries group
+    (`DEFAULT_LIMIT` in a catalog without one). A timeseries group allows its own max_items;
+    a latest group ignores limit, but a limit beyond this is refused for it too, as the
+    OpenAPI document says."""
+    return max(
+        (g.max_items for g in catalog.groups.values() if g.kind == "timeseries"),
+        default=DEFAULT_LIMIT,
+    )
 
 
 def _is_int(value: Any) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from featureplane.keys import MAX_TS
+from featureplane.serving.api import limit_maximum
 from featureplane.spec import Catalog
 
 __all__ = ["openapi"]
@@ -20,8 +21,8 @@ def openapi(catalog: Catalog) -> dict[str, Any]:
     errors = {
         "400": _json(
             error,
-            "malformed body, unknown group or feature, bad limit or range, "
-            "more than 1,000 (group, id) pairs",
+            "malformed body, unknown group or feature, bad limit or range (limit past the "
+            "group's max_items, since after until), more than 1,000 (group, id) pairs",
         ),
         "401": _json(error, "a token is configured and the request lacks it"),
         "408": _json(error, "the body did not arrive within --body-timeout (then disconnected)"),
@@ -29,6 +30,24 @@ def openapi(catalog: Catalog) -> dict[str, Any]:
         "503": _json(error, "no tier can answer, or the server is at --max-connections"),
     }
     ts = {"type": "integer", "minimum": 0, "maximum": MAX_TS}
+    limit = {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": limit_maximum(catalog),
+        "description": "timeseries groups: the most items answered, newest first; default 30 "
+        "(or the group's max_items if smaller), at most the group's max_items (GET /v1/groups "
+        "shows it; the maximum here is the largest). Ignored for latest groups.",
+    }
+
+    since, until = (
+        ts
+        | {
+            "description": f"timeseries groups: the {side} event time answered, epoch "
+            "milliseconds, inclusive. Ignored for latest groups."
+        }
+        for side in ("oldest", "newest")
+    )
+
     group = {"type": "string", "enum": names} if names else {"type": "string"}
     request = {
         "type": "object",
@@ -37,13 +56,9 @@ def openapi(catalog: Catalog) -> dict[str, Any]:
         "properties": {
             "group": group,
             "ids": {"type": "array", "items": {"type": "string", "minLength": 1}},
-            "limit": {
-                "type": "integer",
-                "minimum": 1,
-                "description": "timeseries only, default 30, at most the group's max_items",
-            },
-            "since": ts,
-            "until": ts,
+            "limit": limit,
+            "since": since,
+            "until": until,
             "features": {"type": "array", "items": {"type": "string"}},
         },
     }
@@ -151,13 +166,9 @@ def openapi(catalog: Catalog) -> dict[str, Any]:
                             "required": True,
                             "schema": {"type": "string", "minLength": 1},
                         },
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1},
-                        },
-                        {"name": "since", "in": "query", "schema": ts},
-                        {"name": "until", "in": "query", "schema": ts},
+                        {"name": "limit", "in": "query", "schema": limit},
+                        {"name": "since", "in": "query", "schema": since},
+                        {"name": "until", "in": "query", "schema": until},
                         {
                             "name": "features",
                             "in": "query",

@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 
 from featureplane.cache import CacheFill
 from featureplane.codec import make_item
+from featureplane.serving.api import ApiError, limit_maximum, parse_body, parse_query
 from featureplane.serving.app import READER, create_app
 from featureplane.serving.config import ServeConfig
 from featureplane.serving.freshness import answer, entry_from_cache, entry_from_store
-from featureplane.spec import Catalog, load_catalog
+from featureplane.spec import Catalog, Feature, FeatureGroup, load_catalog
 from featureplane.stores.base import Query, wall_clock_ms
 from featureplane.stores.embedded import EmbeddedStore
 from featureplane.stores.redis_cache import RedisCache
@@ -216,6 +217,72 @@ async def test_groups_health_ready_metrics_openapi(client: TestClient[Any, Any])
         "/metrics",
         "/openapi.json",
     }
+
+
+KEYWORDS = "user_notification_keywords"  # a latest group
+
+
+async def test_limit_since_until_on_a_latest_group_are_ignored_by_get_and_post_alike(
+    client: TestClient[Any, Any],
+) -> None:
+    doc = await (await client.get("/openapi.json")).json()
+    posted = doc["components"]["schemas"]["FeatureRequest"]["properties"]
+    params = {p["name"]: p for p in doc["paths"]["/v1/features/{group}/{id}"]["get"]["parameters"]}
+    top = limit_maximum(CATALOG)
+    assert top == max(g.max_items for g in CATALOG.groups.values() if g.kind == "timeseries")
+    for limit, since in (
+        (posted["limit"], posted["since"]),
+        (params["limit"]["schema"], params["since"]["schema"]),
+    ):
+        assert (limit["minimum"], limit["maximum"]) == (1, top)
+        assert "at most the group's max_items" in limit["description"]
+        assert "Ignored for latest groups" in limit["description"]
+        assert "Ignored for latest groups" in since["description"]
+    plain = {"group": KEYWORDS, "id": "u1", "found": True, "ts": NOW}
+    plain["features"] = {"keywords": ["bike", "desk"], "updated_by": "app"}
+    # Within the document's bounds, whatever they mean for a timeseries group: ignored.
+    for query in ({"limit": top}, {"limit": 1, "since": 5, "until": 4}, {"since": 0}):
+        got = await client.get(f"/v1/features/{KEYWORDS}/u1", params=query, headers=AUTH)
+        assert got.status == 200 and await got.json() == plain, query
+        body = {"requests": [{"group": KEYWORDS, "ids": ["u1"], **query}]}
+        got = await client.post("/v1/features", json=body, headers=AUTH)
+        assert got.status == 200 and (await got.json())["results"] == [plain], query
+    # Outside them: the same 400 from both.
+    for query, code in (
+        ({"limit": top + 1}, "bad_limit"),
+        ({"limit": 0}, "bad_limit"),
+        ({"since": -1}, "bad_range"),
+    ):
+        got = await client.get(f"/v1/features/{KEYWORDS}/u1", params=query, headers=AUTH)
+        body = {"requests": [{"group": KEYWORDS, "ids": ["u1"], **query}]}
+        posted_got = await client.post("/v1/features", json=body, headers=AUTH)
+        for resp in (got, posted_got):
+            assert resp.status == 400 and (await resp.json())["error"]["code"] == code, query
+    # A timeseries group still holds since and until to make sense.
+    got = await client.get(f"/v1/features/{RECENT}/u1?since=5&until=4", headers=AUTH)
+    assert got.status == 400 and (await got.json())["error"]["code"] == "bad_range"
+
+
+def test_a_latest_groups_own_max_items_does_not_bound_limit() -> None:
+    features = (Feature(name="a", type="int"),)  # type: ignore[arg-type]
+    catalog = Catalog(
+        groups={
+            "ts": FeatureGroup(
+                name="ts", entity="u", kind="timeseries", features=features, max_items=20
+            ),
+            "one": FeatureGroup(
+                name="one", entity="u", kind="latest", features=features, max_items=1
+            ),
+        }
+    )
+    assert limit_maximum(catalog) == 20
+    req = parse_query(catalog, "one", "x", {"limit": "20", "since": "9", "until": "1"})
+    assert (req.limit, req.since, req.until) == (1, None, None)
+    with pytest.raises(ApiError, match="limit must be an integer from 1 to 20"):
+        parse_query(catalog, "one", "x", {"limit": "21"})
+    with pytest.raises(ApiError, match=r"max_items \(20\), got 21"):
+        parse_body(catalog, b'{"requests": [{"group": "ts", "ids": ["x"], "limit": 21}]}')
+    assert parse_body(catalog, b'{"requests": [{"group": "ts", "ids": ["x"]}]}')[0].limit == 20
 
 
 # ---------------------------------------------------------------- tier equivalence
