@@ -6,7 +6,9 @@ Load: wrk (`apt-get install -y wrk`) in its own process, one thread, 32 connecti
 POST bodies from a Lua script with a random id of `--ids` per request, after a warm-up.
 Scenarios:
   (a) one latest group, one id, from the local tier (warmed: every id cached);
-  (b) three groups (one timeseries of 30 items) for one id from Redis, local tier off;
+  (b) three groups (one timeseries of 30 items) for one id from Redis, local tier off,
+      twice: on one redis-server, and on a Redis Cluster of 3 masters on this machine
+      (FEATUREPLANE_REDIS_CLUSTER=true: one script call per hash slot, sent per node);
   (c) the same from the embedded store (a server without Redis, local tier off).
 Ceiling: a bare aiohttp handler in its own process returning a fixed JSON body of the
 scenario's response size, measured in the same run. `--profile` samples the server
@@ -48,7 +50,7 @@ from featureplane.codec import Record, make_item  # noqa: E402
 from featureplane.spec import load_catalog  # noqa: E402
 from featureplane.stores.embedded import EmbeddedStore  # noqa: E402
 from featureplane.stores.redis_cache import RedisCache  # noqa: E402
-from tests.services import free_port, start_redis  # noqa: E402
+from tests.services import free_port, start_redis, start_redis_cluster  # noqa: E402
 
 SPEC = """
 feature_groups:
@@ -92,10 +94,14 @@ end
 """
 
 
-async def load_data(catalog: Any, data_dir: Path, redis_url: str, n: int) -> None:
+async def load_data(catalog: Any, data_dir: Path, redis_url: str, cluster_url: str, n: int) -> None:
     now = int(time.time() * 1000)
     groups = {g: catalog.group(g) for g in ("last_click", "keywords", "stats", "recent")}
-    async with EmbeddedStore(catalog, data_dir) as store, RedisCache(catalog, redis_url) as redis:
+    async with (
+        EmbeddedStore(catalog, data_dir) as store,
+        RedisCache(catalog, redis_url) as redis,
+        RedisCache(catalog, cluster_url, cluster=True) as cluster,
+    ):
         step = 2_000
         for lo in range(0, n, step):
             items, fills = [], []
@@ -136,6 +142,7 @@ async def load_data(catalog: Any, data_dir: Path, redis_url: str, n: int) -> Non
                 )
             await store.write(items)
             await redis.fill(fills)
+            await cluster.fill(fills)
 
 
 def serve(port: int, env: dict[str, str], uvloop: bool) -> subprocess.Popen[bytes]:
@@ -277,11 +284,12 @@ def main() -> int:
     (tmp / "spec.yaml").write_text(SPEC)
     catalog = load_catalog(tmp / "spec.yaml")
     redis = start_redis(workdir=tmp / "redis")
+    cluster = start_redis_cluster()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         url = f"redis://{redis.address}/0"
         t = time.time()
-        asyncio.run(load_data(catalog, tmp / "data", url, args.ids))
+        asyncio.run(load_data(catalog, tmp / "data", url, cluster.url, args.ids))
         print(
             f"loaded {args.ids} ids x (3 latest + 30 timeseries items) in {time.time() - t:.0f} s",
             file=sys.stderr,
@@ -297,18 +305,25 @@ def main() -> int:
         procs.append(
             serve(without, {**no_redis_env, "FEATUREPLANE_SERVE_LOCAL_CACHE_MB": "0"}, args.uvloop)
         )
+        with_cluster = free_port()
+        cluster_env = {"FEATUREPLANE_REDIS_URL": cluster.url, "FEATUREPLANE_REDIS_CLUSTER": "true"}
+        procs.append(serve(with_cluster, {**env, **cluster_env}, args.uvloop))
         wait_up(with_redis)
         wait_up(without)
+        wait_up(with_cluster)
         asyncio.run(warm_local(with_redis, args.ids))
         scenarios = {
-            "a": ("(a) 1 latest group, local tier", with_redis, BODY_A),
-            "b": ("(b) 3 groups incl. 30-item timeseries, Redis", with_redis, BODY_B),
-            "c": ("(c) 3 groups incl. 30-item timeseries, store", without, BODY_B),
+            "a": [("(a) 1 latest group, local tier", with_redis, BODY_A)],
+            "b": [
+                ("(b) 3 groups incl. 30-item timeseries, Redis", with_redis, BODY_B),
+                ("(b) the same, Redis Cluster of 3 masters", with_cluster, BODY_B),
+            ],
+            "c": [("(c) 3 groups incl. 30-item timeseries, store", without, BODY_B)],
         }
+        pids = {with_redis: procs[0].pid, without: procs[1].pid, with_cluster: procs[2].pid}
         rows = []
         ceilings: dict[int, dict[str, float]] = {}
-        for key in args.only:
-            title, port, body = scenarios[key]
+        for key, title, port, body in ((k, *row) for k in args.only for row in scenarios[k]):
             sample = response_size(port, body % ((7,) * body.count("%d")))
             size = len(sample)
             lua = tmp / f"{key}.lua"
@@ -331,9 +346,8 @@ def main() -> int:
                 ceiling.terminate()
                 ceiling.wait()
                 rows.append((f"ceiling: bare aiohttp, {size} B", ceilings[size], None))
-            pid = procs[0].pid if port == with_redis else procs[1].pid
-            prof = tmp / f"{key}.prof" if args.profile else None
-            res = wrk(port, lua, args.duration, pid, prof)
+            prof = tmp / f"{key}{port}.prof" if args.profile else None
+            res = wrk(port, lua, args.duration, pids[port], prof)
             rows.append((f"{title}, {size} B", res, ceilings[size]))
             if prof is not None:
                 print(f"\n{title}: hottest functions (self time)", file=sys.stderr)
@@ -354,7 +368,7 @@ def main() -> int:
                 f"{r['non2xx']:7.0f} {r['cpu']:7.0%} {r['load']:5.2f}"
             )
         print(json.dumps({n: r for n, r, _ in rows}), file=sys.stderr)
-        for port in (with_redis, without):
+        for port in (with_redis, without, with_cluster):
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
             for line in text.splitlines():
                 if line.startswith(("featureplane_cache_events_total", "featureplane_tier_err")):
@@ -364,6 +378,7 @@ def main() -> int:
             p.terminate()
             p.wait(timeout=20)
         redis.cleanup()
+        cluster.cleanup()
     return 0
 
 

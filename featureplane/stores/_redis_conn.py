@@ -26,9 +26,9 @@ import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as rx
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import key_slot
-from redis.retry import Retry
 
 from featureplane.errors import NotStartedError, StoreError, TransientStoreError
 from featureplane.stores import _redis_lua as lua
@@ -72,6 +72,8 @@ def translated(what: str) -> Iterator[None]:
     except _PERMANENT as exc:
         raise StoreError(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
     except _TRANSIENT as exc:
+        if isinstance(exc.__cause__, _PERMANENT):  # the cluster client wraps a refused AUTH
+            raise StoreError(f"redis {what} failed: {exc}") from exc
         raise TransientStoreError(f"redis {what} failed, may succeed if retried: {exc}") from exc
     except rx.RedisError as exc:
         raise StoreError(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
@@ -272,7 +274,7 @@ def _cluster_client(url: str, owner: str) -> RedisCluster:
             max_connections=2**31,
             retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=1.0), CLUSTER_RETRIES),
         )
-    except (rx.RedisClusterException, ValueError) as exc:
+    except (rx.RedisClusterException, ValueError, TypeError) as exc:  # TypeError: an unknown option
         raise StoreError(f"{owner}: bad Redis Cluster URL: {exc}") from exc
     # Every node's connections are built from these kwargs (the client hands the same dict
     # to the nodes it discovers), so the C packer set here reaches them all.

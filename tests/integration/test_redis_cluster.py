@@ -207,6 +207,26 @@ async def test_the_wrong_kind_of_server_is_a_clear_error(
         await RedisCache(CATALOG, cluster.url.replace("/0", "/3"), cluster=True).start()
 
 
+async def test_the_password_comes_from_the_url_and_a_wrong_one_is_not_transient(
+    cluster: RedisClusterService,
+) -> None:
+    for node in cluster.nodes:
+        with redis.Redis(port=node.port) as client:
+            client.config_set("requirepass", "s3cret")
+    try:
+        host = cluster.address
+        async with RedisCache(CATALOG, f"redis://:s3cret@{host}/0", cluster=True) as cache:
+            await cache.ping()
+            assert await cache.read_cached([("profile", "u1")]) == [Cached([], None, None)]
+        with pytest.raises(StoreError, match="invalid username-password") as info:
+            await RedisCache(CATALOG, f"redis://:wrong@{host}/0", cluster=True).start()
+        assert not isinstance(info.value, TransientStoreError)
+    finally:
+        for node in cluster.nodes:
+            with redis.Redis(port=node.port, password="s3cret") as client:
+                client.config_set("requirepass", "")
+
+
 async def test_a_lost_master_is_transient_and_never_hangs() -> None:
     """Every call that needs the lost master fails as `TransientStoreError` within about
     a second (redis-py reloads the slot map and retries first), both while the master is
