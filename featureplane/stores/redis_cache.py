@@ -21,7 +21,11 @@ It uses the layout and default prefix of `stores.redis_layout` (so
 Under Redis Cluster (`cluster=True`) a (group, id)'s keys share one hash slot
 (`stores.redis_layout`), so every script call names keys of one slot: batched
 reads and write-throughs are split by slot, and the calls go out in one
-cluster pipeline, which redis-py sends to every node at once.
+cluster pipeline, which redis-py sends to every node at once. While a slot is
+being moved to another node (resharding), Redis answers TRYAGAIN to a command
+over several of its keys (a read names a value key and its marker) until the
+move ends: a call touching that slot fails as transient for that time, the
+whole batch (serving reads it from the store, ingestion retries the write).
 
 Races between write-through and a background fill (which read the store
 earlier) can leave a cached value that misses a newer item; merging in `fill`
