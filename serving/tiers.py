@@ -248,6 +248,7 @@ class TieredReader:
             entry = entry_from_store(group, recs, now, self.rand(), self.rand())
         else:
             entry = negative_entry(now, min(self.config.negative_ttl_ms, group.ttl.hard))
+        self.metrics.event("store", group.name, "hit" if recs else "negative_hit")
         if self.local is not None and "local" in group.tiers:
             self.local.put(key, entry)
         if self._fills is not None and "redis" in group.tiers:
