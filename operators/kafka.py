@@ -321,10 +321,46 @@ class Deliverer:
 
 
 def topic_partitions(cluster: Cluster, timeout_s: float = 10.0) -> dict[str, int]:
-    """Existing topics and their partition counts."""
-    admin = AdminClient(_cluster(cluster).client_config())
-    md = admin.list_topics(timeout=timeout_s)
+    """Existing topics and their partition counts.
+
+    A cluster that cannot be read raises KafkaException with librdkafka's reason for
+    the failed connections (a refused SASL login, say) after its own "transport failure".
+    """
+    errors: list[KafkaError] = []
+
+    def seen(err: KafkaError) -> None:
+        errors.append(err)
+        _log_error(err)
+
+    kafka = _cluster(cluster)
+    admin = AdminClient(kafka.client_config({"error_cb": seen}))
+    try:
+        md = admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        admin.poll(0)  # serves the error callbacks queued meanwhile: why it failed
+        raise _with_cause(exc, errors, kafka) from None
     return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
+
+
+def _with_cause(
+    exc: KafkaException, errors: Sequence[KafkaError], kafka: KafkaCluster
+) -> KafkaException:
+    err = exc.args[0] if exc.args else None
+    if not isinstance(err, KafkaError):
+        return exc
+    down = KafkaError._ALL_BROKERS_DOWN  # noqa: SLF001 (public name)
+    causes = [e.str() for e in errors if e.code() != down]
+    if causes:
+        return KafkaException(KafkaError(err.code(), f"{err.str()}: {causes[-1]}"))
+    # A TLS client at a plaintext port (or the reverse) may get no answer at all.
+    protocol = kafka.config.get("security.protocol", "PLAINTEXT")
+    return KafkaException(
+        KafkaError(
+            err.code(),
+            f"{err.str()}: no broker answered; does the port take {protocol}? (Amazon MSK: "
+            "9092 PLAINTEXT, 9094 SSL, 9096 SASL_SSL with SCRAM, 9098 IAM)",
+        )
+    )
 
 
 def ensure_topics(
