@@ -50,6 +50,8 @@ DRAIN = "10s"
 """The dataflows' drain timeout under `up` (FEATUREPLANE_DRAIN_TIMEOUT overrides it)."""
 STOP_MARGIN_S = 20.0
 """What a dataflow may take after its drain: commit, leave the group, flush, close."""
+DEMO_GROUP = "recent_user_clicked_fleaMarketArticles"
+"""The example catalog's group whose user-1 items the banner of `up --demo` shows."""
 
 
 class UpSettings(BaseSettings):
@@ -169,11 +171,9 @@ def run(settings: Settings, up: UpSettings, demo_rate: float | None = None) -> i
                 child.start()
         if not wait_ready(children, stopping):
             return 0 if stopping() else 1
-        print(
-            banner(
-                children, data_dir, bootstrap, broker is not None, settings.redis_url is not None
-            )
-        )
+        embedded, redis = broker is not None, settings.redis_url is not None
+        demo = demo_rate is not None and DEMO_GROUP in catalog.groups
+        print(banner(children, data_dir, bootstrap, embedded, redis, demo=demo))
         sys.stdout.flush()
         return supervise(children, stopping)
     finally:
@@ -329,7 +329,12 @@ def supervise(children: list[Child], stopping: Callable[[], bool]) -> int:
 
 
 def banner(
-    children: list[Child], data_dir: Path, bootstrap: str, embedded: bool, redis: bool
+    children: list[Child],
+    data_dir: Path,
+    bootstrap: str,
+    embedded: bool,
+    redis: bool,
+    demo: bool = False,
 ) -> str:
     serve = next(c for c in children if c.name == "serve")
     base = (serve.ready_url or "").removesuffix("/readyz")
@@ -344,11 +349,16 @@ def banner(
     for c in children:
         if c.name in ("ingest", "retry"):
             lines.append(f"  {c.name:<13} metrics {c.ready_url}")
+    # Quoted: an unquoted `?` is a glob to zsh, which then refuses the command.
+    if demo:  # a group and an id the demo feeds
+        tries = [f"  curl -s '{base}/v1/features/{DEMO_GROUP}/user-1?limit=3'"]
+    else:  # the user's own catalog: its groups first
+        tries = [f"  curl -s '{base}/v1/groups'", f"  curl -s '{base}/v1/features/GROUP/ID'"]
     lines += [
         f"  logs          {data_dir / 'logs'}",
         "",
         "try:",
-        f"  curl -s {base}/v1/features/recent_user_clicked_fleaMarketArticles/user-1?limit=3",
+        *tries,
         "",
         "Ctrl-C stops everything.",
     ]

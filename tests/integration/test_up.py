@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from featureplane.cli.up import DRAIN, UpSettings, plan_children, stop_timeout
+from featureplane.cli.up import DEMO_GROUP, DRAIN, UpSettings, banner, plan_children, stop_timeout
 from featureplane.settings import Settings
-from featureplane.spec import parse_duration
+from featureplane.spec import load_catalog, parse_duration
 from tests.services import free_port
 
 GROUP = "recent_user_clicked_fleaMarketArticles"
@@ -212,3 +212,17 @@ def test_up_passes_its_settings_to_its_children(
     assert children["serve"].ready_url == "http://127.0.0.2:8123/readyz"
     assert children["demo-events"].argv[-2:] == ["--rate", "7.5"]
     assert "demo-events" not in {c.name for c in plan_children(settings, up, "127.0.0.1:9092")}
+
+
+def test_the_banner_suggests_a_curl_that_any_shell_runs(tmp_path: Path) -> None:
+    """The URL is quoted (zsh refuses an unquoted `?` that matches no file), and without the
+    demo it names no group of the example catalog, which the user's own may lack."""
+    settings = Settings(spec=tmp_path / "spec", data_dir=tmp_path, port=8123)
+    children = plan_children(settings, UpSettings(), "127.0.0.1:9092", 7.5)
+    text = banner(children, tmp_path, "127.0.0.1:9092", True, False, demo=True)
+    url = f"http://127.0.0.1:8123/v1/features/{DEMO_GROUP}/user-1?limit=3"
+    assert f"\n  curl -s '{url}'\n" in text
+    text = banner(children, tmp_path, "127.0.0.1:9092", True, False)
+    assert "\n  curl -s 'http://127.0.0.1:8123/v1/groups'\n" in text
+    assert DEMO_GROUP not in text
+    assert DEMO_GROUP in load_catalog(EXAMPLES).groups
