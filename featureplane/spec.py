@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -306,8 +306,9 @@ def _check_rules(
             )
         if group.features is None or rule.features is None:
             continue  # a problem of the group's or the rule's own, reported there
+        have = set(group.features)
         for name in rule.features:
-            if name not in group.features:
+            if name not in have:
                 hint = _did_you_mean(name, group.features)
                 problems.append(
                     rule.loc.problem(
@@ -317,7 +318,7 @@ def _check_rules(
                 )
 
 
-def _did_you_mean(word: Any, choices: Iterator[str] | Mapping[str, Any] | tuple[str, ...]) -> str:
+def _did_you_mean(word: Any, choices: Iterable[str]) -> str:
     """` (did you mean 'x'?)` for the choice closest to `word`, if one is close; else ``."""
     if not isinstance(word, str) or len(word) > 128:
         return ""
@@ -383,9 +384,17 @@ def _parse_file(file: Path, problems: list[SpecProblem]) -> Iterator[_Entry]:
             try:
                 yield _valid_entry(model.model_validate(raw), loc)
             except pydantic.ValidationError as exc:
+                before = len(problems)
                 renamed = _report(model, exc, loc, problems)
-                if isinstance(raw, dict):
-                    yield _raw_entry(model, raw, renamed, loc, problems)
+                entry = (
+                    _raw_entry(model, raw, renamed, loc, problems)
+                    if isinstance(raw, dict)
+                    else None
+                )
+                if len(problems) == before:  # every error was left to a check that did not run
+                    problems.extend(loc.problem(tuple(e["loc"]), _message(e)) for e in exc.errors())
+                if entry is not None:
+                    yield entry
 
 
 def _valid_entry(model: FeatureGroup | IngestionRule, loc: _Loc) -> _Entry:
