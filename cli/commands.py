@@ -35,7 +35,8 @@ def up(args: argparse.Namespace) -> int:
     (FEATUREPLANE_DRAIN_TIMEOUT) and 20s more to commit and close before they
     are killed. Their metrics listen on 127.0.0.1 only. With --demo it uses the
     example catalog (unless --spec or FEATUREPLANE_SPEC names one) and feeds a
-    steady stream of sample events, so features appear within seconds.
+    steady stream of sample events, so features appear within seconds; without
+    it, it runs the spec at --spec (./featureplane.yaml unless told otherwise).
     """
     from featureplane.cli.up import UpSettings, run
 
@@ -209,8 +210,10 @@ def validate(args: argparse.Namespace) -> int:
     """Check spec files and print every problem.
 
     PATH is one YAML file or a folder of them. Each problem is one line,
-    `file:line: field: message`. Exit status 0 when the catalog is valid, 1
-    otherwise.
+    `file:line: field: message`, all of them in one pass: every group and rule
+    is checked, and checked against the others, even when some fail, and a
+    misspelled key gets the field it most likely meant. Exit status 0 when the
+    catalog is valid, 1 otherwise (also when PATH holds no spec).
     """
     from featureplane.cli.validate import run
 
