@@ -39,7 +39,17 @@ from featureplane.lifecycle import (
 from featureplane.settings import Duration, Settings, format_duration
 from featureplane.spec import Catalog, load_catalog, parse_duration
 
-__all__ = ["DRAIN", "EXAMPLES", "Child", "UpSettings", "plan_children", "run", "stop_timeout"]
+__all__ = [
+    "DEMO_GROUP",
+    "DRAIN",
+    "EXAMPLES",
+    "Child",
+    "UpSettings",
+    "banner",
+    "plan_children",
+    "run",
+    "stop_timeout",
+]
 
 log = logging.getLogger("featureplane.cli.up")
 
