@@ -16,20 +16,27 @@ are read, so a mistake stops the start in one line naming the property:
 The values hold passwords: a `KafkaConfig` shows only its property names
 (`describe` adds the values of the few that are never secret), and error
 messages never quote a value.
+
+One property is featureplane's, not librdkafka's: `MSK_IAM` signs in to
+Amazon MSK with AWS IAM (SASL/OAUTHBEARER, port 9098), with tokens that AWS's
+aws-msk-iam-sasl-signer-python signs with the AWS credentials of the pod or
+machine; `librdkafka()` turns it into librdkafka's token callback.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
 from pydantic import GetCoreSchemaHandler
 from pydantic_core import core_schema
 
-__all__ = ["RESERVED", "SHOWN", "KafkaConfig", "Value"]
+__all__ = ["MSK_IAM", "RESERVED", "SHOWN", "KafkaConfig", "Value", "msk_iam_token"]
 
 Value = str | int | float | bool
 """A property's value as JSON gives it; librdkafka reads each as text."""
@@ -60,7 +67,15 @@ RESERVED: Final[Mapping[str, str]] = {
 
 _CALLBACKS = frozenset({"on_delivery", "on_commit", "logger"})
 
-SHOWN: Final = frozenset({"security.protocol", "sasl.mechanism", "sasl.mechanisms"})
+MSK_IAM: Final = "featureplane.aws_msk_iam"
+"""`true` (the region from AWS_REGION, AWS_DEFAULT_REGION or the AWS config file) or an
+AWS region: sign in to Amazon MSK with AWS IAM. Needs "security.protocol": "SASL_SSL" and
+"sasl.mechanism": "OAUTHBEARER", and the package aws-msk-iam-sasl-signer-python."""
+
+_SIGNER = "aws_msk_iam_sasl_signer"
+_IAM_NEEDS = {"security.protocol": "SASL_SSL", "sasl.mechanism": "OAUTHBEARER"}
+
+SHOWN: Final = frozenset({"security.protocol", "sasl.mechanism", "sasl.mechanisms", MSK_IAM})
 """Properties whose values `describe` shows: never secret, and what a reader of a
 connection error needs first."""
 
@@ -74,13 +89,22 @@ class KafkaConfig(Mapping[str, Value]):
     A bad one raises ValueError with one line naming the property; nothing is quoted.
     """
 
-    __slots__ = ("_props",)
+    __slots__ = ("_props", "_region")
 
     def __init__(self, props: Mapping[str, object] | None = None) -> None:
         checked = _checked(props or {})
-        if checked:
-            _librdkafka_accepts(checked)
+        self._region = _msk_iam_region(checked)
+        theirs = {k: v for k, v in checked.items() if k != MSK_IAM}
+        if theirs:
+            _librdkafka_accepts(theirs)
         self._props: dict[str, Value] = checked
+
+    def librdkafka(self) -> dict[str, Any]:
+        """The properties as librdkafka takes them: `MSK_IAM` becomes its token callback."""
+        props: dict[str, Any] = {k: v for k, v in self._props.items() if k != MSK_IAM}
+        if self._region is not None:
+            props["oauth_cb"] = msk_iam_token(self._region)
+        return props
 
     @classmethod
     def parse(cls, text: str) -> KafkaConfig:
@@ -146,6 +170,8 @@ def _checked(props: Mapping[Any, object]) -> dict[str, Value]:
             problems.append("a property with an empty name")
         elif name in RESERVED:
             problems.append(f'"{name}" cannot be set here: {RESERVED[name]}')
+        elif name.startswith("featureplane.") and name != MSK_IAM:
+            problems.append(f'"{name}" is not a featureplane property (only "{MSK_IAM}" is)')
         elif name.endswith("_cb") or name in _CALLBACKS:
             problems.append(f'"{name}" is a callback: featureplane sets its own')
         elif value is None or not isinstance(value, str | int | float | bool):
@@ -159,6 +185,54 @@ def _checked(props: Mapping[Any, object]) -> dict[str, Value]:
     if problems:
         raise ValueError("; ".join(problems))
     return out
+
+
+def _msk_iam_region(props: Mapping[str, Value]) -> str | None:
+    """The region to sign MSK IAM tokens for, or None without `MSK_IAM`; ValueError when
+    the other properties, the region or the signer package are missing."""
+    value = props.get(MSK_IAM, False)
+    if value is False:
+        return None
+    if value is not True and not (isinstance(value, str) and value.strip()):
+        raise ValueError(f'"{MSK_IAM}" must be true or an AWS region, like "us-east-1"')
+    wrong = [f'"{k}": "{v}"' for k, v in _IAM_NEEDS.items() if props.get(k) != v]
+    if wrong:
+        raise ValueError(f'"{MSK_IAM}" needs {" and ".join(wrong)}')
+    if importlib.util.find_spec(_SIGNER) is None:
+        raise ValueError(
+            f'"{MSK_IAM}" needs the package aws-msk-iam-sasl-signer-python: '
+            "pip install aws-msk-iam-sasl-signer-python"
+        )
+    region = value if isinstance(value, str) else _aws_region()
+    if not region:
+        raise ValueError(
+            f'"{MSK_IAM}": no AWS region; set AWS_REGION, or give it: "{MSK_IAM}": "us-east-1"'
+        )
+    return region.strip()
+
+
+def _aws_region() -> str | None:
+    import botocore.session
+
+    region = os.environ.get("AWS_REGION") or botocore.session.Session().get_config_variable(
+        "region"
+    )
+    return str(region) if region else None
+
+
+def msk_iam_token(region: str) -> Callable[[str], tuple[str, float]]:
+    """librdkafka's `oauth_cb` for Amazon MSK IAM: a token signed with the AWS credentials
+    found now (the pod's role, the machine's, the variables), and when it expires, in
+    seconds since the epoch. librdkafka calls it again before then."""
+    from aws_msk_iam_sasl_signer import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+        MSKAuthTokenProvider,
+    )
+
+    def oauth_cb(_config: str) -> tuple[str, float]:
+        token, expiry_ms = MSKAuthTokenProvider.generate_auth_token(region)
+        return str(token), int(expiry_ms) / 1000
+
+    return oauth_cb
 
 
 def _librdkafka_accepts(props: Mapping[str, Value]) -> None:

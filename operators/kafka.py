@@ -78,7 +78,7 @@ class KafkaCluster:
         return {
             "error_cb": _log_error,
             **(role or {}),
-            **self.config,
+            **self.config.librdkafka(),
             "bootstrap.servers": self.bootstrap,
         }
 

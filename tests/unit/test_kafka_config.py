@@ -1,14 +1,19 @@
 """FEATUREPLANE_KAFKA_CONFIG: parsed once, reserved properties refused, checked by
-librdkafka, given to every client kind, and its values never shown."""
+librdkafka, given to every client kind, and its values never shown; MSK IAM tokens
+signed offline with stand-in AWS credentials (what MSK then checks is not verifiable
+here)."""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pydantic
 import pytest
@@ -18,7 +23,7 @@ from featureplane.batch import backfill
 from featureplane.cli import demo, main
 from featureplane.cli.flags import add_flags
 from featureplane.cli.parser import build_parser
-from featureplane.kafka_config import RESERVED, KafkaConfig
+from featureplane.kafka_config import MSK_IAM, RESERVED, KafkaConfig
 from featureplane.operators import kafka
 from featureplane.operators.kafka import Deliverer, GroupConsumer, KafkaCluster
 from featureplane.operators.metrics import IngestMetrics
@@ -54,12 +59,53 @@ def test_a_json_object_of_strings_numbers_and_booleans() -> None:
         ('{"security.protocol": "TLS"}', 'Invalid value "TLS" for configuration property'),
         ('{"ssl.ca.location": "/no/ca.pem"}', '"ssl.ca.location": no file or folder at'),
         ('{"error_cb": "f", "on_delivery": "g"}', '"on_delivery" is a callback'),
+        ('{"featureplane.iam": true}', '"featureplane.iam" is not a featureplane property'),
+        (
+            '{"featureplane.aws_msk_iam": true, "security.protocol": "SASL_SSL"}',
+            '"featureplane.aws_msk_iam" needs "sasl.mechanism": "OAUTHBEARER"',
+        ),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_property(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=r"^[^\n]+$") as caught:
         KafkaConfig.parse(text)
     assert message in str(caught.value)
+
+
+IAM = {"security.protocol": "SASL_SSL", "sasl.mechanism": "OAUTHBEARER", MSK_IAM: True}
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """AWS credentials and region from variables alone (no files of this machine's)."""
+    for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_REGION", "ap-northeast-2")
+    return monkeypatch
+
+
+def test_msk_iam_signs_tokens_with_the_aws_credentials(aws: pytest.MonkeyPatch) -> None:
+    conf = KafkaCluster("b-1.msk.example:9098", KafkaConfig(IAM)).client_config()
+    assert MSK_IAM not in conf and conf["sasl.mechanism"] == "OAUTHBEARER"
+    token, expiry_s = conf["oauth_cb"]("")
+    url = urlsplit(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode())
+    query = parse_qs(url.query)
+    assert url.netloc == "kafka.ap-northeast-2.amazonaws.com"
+    assert query["Action"] == ["kafka-cluster:Connect"] and query["X-Amz-Signature"]
+    assert query["X-Amz-Credential"][0].startswith("AKIDEXAMPLE/")
+    assert 800 < expiry_s - time.time() <= 900  # seconds since the epoch, as librdkafka wants
+    assert SECRET not in token
+    KafkaConfig({**IAM, MSK_IAM: "eu-west-1"}).librdkafka()["oauth_cb"]("")
+
+
+def test_msk_iam_without_a_region_says_where_to_give_it(aws: pytest.MonkeyPatch) -> None:
+    aws.delenv("AWS_REGION")
+    with pytest.raises(ValueError, match='no AWS region; set AWS_REGION, or give it: "featur'):
+        KafkaConfig(IAM)
 
 
 def test_every_property_featureplane_sets_is_refused_with_the_reason() -> None:
