@@ -206,7 +206,7 @@ class SpecNotFoundError(SpecError):
 
 
 def load_catalog(path: str | Path) -> Catalog:
-    """Load a YAML file or a folder of `*.yaml`/`*.yml` files.
+    """Load a YAML file or a folder of `*.yaml`/`*.yml` files (hidden ones skipped).
 
     Raises `SpecNotFoundError` when there is nothing to read, else `SpecError` with every
     problem of every file: each group and rule is checked, and checked against the others,
@@ -231,8 +231,14 @@ def load_catalog(path: str | Path) -> Catalog:
 def _spec_files(path: Path) -> list[Path]:
     if path.is_dir():
         # rglob does not follow symlinked folders, so a symlink loop cannot make it endless.
+        # Hidden names are skipped: a Kubernetes ConfigMap volume holds each file twice, in
+        # a `..<timestamp>` folder and as a symlink beside it, and editors leave `.#x.yaml`.
         files = sorted(
-            p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and not p.is_dir()
+            p
+            for p in path.rglob("*")
+            if p.suffix in (".yaml", ".yml")
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            and not p.is_dir()
         )
         if not files:
             raise SpecNotFoundError(path, "a folder with no .yaml or .yml files")

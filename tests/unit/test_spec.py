@@ -217,6 +217,19 @@ def test_a_missing_spec_says_how_to_get_one(
         load_catalog(tmp_path / "empty")
 
 
+def test_a_configmap_volume_is_read_once(tmp_path: Path) -> None:
+    """Kubernetes mounts a ConfigMap as files in a hidden `..<timestamp>` folder, `..data`
+    pointing at it, and one symlink a key beside them: each spec file is read once."""
+    mount = tmp_path / "spec"
+    data = mount / "..2026_11_30_12_00_00.000000001"
+    data.mkdir(parents=True)
+    (mount / "..data").symlink_to(data.name)
+    for f in sorted(EXAMPLES.glob("*.yaml")):
+        (data / f.name).write_text(f.read_text())
+        (mount / f.name).symlink_to(f"..data/{f.name}")
+    assert load_catalog(mount).groups.keys() == load_catalog(EXAMPLES).groups.keys()
+
+
 def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
     (tmp_path / "x.yaml").write_text("feature_groups:\n  - name: x\n    kind: [\n")
     with pytest.raises(SpecError, match=r"x.yaml:4: -: not valid YAML"):

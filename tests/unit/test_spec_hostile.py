@@ -250,6 +250,9 @@ def test_odd_files_in_a_spec_folder(tmp_path: Path) -> None:
     (folder / "loop2.yaml").symlink_to(folder / "loop1.yaml")
     (folder / "sub" / "up").symlink_to(folder)  # a folder loop: not followed
     os.mkfifo(folder / "fifo.yaml")  # reading it would wait forever
+    (folder / ".#ok.yaml").write_text("not: [a spec")  # an editor's lock file: hidden, skipped
+    (folder / ".git").mkdir()
+    (folder / ".git" / "x.yaml").write_text("not: [a spec")
     started = time.perf_counter()
     with pytest.raises(SpecError) as caught:
         load_catalog(folder)
