@@ -15,7 +15,7 @@ are read, so a mistake stops the start in one line naming the property:
 
 The values hold passwords: a `KafkaConfig` shows only its property names
 (`describe` adds the values of the few that are never secret), and error
-messages never quote a value.
+messages never show the value of a password, key, token or secret.
 
 One property is featureplane's, not librdkafka's: `MSK_IAM` signs in to
 Amazon MSK with AWS IAM (SASL/OAUTHBEARER, port 9098), with tokens that AWS's
