@@ -89,6 +89,7 @@ def start_redis_cluster(masters: int = 3, node_timeout_ms: int = 2000) -> RedisC
     picked free too (`--cluster-port`), not the default port + 10000, which may be taken
     or past 65535.
     """
+    cli = _redis_cli()  # before anything starts: a missing binary leaves nothing behind
     workdir = Path(tempfile.mkdtemp(prefix="fp-redis-cluster-"))
     cluster = RedisClusterService([], workdir)
     try:
@@ -104,7 +105,7 @@ def start_redis_cluster(masters: int = 3, node_timeout_ms: int = 2000) -> RedisC
                 *("--cluster-node-timeout", str(node_timeout_ms), "--cluster-port", str(bus)),
             ]
             cluster.nodes.append(start_process("redis-cluster", argv, port, wd, 20))
-        create = [_redis_cli(), "--cluster", "create", *(n.address for n in cluster.nodes)]
+        create = [cli, "--cluster", "create", *(n.address for n in cluster.nodes)]
         done = subprocess.run(
             [*create, "--cluster-replicas", "0", "--cluster-yes"],
             capture_output=True,
