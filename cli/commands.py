@@ -28,8 +28,9 @@ def up(args: argparse.Namespace) -> int:
     store in --data-dir (plus the Redis tier when FEATUREPLANE_REDIS_URL is set).
     Before starting anything it checks that the HTTP port is free and that a
     named broker answers, and says in one line what to change if not. It
-    creates the topics the spec needs, waits until every part is ready,
-    prints what runs where, restarts a part that dies (at most 3 times a
+    creates the topics the spec needs, waits until every part is ready (with
+    --demo, until ingestion wrote its first features), prints what runs
+    where, restarts a part that dies (at most 3 times a
     minute, else it exits non-zero with the reason) and stops everything on
     Ctrl-C or SIGTERM: the dataflows get 10s to finish the records in flight
     (FEATUREPLANE_DRAIN_TIMEOUT) and 20s more to commit and close before they

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,6 +50,7 @@ __all__ = [
     "plan_children",
     "run",
     "stop_timeout",
+    "wrote_items",
 ]
 
 log = logging.getLogger("featureplane.cli.up")
@@ -85,6 +87,8 @@ class Child:
     env: dict[str, str]
     log_path: Path
     ready_url: str | None = None
+    ready_when: Callable[[bytes], bool] | None = None
+    """What the ready URL's 200 body must also show (None: the 200 is enough)."""
     proc: subprocess.Popen[bytes] | None = None
     starts: deque[float] = field(default_factory=deque)
     _log: IO[bytes] | None = None
@@ -109,7 +113,9 @@ class Child:
             return self.exited() is None
         try:
             with urllib.request.urlopen(self.ready_url, timeout=1) as resp:  # noqa: S310 (loopback)
-                return bool(resp.status == 200)
+                if resp.status != 200:
+                    return False
+                return self.ready_when is None or self.ready_when(resp.read())
         except OSError:
             return False
 
@@ -266,6 +272,9 @@ def plan_children(
                 env | flow_env | {"FEATUREPLANE_METRICS_PORT": str(metrics)},
                 logs / f"{name}.log",
                 f"http://127.0.0.1:{metrics}/metrics",
+                # With the demo, "up" means the curl the banner suggests finds something: the
+                # consumer group's join alone took 5 s after the metrics answered.
+                wrote_items if name == "ingest" and demo_rate is not None else None,
             )
         )
     children.append(
@@ -281,6 +290,14 @@ def plan_children(
         demo = [*exe, "demo-events", "--rate", str(demo_rate)]
         children.append(Child("demo-events", demo, env, logs / "demo-events.log"))
     return children
+
+
+_WRITTEN = re.compile(rb"^featureplane_ingest_items_written_total\{[^}]*\} ([0-9.e+]+)$", re.M)
+
+
+def wrote_items(metrics: bytes) -> bool:
+    """Whether an ingest process's Prometheus text counts any item written."""
+    return any(float(m.group(1)) > 0 for m in _WRITTEN.finditer(metrics))
 
 
 def _loopback(host: str) -> str:

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from featureplane.cli.up import DEMO_GROUP, DRAIN, UpSettings, banner, plan_children, stop_timeout
+from featureplane.cli.up import (
+    DEMO_GROUP,
+    DRAIN,
+    UpSettings,
+    banner,
+    plan_children,
+    stop_timeout,
+    wrote_items,
+)
 from featureplane.settings import Settings
 from featureplane.spec import load_catalog, parse_duration
 from tests.services import free_port
@@ -127,6 +135,16 @@ def test_up_demo_serves_growing_features_and_stops_cleanly(tmp_path: Path) -> No
     proc = _start_up(tmp_path, port, "--demo", "--rate", "200")
     try:
         _wait_ready(proc, base)
+        # Once the banner is printed, the curl it suggests finds user-1's clicks at once.
+        assert proc.stdout is not None
+        shown = ""
+        while not shown.endswith("Ctrl-C stops everything.\n"):
+            line = proc.stdout.readline()
+            assert line, f"up ended before its banner:\n{shown}"
+            shown += line
+        assert "featureplane is up" in shown and f"'{base}/v1/features/{GROUP}/user-1" in shown
+        status, body = _get(f"{base}/v1/features/{GROUP}/user-1?limit=3")
+        assert status == 200 and body["found"], body
         # The demo feeds user-1 about 10 clicks a second: newer items must keep appearing.
         newest: list[int] = []
         deadline = time.monotonic() + 60
@@ -150,7 +168,6 @@ def test_up_demo_serves_growing_features_and_stops_cleanly(tmp_path: Path) -> No
             assert _listening(mport) == ["127.0.0.1"], f"{flow} metrics on {_listening(mport)}"
     finally:
         out = _stop(proc)
-    assert "featureplane is up" in out and "curl" in out
     # A graceful stop: every dataflow drained and committed, none was killed.
     assert "did not stop in time" not in out, out
     for flow in ("ingest", "retry"):
@@ -226,3 +243,20 @@ def test_the_banner_suggests_a_curl_that_any_shell_runs(tmp_path: Path) -> None:
     assert "\n  curl -s 'http://127.0.0.1:8123/v1/groups'\n" in text
     assert DEMO_GROUP not in text
     assert DEMO_GROUP in load_catalog(EXAMPLES).groups
+
+
+def test_with_the_demo_ingest_is_ready_once_it_wrote_items(tmp_path: Path) -> None:
+    settings = Settings(spec=tmp_path / "spec", data_dir=tmp_path)
+    demo = {c.name: c for c in plan_children(settings, UpSettings(), "127.0.0.1:9092", 5.0)}
+    assert demo["ingest"].ready_when is wrote_items
+    assert demo["retry"].ready_when is None  # its topics stay empty unless something fails
+    plain = {c.name: c for c in plan_children(settings, UpSettings(), "127.0.0.1:9092")}
+    assert plain["ingest"].ready_when is None  # the user's topics may be empty
+    head = (
+        b"# HELP featureplane_ingest_items_written_total Items written\n"
+        b"# TYPE featureplane_ingest_items_written_total counter\n"
+    )
+    assert not wrote_items(head)
+    line = b'featureplane_ingest_items_written_total{flow="ingest",group="g",tier="store"} '
+    assert not wrote_items(head + line + b"0.0\n")
+    assert wrote_items(head + line + b"0.0\n" + line.replace(b'"g"', b'"h"') + b"83.0\n")
