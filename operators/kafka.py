@@ -241,11 +241,13 @@ class GroupConsumer:
             self.metrics.lag.labels(self.flow, t.topic, str(t.partition)).set(max(0, high - base))
 
     def _drop_lag(self, topic: str, partition: int) -> None:
-        # Another member owns the partition now and reports its lag.
-        try:
-            self.metrics.lag.remove(self.flow, topic, str(partition))
-        except KeyError:
-            pass
+        # Another member owns the partition now and reports its lag and commits; a frozen
+        # series left here would be summed with the new owner's.
+        for gauge in (self.metrics.lag, self.metrics.committed_offset):
+            try:
+                gauge.remove(self.flow, topic, str(partition))
+            except KeyError:
+                pass
 
     def close(self) -> None:
         """Commit what is acknowledged and leave the group."""
