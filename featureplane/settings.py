@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     (variables, files, the pod's or instance's role)."""
     redis_url: SecretStr | None = None
     """redis://... or rediss://... of the Redis tier; unset means no Redis tier."""
+    redis_cluster: bool = False
+    """The Redis URL is a node of a Redis Cluster (ElastiCache cluster mode: give its
+    configuration endpoint); the client finds the other nodes from it."""
     host: str = "127.0.0.1"
     """Address the HTTP API listens on."""
     port: int = Field(8000, ge=0, le=65535)
@@ -110,8 +113,5 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped by Prometheus from outside the pod
     """Address a dataflow's metrics listen on (`up` uses 127.0.0.1)."""
     token: SecretStr | None = None
-    redis_cluster: bool = False
-    """The Redis URL is a node of a Redis Cluster (ElastiCache cluster mode: give its
-    configuration endpoint); the client finds the other nodes from it."""
     """Bearer token the HTTP API requires; unset means none. A variable only, never a flag,
     so it stays out of `ps`."""
