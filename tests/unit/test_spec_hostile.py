@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -303,4 +304,57 @@ def test_any_content_is_a_catalog_or_spec_problems(tmp_path: Path, content: byte
     try:
         load_catalog(path)
     except SpecError as exc:
+        assert all(p.file == str(path) and p.line >= 1 for p in exc.problems)
+
+
+_ODD = st.one_of(st.none(), st.integers(-1, 3), st.lists(st.just("x"), max_size=2))
+_NAMES = st.sampled_from(["g", "h", "a", "b", "bad name", ""]) | _ODD
+_FEATURE = st.fixed_dictionaries(
+    {}, optional={"name": _NAMES, "nme": _NAMES, "type": st.sampled_from(["int", "strin"])}
+)
+_GROUP = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": _NAMES,
+        "nme": _NAMES,
+        "entity": st.just("u"),
+        "kind": st.sampled_from(["latest", "timeseries", "timeserie"]),
+        "features": st.lists(_FEATURE, max_size=3) | _ODD,
+        "featurs": st.lists(_FEATURE, max_size=2),
+        "on_demand": st.sampled_from(["m:f", "bad"]),
+        "ttl": st.fixed_dictionaries({}, optional={"soft": st.just("1s"), "sfot": st.just(1)}),
+    },
+)
+_RULE = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": _NAMES,
+        "topic": st.just("t"),
+        "event_type": st.just("e"),
+        "evnt_type": st.just("e"),
+        "group": _NAMES,
+        "grop": _NAMES,
+        "id": st.just("uid"),
+        "features": st.dictionaries(_NAMES.filter(lambda n: isinstance(n, str)), st.just("p"))
+        | _ODD,
+    },
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(groups=st.lists(_GROUP | _ODD, max_size=4), rules=st.lists(_RULE, max_size=4))
+def test_any_spec_shaped_document_is_a_catalog_or_located_problems(
+    tmp_path: Path, groups: list[object], rules: list[object]
+) -> None:
+    """Entries that half parse, in any mix, are checked against each other without an error
+    of the loader's own, and no problem is said twice."""
+    path = tmp_path / "shaped.yaml"
+    path.write_text(yaml.safe_dump({"feature_groups": groups, "ingestion": rules}))
+    try:
+        load_catalog(path)
+    except SpecError as exc:
+        lines = [str(p) for p in exc.problems]
+        assert lines and len(set(lines)) == len(lines), lines  # each problem said once
         assert all(p.file == str(path) and p.line >= 1 for p in exc.problems)
