@@ -60,7 +60,7 @@ class _Loader(Composer, CParser, SafeConstructor, Resolver):
         self.level = 0  # of the node being composed; the root is 1
         self.deepest = 0  # deepest level reached under the node being composed
         self.shapes: dict[str, tuple[int, int]] = {}  # anchor -> (nodes, height), once composed
-        self.duplicates: dict[int, list[tuple[ScalarNode, int]]] = {}  # id(mapping) -> keys
+        self.duplicates: dict[int, list[tuple[ScalarNode, int, bool]]] = {}  # id -> keys
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         event: Any = self.peek_event()
@@ -96,16 +96,25 @@ class _Loader(Composer, CParser, SafeConstructor, Resolver):
 
     def compose_mapping_node(self, anchor: Any) -> MappingNode:
         node = super().compose_mapping_node(anchor)
-        seen: dict[tuple[str, str], int] = {}  # (tag, text) -> line
-        kept, dropped = [], []
+        seen: dict[tuple[str, str], int] = {}  # (tag, text) -> index in kept
+        kept: list[tuple[Node, Node]] = []
+        dropped: list[tuple[ScalarNode, int, bool]] = []
         for key, value in node.value:
-            if isinstance(key, ScalarNode):
-                if (first := seen.get((key.tag, key.value))) is not None:
-                    dropped.append((key, first))
-                    continue
-                seen[key.tag, key.value] = key.start_mark.line + 1
-            kept.append((key, value))
-        if dropped:  # the first one counts; the others are reported where the walk finds them
+            if not isinstance(key, ScalarNode):
+                kept.append((key, value))
+            elif (at := seen.get((key.tag, key.value))) is None:
+                seen[key.tag, key.value] = len(kept)
+                kept.append((key, value))
+            else:
+                # The first one counts. A top-level list given twice (two `feature_groups:`
+                # in files pasted together) is read as one, so its entries are checked too.
+                first_key, first = kept[at]
+                merge = self.level == 1 and all(isinstance(v, SequenceNode) for v in (first, value))
+                if merge:
+                    items = first.value + value.value
+                    kept[at] = first_key, SequenceNode(first.tag, items, first.start_mark)
+                dropped.append((key, first_key.start_mark.line + 1, merge))
+        if dropped:  # reported where the walk finds them, with their path
             node.value = kept
             self.duplicates[id(node)] = dropped
         return node
@@ -159,9 +168,11 @@ def read_yaml(file: Path) -> Document:
     def walk(n: Node, path: tuple[Any, ...]) -> None:  # depth <= MAX_DEPTH
         if isinstance(n, MappingNode):
             # Popped: a mapping reached again through an alias is reported once.
-            for k, first in loader.duplicates.pop(id(n), ()):
+            for k, first, merged in loader.duplicates.pop(id(n), ()):
                 where = field_of((*path, k.value))
                 message = f"duplicate key (first at line {first})"
+                if merged:
+                    message += "; its items are checked as if they followed the first's"
                 problems.append(SpecProblem(name, k.start_mark.line + 1, where, message))
             for k, v in n.value:
                 key = (*path, k.value if isinstance(k, ScalarNode) else None)

@@ -180,6 +180,29 @@ def test_every_problem_of_a_file_in_one_pass(tmp_path: Path) -> None:
     ]
 
 
+def test_two_files_pasted_into_one_are_checked_whole(tmp_path: Path) -> None:
+    """Sections given twice (files pasted together) are read as one list each: the duplicate
+    group and the rule's unknown feature are found in the same pass as the duplicate keys,
+    where they used to appear only once the file was split again."""
+    half = (
+        "feature_groups:\n  - {{name: clicks, entity: user, kind: latest, "
+        "features: [{{name: {f}, type: int}}]}}\n"
+        "ingestion:\n  - {{name: r{f}, topic: t, event_type: e, group: clicks, id: uid, "
+        "features: {{{f}: {f}}}}}\n"
+    )
+    spec = tmp_path / "pasted.yaml"
+    spec.write_text(half.format(f="a") + half.format(f="b"))
+    with pytest.raises(SpecError) as err:
+        load_catalog(spec)
+    f, merged = str(spec), "its items are checked as if they followed the first's"
+    assert [str(p) for p in err.value.problems] == [
+        f"{f}:5: feature_groups: duplicate key (first at line 1); {merged}",
+        f"{f}:6: feature_groups[1].name: duplicate group 'clicks' (first at {f}:2)",
+        f"{f}:7: ingestion: duplicate key (first at line 3); {merged}",
+        f"{f}:8: ingestion[1].features.b: group 'clicks' has no feature 'b'",
+    ]
+
+
 def test_unknown_keys_without_a_close_field_name_the_choices_or_nothing(tmp_path: Path) -> None:
     spec = tmp_path / "s.yaml"
     spec.write_text(
