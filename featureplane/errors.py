@@ -2,6 +2,7 @@
 
     FeatureplaneError
     ├── SpecError            a catalog that does not validate (carries every problem)
+    │   └── SpecNotFoundError    a spec path with no spec files (featureplane/spec.py)
     ├── ValidationError      a value that does not fit its feature group (malformed input)
     │   ├── MalformedError       an event that cannot be decoded (bad JSON, missing field)
     │   ├── ItemTooLargeError    an encoded item over 8 KiB

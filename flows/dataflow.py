@@ -17,6 +17,7 @@ import asyncio
 import atexit
 import gc
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Metric
 from prometheus_client.registry import Collector
 
 from featureplane import lifecycle
-from featureplane.errors import FeatureplaneError
+from featureplane.errors import FeatureplaneError, SpecError
 from featureplane.flows.options import METRICS_PORTS, FlowOptions
 from featureplane.flows.source import GroupPartition, GroupSource
 from featureplane.operators.commit import OffsetTracker
@@ -344,9 +345,16 @@ def module_flow(kind: Kind) -> Dataflow:
         level=logging.INFO, format="%(asctime)s %(levelname)-5s %(name)s: %(message)s"
     )
     settings, options = Settings(), FlowOptions()
-    catalog = load_catalog(settings.spec)
-    metrics = _prepare(kind, settings, catalog, options)
-    built = build(kind, settings, catalog, options, metrics)
+    try:
+        catalog = load_catalog(settings.spec)
+        metrics = _prepare(kind, settings, catalog, options)
+        built = build(kind, settings, catalog, options, metrics)
+    except SpecError as exc:  # a user's mistake: its lines, not a traceback from the runner
+        print(exc, file=sys.stderr)
+        raise SystemExit(1) from None
+    except FeatureplaneError as exc:
+        print(f"featureplane: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     atexit.register(built.pipeline.close)
     _quiet_gc()
     return built.flow

@@ -461,6 +461,25 @@ def test_bytewax_run_calls_the_flow_factory(
     assert not hasattr(mod, "__getattr__")  # nothing is built on attribute access
 
 
+@pytest.mark.parametrize("kind", ["ingest", "retry"])
+def test_the_cluster_mode_flow_says_a_missing_spec_in_lines_not_a_traceback(
+    kind: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "FEATUREPLANE_SPEC": str(tmp_path / "nope.yaml")}
+    env["FEATUREPLANE_KAFKA_BOOTSTRAP"] = "127.0.0.1:1"
+    run = subprocess.run(
+        [sys.executable, "-m", "bytewax.run", f"featureplane.flows.{kind}:flow()"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert "no spec at" in run.stderr and "featureplane up --demo" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 # ---------------------------------------------------------------- ./dev
 
 
