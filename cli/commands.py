@@ -38,6 +38,10 @@ def up(args: argparse.Namespace) -> int:
     example catalog (unless --spec or FEATUREPLANE_SPEC names one) and feeds a
     steady stream of sample events, so features appear within seconds; without
     it, it runs the spec at --spec (./featureplane.yaml unless told otherwise).
+
+    Kafka with TLS or a sign-in (Amazon MSK: SSL, SASL/SCRAM, IAM): set
+    FEATUREPLANE_KAFKA_CONFIG to a JSON object of librdkafka properties (environment
+    only, never a flag: it holds passwords; logs show the property names only).
     """
     from featureplane.cli.up import UpSettings, run
 
@@ -106,6 +110,10 @@ def ingest(args: argparse.Namespace) -> int:
 
     Cluster mode: python -m bytewax.run "featureplane.flows.ingest:flow()" -w WORKERS
     [-i ID -a ADDRS] builds the same dataflow from the same FEATUREPLANE_* variables.
+
+    Kafka with TLS or a sign-in (Amazon MSK: SSL, SASL/SCRAM, IAM): set
+    FEATUREPLANE_KAFKA_CONFIG to a JSON object of librdkafka properties (environment
+    only, never a flag: it holds passwords; logs show the property names only).
     """
     settings, options = model_from(Settings, args), model_from(FlowOptions, args)
     catalog = load_catalog(settings.spec)
@@ -135,6 +143,10 @@ def retry(args: argparse.Namespace) -> int:
 
     Cluster mode: python -m bytewax.run "featureplane.flows.retry:flow()" builds the
     same dataflow from the same FEATUREPLANE_* variables.
+
+    Kafka with TLS or a sign-in (Amazon MSK: SSL, SASL/SCRAM, IAM): set
+    FEATUREPLANE_KAFKA_CONFIG to a JSON object of librdkafka properties (environment
+    only, never a flag: it holds passwords; logs show the property names only).
     """
     settings, options = model_from(Settings, args), model_from(FlowOptions, args)
     catalog = load_catalog(settings.spec)
@@ -163,6 +175,10 @@ def backfill(args: argparse.Namespace) -> int:
     does not answer, or fails a call, stops the job with one line naming it.
 
     TIME is epoch milliseconds or ISO 8601 with a timezone (2026-11-01T00:00:00Z).
+
+    Kafka with TLS or a sign-in (Amazon MSK: SSL, SASL/SCRAM, IAM): set
+    FEATUREPLANE_KAFKA_CONFIG to a JSON object of librdkafka properties (environment
+    only, never a flag: it holds passwords; logs show the property names only).
     """
     settings = model_from(Settings, args)
     catalog = load_catalog(settings.spec)
@@ -229,6 +245,10 @@ def demo_events(args: argparse.Namespace) -> int:
     User `user-1` is the busiest, so its features visibly grow within seconds:
 
         curl -s localhost:8000/v1/features/recent_user_clicked_fleaMarketArticles/user-1
+
+    Kafka with TLS or a sign-in (Amazon MSK: SSL, SASL/SCRAM, IAM): set
+    FEATUREPLANE_KAFKA_CONFIG to a JSON object of librdkafka properties (environment
+    only, never a flag: it holds passwords; logs show the property names only).
     """
     settings = model_from(Settings, args)
     from featureplane.cli.demo import run
