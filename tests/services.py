@@ -80,9 +80,12 @@ def _redis_cli() -> str:
     return found
 
 
-def start_redis_cluster(masters: int = 3, node_timeout_ms: int = 2000) -> RedisClusterService:
+def start_redis_cluster(
+    masters: int = 3, node_timeout_ms: int = 2000, replicas: int = 0
+) -> RedisClusterService:
     """`masters` cluster-enabled redis-servers joined by `redis-cli --cluster create`
-    (slots split evenly, no replicas), returned once every node says `cluster_state:ok`.
+    (slots split evenly), each with `replicas` replicas, returned once every node says
+    `cluster_state:ok`. `nodes` lists the masters first.
 
     `node_timeout_ms` is how long a silent master takes to be marked failed (then, with
     no replica to promote, the cluster answers CLUSTERDOWN). Each node's bus port is
@@ -94,20 +97,24 @@ def start_redis_cluster(masters: int = 3, node_timeout_ms: int = 2000) -> RedisC
     cluster = RedisClusterService([], workdir)
     try:
         ports: set[int] = set()
-        while len(ports) < 2 * masters:
+        count = masters * (1 + replicas)
+        while len(ports) < 2 * count:
             ports.add(free_port())
         pairs = sorted(ports)
-        for port, bus in zip(pairs[:masters], pairs[masters:], strict=True):
+        for port, bus in zip(pairs[:count], pairs[count:], strict=True):
             wd = workdir / str(port)
             argv = [
                 *_redis_argv(port),
                 *("--cluster-enabled", "yes", "--cluster-config-file", str(wd / "nodes.conf")),
                 *("--cluster-node-timeout", str(node_timeout_ms), "--cluster-port", str(bus)),
+                # a replica syncs at once and may be promoted whatever its lag: a test kills
+                # a master seconds after the start, long before a synced replica would exist
+                *("--repl-diskless-sync-delay", "0", "--cluster-replica-validity-factor", "0"),
             ]
             cluster.nodes.append(start_process("redis-cluster", argv, port, wd, 20))
         create = [cli, "--cluster", "create", *(n.address for n in cluster.nodes)]
         done = subprocess.run(
-            [*create, "--cluster-replicas", "0", "--cluster-yes"],
+            [*create, "--cluster-replicas", str(replicas), "--cluster-yes"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -123,12 +130,15 @@ def start_redis_cluster(masters: int = 3, node_timeout_ms: int = 2000) -> RedisC
 
 
 def _wait_cluster_ok(cluster: RedisClusterService, deadline: float) -> None:
+    """Until every node says the cluster is ok and every replica has its master's data."""
     pending = list(cluster.nodes)
     while pending:
         node = pending[0]
         with redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=1) as client:
             info = client.cluster("INFO")
-        if info.get("cluster_state") == "ok" and int(info.get("cluster_slots_ok", 0)) == 16384:
+            repl = client.info("replication")
+        synced = repl["role"] == "master" or repl.get("master_link_status") == "up"
+        if info["cluster_state"] == "ok" and int(info["cluster_slots_ok"]) == 16384 and synced:
             pending.pop(0)
             continue
         if time.monotonic() > deadline:

@@ -26,12 +26,13 @@ from featureplane.errors import StoreError, TransientStoreError
 from featureplane.serving.app import create_app
 from featureplane.serving.config import ServeConfig
 from featureplane.spec import Catalog, load_catalog
+from featureplane.stores import _redis_lua as lua
 from featureplane.stores.base import Query, wall_clock_ms
 from featureplane.stores.embedded import EmbeddedStore
 from featureplane.stores.redis import RedisStore
 from featureplane.stores.redis_cache import RedisCache
 from featureplane.stores.redis_layout import key_of
-from tests.services import RedisClusterService, ServiceError, start_redis_cluster
+from tests.services import RedisClusterService, Service, ServiceError, start_redis_cluster
 
 CATALOG = load_catalog(Path(__file__).parent.parent / "contract" / "catalog.yaml")
 PROFILE, SMALL = CATALOG.group("profile"), CATALOG.group("small")
@@ -39,9 +40,9 @@ T0 = 1_763_800_000_000
 
 
 @contextmanager
-def _cluster(node_timeout_ms: int = 2000) -> Iterator[RedisClusterService]:
+def _cluster(node_timeout_ms: int = 2000, replicas: int = 0) -> Iterator[RedisClusterService]:
     try:
-        svc = start_redis_cluster(node_timeout_ms=node_timeout_ms)
+        svc = start_redis_cluster(node_timeout_ms=node_timeout_ms, replicas=replicas)
     except ServiceError as exc:
         pytest.fail(str(exc), pytrace=False)
     try:
@@ -268,6 +269,40 @@ async def _until_cluster_fails(svc: RedisClusterService) -> None:
                 return
             await asyncio.sleep(0.05)
     raise AssertionError("the cluster never noticed its lost master")
+
+
+async def test_after_a_failover_the_promoted_replica_answers_with_its_scripts_loaded() -> None:
+    """A master with a replica killed: calls fail as transient until the replica is promoted
+    (MOVED then points at it); its first script call gets NOSCRIPT (Redis does not copy
+    loaded scripts to replicas), the reload reaches it, and every id answers again."""
+    with _cluster(node_timeout_ms=1000, replicas=1) as svc:
+        async with RedisCache(CATALOG, svc.url, cluster=True) as cache:
+            items = [make_item(PROFILE, f"u{i}", T0, "e", {"updated_by": "a"}) for i in range(60)]
+            await cache.fill([CacheFill("profile", it.id, [_rec(it)]) for it in items])
+            wanted = [("profile", it.id) for it in items]
+            lost = svc.nodes[0]
+            replica = next(n for n in svc.nodes if _master_of(n) == lost.port)
+            with redis.Redis(port=replica.port) as client:
+                assert client.script_exists(lua.CACHE_READ_SHA) == [False]
+            lost.kill()
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    got = await cache.read_cached(wanted)
+                    break
+                except TransientStoreError:
+                    assert time.monotonic() < deadline, "no answer after the failover"
+                    await asyncio.sleep(0.2)
+            assert [c.records for c in got] == [[_rec(it)] for it in items]
+            with redis.Redis(port=replica.port) as client:
+                assert client.info("replication")["role"] == "master"
+                assert client.script_exists(lua.CACHE_READ_SHA) == [True]
+
+
+def _master_of(node: Service) -> int | None:
+    with redis.Redis(port=node.port) as client:
+        info = client.info("replication")
+    return int(info["master_port"]) if info["role"] == "slave" else None
 
 
 # ---------------------------------------------------------------- a master killed under load
