@@ -30,7 +30,14 @@ __all__ = ["COMMANDS", "build_parser", "parse_time", "settings_models"]
 Command = Callable[[argparse.Namespace], int]
 
 KAFKA = ("kafka_bootstrap", "kafka_group")
-STORE = ("store", "data_dir", "dynamodb_table", "dynamodb_endpoint", "redis_url")
+STORE = (
+    "store",
+    "data_dir",
+    "dynamodb_table",
+    "dynamodb_endpoint",
+    "redis_url",
+    "redis_cluster",
+)
 HTTP = ("host", "port")
 METRICS = ("metrics_port", "metrics_host")
 FLOW = tuple(f for f in FlowOptions.model_fields if f not in RETRY_FIELDS)

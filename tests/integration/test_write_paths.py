@@ -31,6 +31,7 @@ from featureplane.operators.kafka import ensure_topics
 from featureplane.settings import Settings
 from featureplane.spec import Catalog, load_catalog
 from featureplane.stores import open_cache
+from featureplane.stores.redis_layout import key_of
 from tests.integration.ingest_env import PARTITIONS, Env, now_ms, wait_for
 from tests.services import Service, start_redis
 
@@ -249,12 +250,12 @@ def test_ingest_retry_backfill_and_load_write_the_same_items_to_the_same_tiers(
     assert len(series) == 4  # three events (one replayed: overwritten) and an older one
     # ... Redis the write-through groups cached in Redis (a timeseries with a store: only
     # keys cached; one without: every key, Redis is its only copy)
-    cached = {k.decode().removeprefix("fp:").split("#")[0] for k in caches["ingest"]}
+    cached = {k.decode().removeprefix("fp:").split("{")[0] for k in caches["ingest"]}
     assert cached == {"cache_latest", "cache_series", "all_latest", "all_series"}
     assert len(caches["ingest"]) == 3 * len(USERS) + 1
-    seeded = caches["ingest"][b"fp:" + partition_key(*SEEDED).encode()]
+    seeded = caches["ingest"][key_of("fp:", *SEEDED)]
     assert len(seeded) == 1 + 4  # the seed and u1's items
-    latest = caches["ingest"][b"fp:" + partition_key("cache_latest", "u1").encode()]
+    latest = caches["ingest"][key_of("fp:", "cache_latest", "u1")]
     newest = max((e for e in evs if e["user_id"] == "u1"), key=lambda e: e["ts"])
     assert newest["v"].encode() in latest  # newest wins, whatever the order
 

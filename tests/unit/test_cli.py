@@ -30,7 +30,14 @@ from featureplane.settings import Settings, format_duration
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 
-STORE = {"--store", "--data-dir", "--dynamodb-table", "--dynamodb-endpoint", "--redis-url"}
+STORE = {
+    "--store",
+    "--data-dir",
+    "--dynamodb-table",
+    "--dynamodb-endpoint",
+    "--redis-url",
+    "--redis-cluster",
+}
 FLOW = {
     "--spec",
     "--bootstrap",
@@ -116,7 +123,7 @@ def test_flags_set_the_settings_they_name() -> None:
     parse = build_parser().parse_args
     args = parse(
         "retry --spec s.yaml --bootstrap b:1 --group g --store dynamodb --data-dir d "
-        "--dynamodb-table t --dynamodb-endpoint http://e --redis-url redis://r "
+        "--dynamodb-table t --dynamodb-endpoint http://e --redis-url redis://r --redis-cluster "
         "--metrics-port 0 --metrics-host h --workers 2 --batch-size 3 --chunk-items 4 "
         "--commit-interval 5s --write-timeout 6 --drain-timeout 7m --session-timeout 8s "
         "--topic-partitions 9 --retry-budget 2h --backoff-base 10ms --backoff-cap 1m "
@@ -131,6 +138,7 @@ def test_flags_set_the_settings_they_name() -> None:
     )
     assert (s.data_dir, s.dynamodb_table, s.dynamodb_endpoint) == (Path("d"), "t", "http://e")
     assert s.redis_url is not None and s.redis_url.get_secret_value() == "redis://r"
+    assert s.redis_cluster is True
     assert (s.metrics_port, s.metrics_host) == (0, "h")
     assert (o.workers, o.batch_size, o.chunk_items, o.topic_partitions) == (2, 3, 4, 9)
     assert (o.commit_interval, o.write_timeout, o.drain_timeout, o.session_timeout) == (
