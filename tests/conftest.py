@@ -12,20 +12,9 @@ from pathlib import Path
 import pytest
 
 from featureplane.spec import Catalog, load_catalog
-from tests.services import Service, ServiceError, start_dynalite, start_redis, start_tansu
+from tests.services import Service, running, start_dynalite, start_redis, start_tansu
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def _service(start) -> Iterator[Service]:  # type: ignore[no-untyped-def]
-    try:
-        svc = start()
-    except ServiceError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield svc
-    finally:
-        svc.cleanup()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -37,17 +26,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def redis_service() -> Iterator[Service]:
-    yield from _service(start_redis)
+    with running(start_redis) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="session")
 def dynalite_service() -> Iterator[Service]:
-    yield from _service(start_dynalite)
+    with running(start_dynalite) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="session")
 def kafka_service() -> Iterator[Service]:
-    yield from _service(start_tansu)
+    with running(start_tansu) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import redis
 
@@ -34,12 +37,36 @@ __all__ = [
     "ServiceError",
     "find_binary",
     "free_port",
+    "running",
     "start_dynalite",
     "start_moto",
     "start_redis",
     "start_redis_cluster",
     "start_tansu",
 ]
+
+
+class _Stoppable(Protocol):
+    def cleanup(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Stoppable)
+
+
+@contextmanager
+def running(start: Callable[[], S]) -> Iterator[S]:
+    """A service for a test, cleaned up after it; a launcher that fails (a missing
+    binary, say) fails the test with its message, never skips it."""
+    import pytest  # tests only: the benches use the launchers alone
+
+    try:
+        svc = start()
+    except ServiceError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield svc
+    finally:
+        svc.cleanup()
 
 
 def start_redis(port: int | None = None, workdir: Path | None = None) -> Service:

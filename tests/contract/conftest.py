@@ -17,7 +17,7 @@ from featureplane.spec import Catalog, load_catalog
 from featureplane.stores._redis_conn import Client
 from featureplane.stores.base import Store
 from featureplane.stores.redis_cache import RedisCache
-from tests.services import RedisClusterService, ServiceError, start_redis_cluster
+from tests.services import RedisClusterService, running, start_redis_cluster
 
 CATALOG = load_catalog(Path(__file__).with_name("catalog.yaml"))
 CACHE_CATALOG = Catalog(
@@ -85,14 +85,8 @@ BACKENDS = {
 @pytest.fixture(scope="session")
 def redis_cluster_service() -> Iterator[RedisClusterService]:
     """A 3-master Redis Cluster for this session (a missing binary fails, never skips)."""
-    try:
-        svc = start_redis_cluster()
-    except ServiceError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
+    with running(start_redis_cluster) as svc:
         yield svc
-    finally:
-        svc.cleanup()
 
 
 @pytest.fixture(scope="session")

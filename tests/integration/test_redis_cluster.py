@@ -11,7 +11,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -32,23 +32,17 @@ from featureplane.stores.embedded import EmbeddedStore
 from featureplane.stores.redis import RedisStore
 from featureplane.stores.redis_cache import RedisCache
 from featureplane.stores.redis_layout import key_of
-from tests.services import RedisClusterService, Service, ServiceError, start_redis_cluster
+from tests.services import RedisClusterService, Service, running, start_redis_cluster
 
 CATALOG = load_catalog(Path(__file__).parent.parent / "contract" / "catalog.yaml")
 PROFILE, SMALL = CATALOG.group("profile"), CATALOG.group("small")
 T0 = 1_763_800_000_000
 
 
-@contextmanager
-def _cluster(node_timeout_ms: int = 2000, replicas: int = 0) -> Iterator[RedisClusterService]:
-    try:
-        svc = start_redis_cluster(node_timeout_ms=node_timeout_ms, replicas=replicas)
-    except ServiceError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield svc
-    finally:
-        svc.cleanup()
+def _cluster(
+    node_timeout_ms: int = 2000, replicas: int = 0
+) -> AbstractContextManager[RedisClusterService]:
+    return running(lambda: start_redis_cluster(node_timeout_ms=node_timeout_ms, replicas=replicas))
 
 
 @pytest.fixture(scope="module")
