@@ -218,7 +218,7 @@ def load_catalog(path: str | Path) -> Catalog:
     for file in _spec_files(Path(path)):
         for entry in _parse_file(file, problems):
             (groups if entry.model_type is FeatureGroup else rules).append(entry)
-    known = _check_groups(groups, problems)
+    known = _firsts(groups, "group", problems)
     _check_rules(rules, known, problems)
     if problems:
         raise SpecError(sorted(problems, key=lambda p: (p.file, p.line)))
@@ -268,16 +268,16 @@ class _Entry:
     """A group computed per request."""
 
 
-def _check_groups(groups: list[_Entry], problems: list[SpecProblem]) -> dict[str, _Entry]:
-    """Group name -> its first declaration; each later one is a duplicate."""
+def _firsts(entries: list[_Entry], kind: str, problems: list[SpecProblem]) -> dict[str, _Entry]:
+    """Name -> its first declaration; each later one is a duplicate `kind` problem."""
     known: dict[str, _Entry] = {}
-    for entry in groups:
+    for entry in entries:
         if entry.name is None:
             continue
         if (first := known.get(entry.name)) is not None:
             where = f"first at {first.loc.file}:{first.loc.line(())}"
             problems.append(
-                entry.loc.problem(("name",), f"duplicate group {_q(entry.name)} ({where})")
+                entry.loc.problem(("name",), f"duplicate {kind} {_q(entry.name)} ({where})")
             )
         else:
             known[entry.name] = entry
@@ -287,16 +287,8 @@ def _check_groups(groups: list[_Entry], problems: list[SpecProblem]) -> dict[str
 def _check_rules(
     rules: list[_Entry], groups: Mapping[str, _Entry], problems: list[SpecProblem]
 ) -> None:
-    names: dict[str, _Entry] = {}
+    _firsts(rules, "rule", problems)
     for rule in rules:
-        if rule.name is not None:
-            if (first := names.get(rule.name)) is not None:
-                where = f"first at {first.loc.file}:{first.loc.line(())}"
-                problems.append(
-                    rule.loc.problem(("name",), f"duplicate rule {_q(rule.name)} ({where})")
-                )
-            else:
-                names[rule.name] = rule
         if rule.group is None:
             continue
         group = groups.get(rule.group)
