@@ -29,7 +29,7 @@ from featureplane.lifecycle import broker_error, check_kafka_reachable
 from featureplane.operators.aggregate import Aggregator
 from featureplane.operators.decode import decode_works
 from featureplane.operators.dispatch import Dispatcher
-from featureplane.operators.kafka import KafkaCluster
+from featureplane.operators.kafka_cluster import KafkaCluster
 from featureplane.operators.records import Message, Origin, Work
 from featureplane.settings import Settings
 from featureplane.spec import Catalog

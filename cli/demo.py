@@ -21,7 +21,7 @@ from confluent_kafka import Producer
 
 from featureplane.errors import FeatureplaneError
 from featureplane.lifecycle import check_kafka_reachable
-from featureplane.operators.kafka import KafkaCluster
+from featureplane.operators.kafka_cluster import KafkaCluster
 from featureplane.settings import Settings
 
 __all__ = ["events", "run"]

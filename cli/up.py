@@ -225,7 +225,7 @@ def create_topics(
     user's librdkafka properties (FEATUREPLANE_KAFKA_CONFIG)."""
     from confluent_kafka import KafkaException
 
-    from featureplane.operators.kafka import KafkaCluster, ensure_topics
+    from featureplane.operators.kafka_cluster import KafkaCluster, ensure_topics
     from featureplane.operators.route import dlq_topic, retry_topic
 
     wanted = [name for t in catalog.topics for name in (t, retry_topic(t), dlq_topic(t))]

@@ -35,9 +35,8 @@ from featureplane.errors import FeatureplaneError, SpecError
 from featureplane.flows.options import METRICS_PORTS, FlowOptions
 from featureplane.flows.source import GroupPartition, GroupSource
 from featureplane.operators.commit import OffsetTracker
-from featureplane.operators.kafka import (
-    Deliverer,
-    GroupConsumer,
+from featureplane.operators.kafka import Deliverer, GroupConsumer
+from featureplane.operators.kafka_cluster import (
     KafkaCluster,
     ensure_topics,
     max_message_bytes,

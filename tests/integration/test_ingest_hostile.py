@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from featureplane.operators.commit import OffsetTracker
-from featureplane.operators.kafka import GroupConsumer, ensure_topics
+from featureplane.operators.kafka import GroupConsumer
+from featureplane.operators.kafka_cluster import ensure_topics
 from featureplane.operators.metrics import IngestMetrics
 from featureplane.operators.records import Message, Origin
 from featureplane.stores.base import Query

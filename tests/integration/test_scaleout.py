@@ -29,7 +29,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from featureplane.keys import partition_key, version
-from featureplane.operators.kafka import ensure_topics
+from featureplane.operators.kafka_cluster import ensure_topics
 from featureplane.operators.route import dlq_topic, retry_topic
 from featureplane.spec import load_catalog
 from featureplane.stores.dynamodb import DynamoStore

@@ -27,7 +27,7 @@ from featureplane.cache import CacheFill
 from featureplane.cli import main
 from featureplane.codec import Record, make_item
 from featureplane.keys import partition_key
-from featureplane.operators.kafka import ensure_topics
+from featureplane.operators.kafka_cluster import ensure_topics
 from featureplane.settings import Settings
 from featureplane.spec import Catalog, load_catalog
 from featureplane.stores import open_cache

@@ -49,7 +49,7 @@ def test_up_topic_creation_failure_is_a_start_up_error(
     def ensure_topics(*_: object) -> None:
         raise failure
 
-    monkeypatch.setattr("featureplane.operators.kafka.ensure_topics", ensure_topics)
+    monkeypatch.setattr("featureplane.operators.kafka_cluster.ensure_topics", ensure_topics)
     with pytest.raises(StartupError, match=r"^cannot create the topics on Kafka at b:1: \S"):
         up.create_topics("b:1", load_catalog(EXAMPLES))
 

@@ -24,8 +24,9 @@ from featureplane.cli import demo, main
 from featureplane.cli.flags import add_flags
 from featureplane.cli.parser import build_parser
 from featureplane.kafka_config import MSK_IAM, RESERVED, KafkaConfig
-from featureplane.operators import kafka
-from featureplane.operators.kafka import Deliverer, GroupConsumer, KafkaCluster
+from featureplane.operators import kafka, kafka_cluster
+from featureplane.operators.kafka import Deliverer, GroupConsumer
+from featureplane.operators.kafka_cluster import KafkaCluster
 from featureplane.operators.metrics import IngestMetrics
 from featureplane.operators.records import Message
 from featureplane.settings import Settings
@@ -200,7 +201,7 @@ def clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     for module, name in [
         (kafka, "Consumer"),
         (kafka, "Producer"),
-        (kafka, "AdminClient"),
+        (kafka_cluster, "AdminClient"),
         (backfill, "Consumer"),
         (demo, "Producer"),
     ]:
@@ -231,7 +232,7 @@ def test_every_client_kind_gets_the_properties(
     GroupConsumer(cluster, "g", ["t"], _never, flow="ingest", metrics=IngestMetrics())
     Deliverer(cluster)
     with pytest.raises(KafkaException):
-        kafka.topic_partitions(cluster)
+        kafka_cluster.topic_partitions(cluster)
     monkeypatch.setenv("FEATUREPLANE_KAFKA_CONFIG", json.dumps(dict(config)))
     settings = Settings(kafka_bootstrap=listener, spec=EXAMPLES, data_dir=tmp_path)
     demo.run(settings, rate=0, count=1)
