@@ -58,6 +58,8 @@ class BackfillJob:
     """A partition stops at its first record stamped this long after `end`."""
     max_attempts: int
     """Retries of a transient write failure before the job stops."""
+    shard: tuple[int, int] | None = None
+    """(I, N): only shard I of N; None: all of it."""
 
 
 def _dispatcher(catalog: Catalog, topic: str, groups: str | None) -> Dispatcher:

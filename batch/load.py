@@ -49,6 +49,8 @@ class LoadJob:
     """Items per write."""
     rejects: Path | None
     """Where to also write rejected rows, with reasons, as JSONL."""
+    shard: tuple[int, int] | None = None
+    """(I, N): only shard I of N; None: all of it."""
 
 
 @dataclass(frozen=True, slots=True)

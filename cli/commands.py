@@ -9,14 +9,35 @@ Redis client.
 from __future__ import annotations
 
 import argparse
+import time
 
 from featureplane.cli.flags import model_from
 from featureplane.flows.options import FlowOptions
+from featureplane.jobs import resolve_source, resolve_time
 from featureplane.serving.config import ServeConfig
 from featureplane.settings import Settings
 from featureplane.spec import load_catalog
 
-__all__ = ["backfill", "demo_events", "ingest", "load", "retry", "serve", "up", "validate"]
+__all__ = [
+    "backfill",
+    "batch",
+    "batch_plan",
+    "batch_render",
+    "batch_run",
+    "batch_status",
+    "demo_events",
+    "ingest",
+    "load",
+    "redrive",
+    "retry",
+    "serve",
+    "up",
+    "validate",
+]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def up(args: argparse.Namespace) -> int:
@@ -174,7 +195,12 @@ def backfill(args: argparse.Namespace) -> int:
     --max-attempts the job stops with the reason and exit status 1. A broker that
     does not answer, or fails a call, stops the job with one line naming it.
 
-    TIME is epoch milliseconds or ISO 8601 with a timezone (2026-11-01T00:00:00Z).
+    TIME is epoch milliseconds, ISO 8601 with a timezone (2026-11-01T00:00:00Z),
+    `now`, or a duration before --at (`-7d`).
+
+    --shard I/N does one shard: the partitions and time slices of the range split
+    in N parts, the same on every machine for the same --at (`batch run` and the
+    manifests of `batch render` run every I). Without it the whole range is read.
 
     Kafka with TLS or a sign-in (Amazon MSK: SSL, SASL/SCRAM, IAM): set
     FEATUREPLANE_KAFKA_CONFIG to a JSON object of librdkafka properties (environment
@@ -184,14 +210,16 @@ def backfill(args: argparse.Namespace) -> int:
     catalog = load_catalog(settings.spec)
     from featureplane.batch.backfill import BackfillJob, run
 
+    at = args.at if args.at is not None else now_ms()
     job = BackfillJob(
         topic=args.topic,
-        start=args.start,
-        end=args.end,
+        start=resolve_time(args.start, at),
+        end=resolve_time(args.end, at),
         groups=args.groups,
         batch_size=args.batch_size,
         grace_ms=args.grace,
         max_attempts=args.max_attempts,
+        shard=args.shard,
     )
     return run(settings, catalog, job)
 
@@ -199,7 +227,11 @@ def backfill(args: argparse.Namespace) -> int:
 def load(args: argparse.Namespace) -> int:
     """Load a JSONL or Parquet file into a feature group.
 
-    The file is a local path or s3://bucket/key. Each row is one item: `id`
+    SOURCE is a local path or s3://bucket/key, and may be a glob (`*`, `?`,
+    `[...]`) matching several files; `{date}` in it is the UTC day of --at
+    (YYYY-MM-DD). No file matching is an error. --shard I/N loads one shard:
+    the files, Parquet row groups and JSONL byte ranges split in N parts of
+    about equal size, the same on every machine. Each row is one item: `id`
     (string, or an integer taken as its decimal string), `ts` (event time, epoch
     ms) and the features, either as an object `features: {name: value}` or as
     columns named like the features. `event_id` is optional: without it a row's
@@ -219,7 +251,9 @@ def load(args: argparse.Namespace) -> int:
     catalog = load_catalog(settings.spec)
     from featureplane.batch.load import LoadJob, run
 
-    job = LoadJob(args.source, args.group, args.format, args.batch_size, args.rejects)
+    at = args.at if args.at is not None else now_ms()
+    source = resolve_source(args.source, at)
+    job = LoadJob(source, args.group, args.format, args.batch_size, args.rejects, args.shard)
     return run(settings, catalog, job)
 
 
@@ -235,6 +269,131 @@ def validate(args: argparse.Namespace) -> int:
     from featureplane.cli.validate import run
 
     return run(args.path)
+
+
+def redrive(args: argparse.Namespace) -> int:
+    """Send dead-lettered records back through ingestion, after a fix.
+
+    Reads TOPIC.dlq from its start to its end when the command starts, and passes
+    each record (or those matching --reason and --from/--to) through the same
+    decode, dispatch, aggregate and write steps as `featureplane ingest`, with
+    the catalog as it is now. Prints how many were re-ingested and how many
+    failed again; a record that fails again goes back to TOPIC.dlq with its new
+    reason. Running it twice duplicates nothing: items are written by event id,
+    so a record re-ingested again overwrites itself, and a record that already
+    failed under this same catalog is not tried (and dead-lettered) again.
+    Transient store failures are retried with backoff; if they persist the
+    command stops with status 1, and running it again is safe.
+
+    Kafka with TLS or a sign-in (Amazon MSK: SSL, SASL/SCRAM, IAM): set
+    FEATUREPLANE_KAFKA_CONFIG to a JSON object of librdkafka properties (environment
+    only, never a flag: it holds passwords; logs show the property names only).
+    """
+    settings = model_from(Settings, args)
+    catalog = load_catalog(settings.spec)
+    from featureplane.batch.redrive import RedriveJob, run
+
+    job = RedriveJob(args.topic, args.reason, args.start, args.end, args.dry_run)
+    return run(settings, catalog, job)
+
+
+def batch(args: argparse.Namespace) -> int:
+    """Plan, run, follow and deploy the batch jobs of the spec (`batch_jobs:`).
+
+    A job is a file load or a topic backfill, with an optional cron schedule
+    (UTC), `after:` jobs it depends on, `parallelism` (a number, or auto: from
+    the input's size and measured speed) and a `timeout`. Each job splits into
+    shards that run in parallel; `featureplane load` and `backfill` with
+    --shard I/N run one shard each, so any engine can run them.
+
+      featureplane batch plan      the DAG, each job's shards and why that many
+      featureplane batch run       run jobs on this machine, resumable
+      featureplane batch status    recent runs
+      featureplane batch render    manifests for Argo Workflows or Kubernetes Jobs
+    """
+    return int(args.batch_run(args))
+
+
+def batch_plan(args: argparse.Namespace) -> int:
+    """Show the batch DAG, each job's shards and why that many.
+
+    For each job (the ones named and what they depend on, else all) it lists
+    the input found now: files and their sizes, Parquet row groups, or a
+    topic's partitions and records in the time range, the shards, the time
+    they should take at the per-shard speed measured by earlier runs on this
+    machine (or a default, said so), and the reason for the count: a fixed
+    `parallelism`, or auto's target (--batch-target-duration) and cap
+    (--batch-max-shards). Nothing is written.
+    """
+    settings = model_from(Settings, args)
+    catalog = load_catalog(settings.spec)
+    from featureplane.batch.plan import run
+
+    return run(settings, catalog, args.jobs, args.at, as_json=args.json, shard_list=args.shard_list)
+
+
+def batch_run(args: argparse.Namespace) -> int:
+    """Run batch jobs, and the jobs they depend on, on this machine.
+
+    Jobs run in DAG order (a job starts when every job in its `after` has
+    succeeded in this run); each job's shards run in parallel, at most
+    --workers at once, each in its own process, with one progress line per job
+    (rows or records, rate, ETA; plain lines when stderr is not a terminal).
+    The run and each shard's outcome are recorded in --data-dir, so running the
+    same command again after a crash, Ctrl-C or a failed shard resumes that run
+    (same --at) and does only the shards not done; --new starts afresh. A shard
+    past its job's `timeout` is stopped and the run fails. Exit status 0 when
+    every job succeeded, else 1 with the failed shards and their log files.
+    Metrics (state, shards done, rows, rejects, last success) are written to
+    --data-dir/batch/metrics.prom and pushed to --pushgateway-url when set.
+    """
+    settings = model_from(Settings, args)
+    catalog = load_catalog(settings.spec)
+    from featureplane.batch.runner import run
+
+    return run(settings, catalog, args.jobs, args.at, workers=args.workers, new=args.new)
+
+
+def batch_status(args: argparse.Namespace) -> int:
+    """List recent batch runs on this machine.
+
+    Newest first: each run's jobs, state (running, succeeded, failed,
+    interrupted), shards done of total, rows written and rejected, start and
+    duration, and for a failure the shard, its reason and its log file.
+    """
+    settings = model_from(Settings, args)
+    from featureplane.batch.runs import status
+
+    return status(settings, limit=args.limit, as_json=args.json)
+
+
+def batch_render(args: argparse.Namespace) -> int:
+    """Write manifests that run the spec's scheduled batch jobs on Kubernetes.
+
+    --engine argo: Argo Workflows. One CronWorkflow per schedule, a DAG with a
+    task per job (`after` as dependencies), each job planned at run time
+    (`batch plan --shard-list`) and fanned out to one pod per shard running
+    `featureplane load|backfill --shard I/N --at <scheduled time>`, with
+    retries, `activeDeadlineSeconds` from `timeout`, and Prometheus metrics.
+    Jobs without a schedule get a WorkflowTemplate to submit by hand.
+
+    --engine k8s: a CronJob per scheduled job, each an Indexed Job
+    (`completionMode: Indexed`, the pod's index its shard); only for jobs
+    without dependencies, since Kubernetes Jobs cannot order jobs.
+    `parallelism: auto` is planned from the input found at render time.
+    """
+    settings = model_from(Settings, args)
+    catalog = load_catalog(settings.spec)
+    from featureplane.batch.render import run
+
+    return run(
+        settings,
+        catalog,
+        engine=args.engine,
+        output=args.output,
+        image=args.image,
+        namespace=args.namespace,
+    )
 
 
 def demo_events(args: argparse.Namespace) -> int:

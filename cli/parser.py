@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
+import time
 from collections.abc import Callable
-from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,11 @@ from pydantic_settings import BaseSettings
 from featureplane.cli import commands
 from featureplane.cli.flags import add_flags
 from featureplane.flows.options import METRICS_PORTS, RETRY_FIELDS, FlowOptions
+from featureplane.jobs import resolve_time
 from featureplane.serving.config import ServeConfig
 from featureplane.settings import Settings, to_ms
 
-__all__ = ["COMMANDS", "build_parser", "parse_time", "settings_models"]
+__all__ = ["COMMANDS", "build_parser", "parse_shard", "parse_time", "settings_models"]
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -52,18 +54,28 @@ def settings_models() -> tuple[type[BaseSettings], ...]:
 
 
 def parse_time(text: str) -> int:
-    """Epoch milliseconds, or ISO 8601 with a timezone -> epoch milliseconds."""
-    if text.isdigit():
-        return int(text)
+    """`now`, `-7d` (before now), epoch milliseconds or ISO 8601 with a zone -> epoch ms."""
     try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bad time {text!r}: use epoch milliseconds or ISO 8601, e.g. 2026-11-01T00:00:00Z"
-        ) from None
-    if when.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"time {text!r} has no timezone: add Z or +09:00")
-    return int(when.timestamp() * 1000)
+        return resolve_time(text, int(time.time() * 1000))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _time_expr(text: str) -> str:
+    """A time as given, checked: a relative one counts from the run's --at, known later."""
+    try:
+        resolve_time(text, 0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` -> (I, N), 0 <= I < N."""
+    i, _, n = text.partition("/")
+    if i.isdigit() and n.isdigit() and 0 <= int(i) < int(n) <= 10_000:
+        return int(i), int(n)
+    raise argparse.ArgumentTypeError(f"bad shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
 
 
 def _duration(text: str) -> int:
@@ -117,16 +129,16 @@ def _backfill(p: argparse.ArgumentParser) -> None:
         dest="start",
         metavar="TIME",
         required=True,
-        type=parse_time,
-        help="first event time, epoch ms or ISO 8601 with timezone",
+        type=_time_expr,
+        help="first event time: epoch ms, ISO 8601 with a zone, or --from=-7d (before --at)",
     )
     p.add_argument(
         "--to",
         dest="end",
         metavar="TIME",
-        required=True,
-        type=parse_time,
-        help="last event time (inclusive), epoch ms or ISO 8601 with timezone",
+        default="now",
+        type=_time_expr,
+        help="last event time (inclusive), in the same forms [now: --at]",
     )
     p.add_argument(
         "--groups", help="only these feature groups, comma separated [all fed by the topic]"
@@ -145,13 +157,34 @@ def _backfill(p: argparse.ArgumentParser) -> None:
         default=8,
         help="retries of a transient write failure [%(default)s]",
     )
+    _shard_flags(p, "relative --from and --to count from it")
     add_flags(p, Settings, ("spec",))
     add_flags(p.add_argument_group("kafka"), Settings, ("kafka_bootstrap",))
     _store(p)
 
 
+def _shard_flags(p: argparse.ArgumentParser, at_means: str) -> None:
+    g = p.add_argument_group("shards (how `batch run` and the rendered manifests split a job)")
+    g.add_argument(
+        "--shard",
+        metavar="I/N",
+        type=parse_shard,
+        help="do only shard I of N (0 <= I < N): every I over one N does the whole job once",
+    )
+    g.add_argument(
+        "--at",
+        metavar="TIME",
+        type=parse_time,
+        help=f"the run's time, so that every shard reads the same input; {at_means} [now]",
+    )
+
+
 def _load(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="JSONL or Parquet file: a local path or s3://bucket/key")
+    p.add_argument(
+        "source",
+        help="JSONL or Parquet files: a local path or s3://bucket/key, a glob (*, ?, [...]); "
+        "{date} is the UTC day of --at",
+    )
     p.add_argument("--group", required=True, help="the feature group to load into")
     p.add_argument(
         "--format",
@@ -162,6 +195,7 @@ def _load(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rejects", type=Path, help="also write rejected rows, with reasons, to this JSONL file"
     )
+    _shard_flags(p, "{date} in SOURCE is its UTC day")
     add_flags(p, Settings, ("spec",))
     _store(p)
 
@@ -180,6 +214,123 @@ def _demo_events(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed, for repeatable streams")
 
 
+def _batch_common(p: argparse.ArgumentParser) -> None:
+    add_flags(p, Settings, ("spec",))
+    add_flags(p.add_argument_group("kafka"), Settings, ("kafka_bootstrap",))
+    _store(p)
+    add_flags(
+        p.add_argument_group("batch"),
+        Settings,
+        ("batch_target_duration", "batch_max_shards", "pushgateway_url"),
+    )
+
+
+def _batch_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("jobs", nargs="*", metavar="JOB", help="these jobs and their dependencies [all]")
+    p.add_argument("--at", metavar="TIME", type=parse_time, help="the run's time [now]")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--shard-list",
+        metavar="JOB",
+        help="print only JOB's shards as a JSON list of I/N (what an Argo task fans out over)",
+    )
+    _batch_common(p)
+
+
+def _batch_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("jobs", nargs="*", metavar="JOB", help="these jobs and their dependencies [all]")
+    p.add_argument(
+        "--at",
+        metavar="TIME",
+        type=parse_time,
+        help="the run's time: {date} is its UTC day, relative backfill times count from it "
+        "[now; a resumed run keeps its own]",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="shards run at once, each in its own process [cores: %(default)s]",
+    )
+    p.add_argument(
+        "--new",
+        action="store_true",
+        help="start a new run even if the last run of these jobs did not finish",
+    )
+    _batch_common(p)
+
+
+def _batch_status(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=20, help="runs shown, newest first [%(default)s]")
+    p.add_argument("--json", action="store_true", help="print the runs as JSON")
+    add_flags(p, Settings, ("data_dir",))
+
+
+def _batch_render(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        choices=["argo", "k8s"],
+        required=True,
+        help="argo: Argo Workflows (CronWorkflows, DAGs, fan-out); k8s: CronJobs of Indexed "
+        "Jobs (jobs without dependencies only)",
+    )
+    p.add_argument("--output", "-o", type=Path, help="write the manifests here [stdout]")
+    p.add_argument(
+        "--image",
+        default="ghcr.io/featureplane/featureplane:0.1.0",
+        help="the container image the jobs run [%(default)s]",
+    )
+    p.add_argument(
+        "--namespace", default="featureplane", help="namespace of the manifests [%(default)s]"
+    )
+    add_flags(p, Settings, ("spec",))
+    add_flags(
+        p.add_argument_group("batch"), Settings, ("batch_target_duration", "batch_max_shards")
+    )
+
+
+BATCH: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None]]] = {
+    "plan": (commands.batch_plan, _batch_plan),
+    "run": (commands.batch_run, _batch_run),
+    "status": (commands.batch_status, _batch_status),
+    "render": (commands.batch_render, _batch_render),
+}
+"""`featureplane batch` sub-commands, as COMMANDS."""
+
+
+def _batch(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="batch_command", metavar="SUBCOMMAND", required=True)
+    _add_commands(sub, BATCH, "batch_run")
+
+
+def _redrive(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "topic", metavar="TOPIC.dlq", help="the dead-letter topic, e.g. user-actions.dlq"
+    )
+    p.add_argument("--reason", help="only records whose reason contains this text")
+    p.add_argument(
+        "--from",
+        dest="start",
+        metavar="TIME",
+        type=parse_time,
+        help="only records dead-lettered "
+        "at or after TIME: epoch ms, ISO 8601 with a zone, or -1d (before now)",
+    )
+    p.add_argument(
+        "--to",
+        dest="end",
+        metavar="TIME",
+        type=parse_time,
+        help="only records dead-lettered at or before TIME",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="count what would be re-ingested, write nothing"
+    )
+    add_flags(p, Settings, ("spec",))
+    add_flags(p.add_argument_group("kafka"), Settings, ("kafka_bootstrap",))
+    _store(p)
+
+
 COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None]]] = {
     "up": (commands.up, _up),
     "serve": (commands.serve, _serve),
@@ -188,11 +339,13 @@ COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None]]] =
     "backfill": (commands.backfill, _backfill),
     "load": (commands.load, _load),
     "validate": (commands.validate, _validate),
+    "redrive": (commands.redrive, _redrive),
+    "batch": (commands.batch, _batch),
     "demo-events": (commands.demo_events, _demo_events),
 }
 """Each command: what runs it (its docstring the help) and what adds its arguments."""
 
-_HAS_DURATIONS = frozenset({"serve", "ingest", "retry", "backfill"})
+_HAS_DURATIONS = frozenset({"serve", "ingest", "retry", "backfill", "plan", "run", "render"})
 
 
 class _Version(argparse.Action):
@@ -220,7 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (run, add_arguments) in COMMANDS.items():
+    _add_commands(sub, COMMANDS, "run")
+    return parser
+
+
+def _add_commands(
+    sub: Any,
+    commands_: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None]]],
+    dest: str,
+) -> None:
+    for name, (run, add_arguments) in commands_.items():
         doc = inspect.getdoc(run) or name
         p = sub.add_parser(
             name,
@@ -230,8 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         add_arguments(p)
-        p.set_defaults(run=run)
-    return parser
+        p.set_defaults(**{dest: run})
 
 
 def _summary(doc: str) -> str:

@@ -30,6 +30,6 @@ def run(path: Path) -> int:
         return 1
     print(
         f"{path}: {len(catalog.groups)} feature groups, {len(catalog.rules)} ingestion "
-        f"rules, topics: {', '.join(catalog.topics) or '-'}"
+        f"rules, {len(catalog.jobs)} batch jobs, topics: {', '.join(catalog.topics) or '-'}"
     )
     return 0

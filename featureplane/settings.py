@@ -115,3 +115,11 @@ class Settings(BaseSettings):
     token: SecretStr | None = None
     """Bearer token the HTTP API requires; unset means none. A variable only, never a flag,
     so it stays out of `ps`."""
+    batch_target_duration: Duration = 600_000
+    """`parallelism: auto` gives a batch job enough shards to finish in about this long,
+    from the input's size and the per-shard speed measured by earlier runs."""
+    batch_max_shards: int = Field(32, ge=1, le=1000)
+    """The most shards `parallelism: auto` gives one batch job."""
+    pushgateway_url: str | None = None
+    """Prometheus Pushgateway (http://host:9091) that batch runs and shards push their
+    metrics to when they end, so a short-lived pod loses none; unset = none."""

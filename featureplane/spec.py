@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator
+from pydantic import BaseModel, Field, PlainSerializer, PlainValidator
 from pydantic_core import PydanticCustomError
 
+from featureplane._spec_fields import Name, SpecDuration, SpecModel, parse_duration
 from featureplane._spec_yaml import field_of, read_yaml
 from featureplane.errors import SpecError, SpecProblem, quote
+from featureplane.jobs import BatchJob
 from featureplane.types import FeatureType, parse_type
 
 __all__ = [
@@ -37,20 +39,8 @@ __all__ = [
     "parse_duration",
 ]
 
-NAME = r"[A-Za-z0-9_]{1,128}"
-_DURATION = re.compile(r"(\d+)(ms|s|m|h|d)")
-_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _ON_DEMAND = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _DUPLICATE_FEATURE = "duplicate_feature"
-
-
-def parse_duration(value: Any) -> int:
-    """`500ms`, `30s`, `5m`, `2h`, `30d` -> milliseconds."""
-    if isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
-        return int(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(
-        f"bad duration {quote(value)} (expected a number and ms, s, m, h or d, e.g. 30s)"
-    )
 
 
 def _type(value: Any) -> FeatureType:
@@ -61,20 +51,11 @@ def _type(value: Any) -> FeatureType:
     return parse_type(value)
 
 
-SpecDuration = Annotated[int, PlainValidator(parse_duration)]
-"""A duration in a spec file, in milliseconds: always written with its unit (`30s`), so
-`ttl: {soft: 30}` is an error, not 30 ms. Settings take bare milliseconds too
-(`featureplane.settings.Duration`, parsed by the same `parse_duration`)."""
 TypeField = Annotated[FeatureType, PlainValidator(_type), PlainSerializer(str, return_type=str)]
-Name = Annotated[str, Field(pattern=f"^{NAME}$")]
 Scalar = str | int | float | bool
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Feature(_Model):
+class Feature(SpecModel):
     """One feature of a group."""
 
     name: Name
@@ -83,7 +64,7 @@ class Feature(_Model):
     """Value type, e.g. `string`, `set<string>`, `vector<float,64>`."""
 
 
-class TTL(_Model):
+class TTL(SpecModel):
     """Cache TTLs: past `soft` a cached value is refreshed, past `hard` never served."""
 
     soft: SpecDuration = 30_000
@@ -103,7 +84,7 @@ class TTL(_Model):
 Tier = Literal["local", "redis", "store"]
 
 
-class FeatureGroup(_Model):
+class FeatureGroup(SpecModel):
     """A feature group: features stored together under one key per entity id."""
 
     name: Name
@@ -149,7 +130,7 @@ class FeatureGroup(_Model):
         return {f.name: i for i, f in enumerate(self.features)}
 
 
-class IngestionRule(_Model):
+class IngestionRule(SpecModel):
     """Which events feed which group, and where each feature comes from."""
 
     name: Name
@@ -168,11 +149,13 @@ class IngestionRule(_Model):
     """Feature name -> payload path."""
 
 
-class Catalog(_Model):
-    """Every feature group and ingestion rule in force."""
+class Catalog(SpecModel):
+    """Every feature group, ingestion rule and batch job in force."""
 
     groups: Mapping[str, FeatureGroup]
     rules: tuple[IngestionRule, ...] = ()
+    jobs: Mapping[str, BatchJob] = {}
+    """Batch jobs by name, in spec order."""
 
     @cached_property
     def topics(self) -> tuple[str, ...]:
@@ -213,18 +196,20 @@ def load_catalog(path: str | Path) -> Catalog:
     even when some fail, but a problem is reported once, not again as the problems it causes.
     """
     problems: list[SpecProblem] = []
-    groups: list[_Entry] = []
-    rules: list[_Entry] = []
+    entries: dict[type[_Section], list[_Entry]] = {m: [] for m in _SECTIONS.values()}
     for file in _spec_files(Path(path)):
         for entry in _parse_file(file, problems):
-            (groups if entry.model_type is FeatureGroup else rules).append(entry)
+            entries[entry.model_type].append(entry)
+    groups, rules, jobs = entries[FeatureGroup], entries[IngestionRule], entries[BatchJob]
     known = _firsts(groups, "group", problems)
     _check_rules(rules, known, problems)
+    _check_jobs(jobs, known, rules, problems)
     if problems:
         raise SpecError(sorted(problems, key=lambda p: (p.file, p.line)))
     return Catalog(
         groups={g.model.name: g.model for g in groups if isinstance(g.model, FeatureGroup)},
         rules=tuple(r.model for r in rules if isinstance(r.model, IngestionRule)),
+        jobs={j.model.name: j.model for j in jobs if isinstance(j.model, BatchJob)},
     )
 
 
@@ -255,9 +240,9 @@ class _Entry:
     For an entry that failed validation the fields come from what it holds, where they are
     well formed (None where not), so that its other problems are still found."""
 
-    model_type: type[FeatureGroup] | type[IngestionRule]
+    model_type: type[_Section]
     loc: _Loc
-    model: FeatureGroup | IngestionRule | None
+    model: _Section | None
     """None when the entry failed validation."""
     name: str | None
     features: tuple[str, ...] | None
@@ -266,6 +251,8 @@ class _Entry:
     """A rule's group."""
     on_demand: bool = False
     """A group computed per request."""
+    after: tuple[str, ...] = ()
+    """A job's dependencies."""
 
 
 def _firsts(entries: list[_Entry], kind: str, problems: list[SpecProblem]) -> dict[str, _Entry]:
@@ -316,6 +303,87 @@ def _check_rules(
                 )
 
 
+def _check_jobs(
+    jobs: list[_Entry],
+    groups: Mapping[str, _Entry],
+    rules: list[_Entry],
+    problems: list[SpecProblem],
+) -> None:
+    """Each job's groups, topic and `after` jobs exist, and `after` makes no cycle."""
+    known = _firsts(jobs, "batch job", problems)
+    for entry in jobs:
+        job = entry.model
+        if isinstance(job, BatchJob) and job.load is not None:
+            group = groups.get(job.load.group)
+            if group is None:
+                hint = _did_you_mean(job.load.group, groups)
+                problems.append(
+                    entry.loc.problem(
+                        ("load", "group"), f"unknown group {_q(job.load.group)}{hint}"
+                    )
+                )
+            elif group.on_demand:
+                message = f"group {_q(job.load.group)} is on-demand: it is never stored"
+                problems.append(entry.loc.problem(("load", "group"), message))
+        if isinstance(job, BatchJob) and job.backfill is not None:
+            _check_backfill(entry, job, groups, rules, problems)
+        for i, name in enumerate(entry.after):
+            if name not in known:
+                hint = _did_you_mean(name, known)
+                problems.append(entry.loc.problem(("after", i), f"unknown job {_q(name)}{hint}"))
+    state: dict[str, int] = {}  # 1: being visited, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for up in known[name].after:
+            if up not in known:
+                continue
+            if state.get(up) == 1:
+                cycle = " -> ".join([*path[path.index(up) :], up])
+                where = known[name].after.index(up)
+                problems.append(known[name].loc.problem(("after", where), f"cycle: {cycle}"))
+            elif up not in state:
+                visit(up, [*path, up])
+        state[name] = 2
+
+    for name in known:
+        if name not in state:
+            visit(name, [name])
+
+
+def _check_backfill(
+    entry: _Entry,
+    job: BatchJob,
+    groups: Mapping[str, _Entry],
+    rules: list[_Entry],
+    problems: list[SpecProblem],
+) -> None:
+    assert job.backfill is not None
+    topic, wanted = job.backfill.topic, job.backfill.groups
+    for i, name in enumerate(wanted or ()):
+        if name not in groups:
+            hint = _did_you_mean(name, groups)
+            problems.append(
+                entry.loc.problem(("backfill", "groups", i), f"unknown group {_q(name)}{hint}")
+            )
+    feeding = {
+        r.model.group
+        for r in rules
+        if isinstance(r.model, IngestionRule) and r.model.topic == topic
+    }
+    if not feeding:
+        topics = sorted({r.model.topic for r in rules if isinstance(r.model, IngestionRule)})
+        hint = _did_you_mean(topic, topics)
+        problems.append(
+            entry.loc.problem(("backfill", "topic"), f"no ingestion rule reads {_q(topic)}{hint}")
+        )
+    elif wanted:
+        for i, name in enumerate(wanted):
+            if name in groups and name not in feeding:
+                message = f"topic {_q(topic)} does not feed group {_q(name)}"
+                problems.append(entry.loc.problem(("backfill", "groups", i), message))
+
+
 def _did_you_mean(word: Any, choices: Iterable[str]) -> str:
     """` (did you mean 'x'?)` for the choice closest to `word`, if one is close; else ``."""
     if not isinstance(word, str) or len(word) > 128:
@@ -345,9 +413,11 @@ class _Loc:
         return SpecProblem(self.file, self.line(sub), field_of(self.prefix + sub), message)
 
 
-_SECTIONS: dict[str, type[FeatureGroup] | type[IngestionRule]] = {
+_Section = FeatureGroup | IngestionRule | BatchJob
+_SECTIONS: dict[str, type[_Section]] = {
     "feature_groups": FeatureGroup,
     "ingestion": IngestionRule,
+    "batch_jobs": BatchJob,
 }
 
 
@@ -364,12 +434,12 @@ def _parse_file(file: Path, problems: list[SpecProblem]) -> Iterator[_Entry]:
         return
     if not isinstance(data, dict):
         problems.append(
-            SpecProblem(name, 1, "-", "expected a mapping with feature_groups/ingestion")
+            SpecProblem(name, 1, "-", "expected a mapping with feature_groups/ingestion/batch_jobs")
         )
         return
     for key in data:
         if key not in _SECTIONS:
-            hint = _did_you_mean(key, _SECTIONS) or " (expected feature_groups or ingestion)"
+            hint = _did_you_mean(key, _SECTIONS) or f" (expected one of {', '.join(_SECTIONS)})"
             line = lines.get((key,), 1)
             problems.append(SpecProblem(name, line, field_of((key,)), "unknown section" + hint))
     for section, model in _SECTIONS.items():
@@ -395,15 +465,17 @@ def _parse_file(file: Path, problems: list[SpecProblem]) -> Iterator[_Entry]:
                     yield entry
 
 
-def _valid_entry(model: FeatureGroup | IngestionRule, loc: _Loc) -> _Entry:
+def _valid_entry(model: _Section, loc: _Loc) -> _Entry:
     if isinstance(model, FeatureGroup):
         names = tuple(f.name for f in model.features)
         return _Entry(FeatureGroup, loc, model, model.name, names, None, bool(model.on_demand))
+    if isinstance(model, BatchJob):
+        return _Entry(BatchJob, loc, model, model.name, None, after=model.after)
     return _Entry(IngestionRule, loc, model, model.name, tuple(model.features), model.group)
 
 
 def _raw_entry(
-    model: type[FeatureGroup] | type[IngestionRule],
+    model: type[_Section],
     raw: dict[Any, Any],
     renamed: dict[tuple[Any, ...], Any],
     loc: _Loc,
@@ -420,6 +492,10 @@ def _raw_entry(
     def text(value: Any) -> str | None:
         return value if isinstance(value, str) and value else None
 
+    if model is BatchJob:
+        after = get(raw, ("after",))
+        ups = tuple(a for a in after if isinstance(a, str)) if isinstance(after, list) else ()
+        return _Entry(model, loc, None, text(get(raw, ("name",))), None, after=ups)
     features = get(raw, ("features",))
     if model is IngestionRule:
         keys = None

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -85,15 +86,50 @@ FLAGS = {
         "--batch-size",
         "--grace",
         "--max-attempts",
+        "--shard",
+        "--at",
         "--spec",
         "--bootstrap",
         *STORE,
     },
-    "load": {"--group", "--format", "--batch-size", "--rejects", "--spec", *STORE},
+    "load": {
+        "--group",
+        "--format",
+        "--batch-size",
+        "--rejects",
+        "--shard",
+        "--at",
+        "--spec",
+        *STORE,
+    },
     "validate": set(),
+    "redrive": {"--reason", "--from", "--to", "--dry-run", "--spec", "--bootstrap", *STORE},
+    "batch": set(),
     "demo-events": {"--bootstrap", "--rate", "--count", "--users", "--seed"},
 }
 """Every flag of every command as the command line had them when this test was written."""
+BATCH_COMMON = {
+    "--spec",
+    "--bootstrap",
+    *STORE,
+    "--batch-target-duration",
+    "--batch-max-shards",
+    "--pushgateway-url",
+}
+BATCH_FLAGS = {
+    "plan": {"--at", "--json", "--shard-list", *BATCH_COMMON},
+    "run": {"--at", "--workers", "--new", *BATCH_COMMON},
+    "status": {"--limit", "--json", "--data-dir"},
+    "render": {
+        "--engine",
+        "--output",
+        "--image",
+        "--namespace",
+        "--spec",
+        "--batch-target-duration",
+        "--batch-max-shards",
+    },
+}
 
 
 @pytest.fixture(autouse=True)
@@ -116,6 +152,10 @@ def test_every_command_keeps_every_flag(capsys: pytest.CaptureFixture[str]) -> N
     assert set(COMMANDS) == set(FLAGS)
     for command, flags in FLAGS.items():
         shown = set(re.findall(r"^  (--[a-z-]+)", _help([command], capsys), re.MULTILINE))
+        assert shown == flags, command
+    for command, flags in BATCH_FLAGS.items():
+        help_text = _help(["batch", command], capsys)
+        shown = set(re.findall(r"^  (?:-\w, )?(--[a-z-]+)", help_text, re.MULTILINE)) - {"--help"}
         assert shown == flags, command
 
 
@@ -186,7 +226,24 @@ def test_flags_set_the_settings_they_name() -> None:
         "backfill --topic t --from 5 --to 2026-11-01T00:00:00Z --groups a,b --batch-size 7 "
         "--grace 2m --max-attempts 3".split()
     )
-    assert (args.topic, args.start, args.end, args.groups) == ("t", 5, 1_793_491_200_000, "a,b")
+    assert (args.topic, args.start, args.end, args.groups) == (
+        "t",
+        "5",
+        "2026-11-01T00:00:00Z",
+        "a,b",
+    )  # resolved against --at by the command
+    shard = parse("backfill --topic t --from=-7d --shard 1/4 --at 2026-11-01T00:00:00Z".split())
+    assert (shard.start, shard.end, shard.shard, shard.at) == (
+        "-7d",
+        "now",
+        (1, 4),
+        1_793_491_200_000,
+    )
+    with pytest.raises(SystemExit):
+        parse("backfill --topic t --from=-7x".split())
+    for bad in ("4/4", "1", "-1/2", "a/b"):
+        with pytest.raises(SystemExit):
+            parse(f"load --group g f.jsonl --shard {bad}".split())
     assert (args.batch_size, args.grace, args.max_attempts) == (7, 120_000, 3)
     assert parse("backfill --topic t --from 1 --to 2".split()).grace == 3_600_000  # 1h
 
@@ -364,6 +421,7 @@ def test_backfill_times() -> None:
         parse_time("2026-11-01T00:00:00")
     with pytest.raises(argparse.ArgumentTypeError, match="bad time 'yesterday'"):
         parse_time("yesterday")
+    assert abs(parse_time("-1d") - (time.time() * 1000 - 86_400_000)) < 60_000
 
 
 # ---------------------------------------------------------------- --version and imports

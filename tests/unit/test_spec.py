@@ -212,7 +212,7 @@ def test_unknown_keys_without_a_close_field_name_the_choices_or_nothing(tmp_path
     with pytest.raises(SpecError) as err:
         load_catalog(spec)
     assert [str(p) for p in err.value.problems] == [
-        f"{spec}:1: metadata: unknown section (expected feature_groups or ingestion)",
+        f"{spec}:1: metadata: unknown section (expected one of feature_groups, ingestion, batch_jobs)",
         f"{spec}:3: feature_groups[0].colour: unknown field",
     ]
 
