@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings
 from featureplane.cli import commands
 from featureplane.cli.flags import add_flags
 from featureplane.flows.options import METRICS_PORTS, RETRY_FIELDS, FlowOptions
-from featureplane.jobs import resolve_time
+from featureplane.jobs import cron_latest, resolve_time
 from featureplane.serving.config import ServeConfig
 from featureplane.settings import Settings, to_ms
 
@@ -54,9 +54,14 @@ def settings_models() -> tuple[type[BaseSettings], ...]:
 
 
 def parse_time(text: str) -> int:
-    """`now`, `-7d` (before now), epoch milliseconds or ISO 8601 with a zone -> epoch ms."""
+    """`now`, `-7d` (before now), epoch milliseconds or ISO 8601 with a zone -> epoch ms;
+    `schedule:CRON`: the cron line's latest fire time at or before now (what a Kubernetes
+    CronJob's pods pass as --at, since Kubernetes tells them no scheduled time)."""
+    now = int(time.time() * 1000)
     try:
-        return resolve_time(text, int(time.time() * 1000))
+        if text.startswith("schedule:"):
+            return cron_latest(text.removeprefix("schedule:"), now)
+        return resolve_time(text, now)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

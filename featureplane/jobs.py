@@ -32,6 +32,7 @@ __all__ = [
     "BatchJob",
     "LoadSource",
     "cron_fires",
+    "cron_latest",
     "cron_period_ms",
     "format_of",
     "needed",
@@ -193,6 +194,15 @@ def cron_fires(schedule: str, after_ms: int, count: int = 1) -> list[int]:
     """The next `count` times (epoch ms) the schedule fires after `after_ms`."""
     it = CronSim(schedule, datetime.fromtimestamp(after_ms / 1000, UTC))
     return [int(next(it).timestamp() * 1000) for _ in range(count)]
+
+
+def cron_latest(schedule: str, at_ms: int) -> int:
+    """The schedule's latest fire time at or before `at_ms` (a bad line is a ValueError)."""
+    try:
+        it = CronSim(schedule, datetime.fromtimestamp(at_ms / 1000 + 1, UTC), reverse=True)
+    except CronSimError as exc:
+        raise ValueError(f"bad cron line {quote(schedule)}: {exc}") from None
+    return int(next(it).timestamp() * 1000)
 
 
 def cron_period_ms(schedule: str, at_ms: int) -> int:

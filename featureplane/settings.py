@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     from the input's size and the per-shard speed measured by earlier runs."""
     batch_max_shards: int = Field(32, ge=1, le=1000)
     """The most shards `parallelism: auto` gives one batch job."""
+    batch_job: str | None = None
+    """The batch job that a `load` or `backfill` shard belongs to, set by the manifests
+    of `batch render`: the `job` label of the shard's pushed metrics."""
     pushgateway_url: str | None = None
     """Prometheus Pushgateway (http://host:9091) that batch runs and shards push their
     metrics to when they end, so a short-lived pod loses none; unset = none."""
