@@ -14,17 +14,19 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 from confluent_kafka import Producer
 
 from featureplane.errors import FeatureplaneError
+from featureplane.jobs import resolve_source
 from featureplane.lifecycle import check_kafka_reachable
 from featureplane.operators.kafka_cluster import KafkaCluster
 from featureplane.settings import Settings
 
-__all__ = ["events", "run"]
+__all__ = ["events", "run", "write_samples"]
 
 log = logging.getLogger("featureplane.cli.demo")
 
@@ -104,6 +106,34 @@ def _article_updated(rnd: random.Random, article: str) -> dict[str, Any]:
             "embedding": [round(rnd.gauss(0, 0.3), 5) for _ in range(64)],
         },
     }
+
+
+def write_samples(folder: Path, at_ms: int, articles: int = 500, seed: int = 7) -> list[Path]:
+    """Nightly-dump-like files for the example catalog's batch jobs (examples/batch.yaml),
+    under `folder`/samples for the UTC day of `at_ms`: article stats in three JSONL files,
+    embeddings in one. Returns the files written."""
+    rnd = random.Random(seed)
+    day = resolve_source("{date}", at_ms)
+    stats_dir = folder / "samples" / "article_stats" / day
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for part in range(3):
+        path = stats_dir / f"part-{part:05d}.jsonl"
+        with path.open("wb") as f:
+            for n in range(part + 1, articles + 1, 3):
+                row = {"id": f"article-{n}", "ts": at_ms} | _stats(rnd)
+                del row["event_type"]
+                f.write(orjson.dumps(row) + b"\n")
+        written.append(path)
+    path = folder / "samples" / "article_embeddings" / f"{day}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        for n in range(1, articles + 1):
+            embedding = [round(rnd.gauss(0, 0.3), 5) for _ in range(64)]
+            row = {"id": f"article-{n}", "ts": at_ms, "embedding": embedding, "model": "minilm-64"}
+            f.write(orjson.dumps(row) + b"\n")
+    written.append(path)
+    return written
 
 
 def run(

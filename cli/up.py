@@ -47,6 +47,7 @@ __all__ = [
     "Child",
     "UpSettings",
     "banner",
+    "demo_batch",
     "plan_children",
     "run",
     "stop_timeout",
@@ -89,6 +90,9 @@ class Child:
     ready_url: str | None = None
     ready_when: Callable[[bytes], bool] | None = None
     """What the ready URL's 200 body must also show (None: the 200 is enough)."""
+    cwd: Path | None = None
+    once: bool = False
+    """Runs to its end, is never restarted, and its end is reported (the demo's batch run)."""
     proc: subprocess.Popen[bytes] | None = None
     starts: deque[float] = field(default_factory=deque)
     _log: IO[bytes] | None = None
@@ -97,6 +101,7 @@ class Child:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.argv,
+            cwd=self.cwd,
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -191,6 +196,9 @@ def run(settings: Settings, up: UpSettings, demo_rate: float | None = None) -> i
         demo = demo_rate is not None and DEMO_GROUP in catalog.groups
         print(banner(children, data_dir, bootstrap, embedded, redis, demo=demo))
         sys.stdout.flush()
+        if demo and catalog.jobs:
+            children.append(demo_batch(children[0].env, data_dir))
+            children[-1].start()
         return supervise(children, stopping)
     finally:
         stop_all(children, stop_timeout(drain_s))
@@ -292,6 +300,18 @@ def plan_children(
     return children
 
 
+def demo_batch(env: dict[str, str], data_dir: Path) -> Child:
+    """`featureplane batch run` of the example catalog's jobs, once, on sample files written
+    now under `data_dir`/samples (the jobs' relative sources are read from there)."""
+    from featureplane.cli.demo import write_samples
+
+    at = int(time.time() * 1000)
+    files = write_samples(data_dir, at)
+    log.info("demo: wrote %d sample files under %s; running the batch jobs", len(files), data_dir)
+    argv = [sys.executable, "-m", "featureplane.cli", "batch", "run", "--at", str(at)]
+    return Child("batch run", argv, env, data_dir / "logs" / "batch.log", cwd=data_dir, once=True)
+
+
 _WRITTEN = re.compile(rb"^featureplane_ingest_items_written_total\{[^}]*\} ([0-9.e+]+)$", re.M)
 
 
@@ -332,7 +352,12 @@ def supervise(children: list[Child], stopping: Callable[[], bool]) -> int:
     while not stopping():
         for child in children:
             code = child.exited()
-            if code is None:
+            if code is None or child.proc is None:
+                continue
+            if child.once:
+                how = "finished" if code == 0 else f"failed (exit status {code})"
+                log.info("%s %s; its report:\n%s", child.name, how, child.tail(12))
+                child.proc = None
                 continue
             now = time.monotonic()
             while child.starts and now - child.starts[0] > RESTART_WINDOW_S:
@@ -381,6 +406,11 @@ def banner(
         tries = [f"  curl -s '{base}/v1/features/{DEMO_GROUP}/user-1?limit=3'"]
     else:  # the user's own catalog: its groups first
         tries = [f"  curl -s '{base}/v1/groups'", f"  curl -s '{base}/v1/features/GROUP/ID'"]
+    if demo:
+        lines.append(
+            f"  batch jobs    run once now on sample files: featureplane batch status "
+            f"--data-dir {data_dir}"
+        )
     lines += [
         f"  logs          {data_dir / 'logs'}",
         "",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -96,6 +96,12 @@ def _cron(value: Any) -> str:
     return value
 
 
+def _parallelism(value: Any) -> Literal["auto"] | int:
+    if value == "auto" or (type(value) is int and 1 <= value <= 1000):
+        return value  # type: ignore[no-any-return]  # checked just above
+    raise ValueError(f"parallelism must be auto or a number from 1 to 1000, got {quote(value)}")
+
+
 TimeExpr = Annotated[str | int, PlainValidator(_time)]
 Cron = Annotated[str, PlainValidator(_cron)]
 
@@ -168,7 +174,7 @@ class BatchJob(SpecModel):
     """Cron line, UTC; absent = run when asked, or after the jobs it depends on."""
     after: tuple[Name, ...] = ()
     """Jobs that must succeed first, in the same run."""
-    parallelism: Literal["auto"] | Annotated[int, Field(ge=1, le=1000)] = "auto"
+    parallelism: Annotated[Literal["auto"] | int, PlainValidator(_parallelism)] = "auto"
     """Shards run at once: a number, or auto = from the input's size and measured speed."""
     timeout: SpecDuration = DEFAULT_TIMEOUT_MS
     """A run longer than this fails and alerts."""
@@ -199,7 +205,8 @@ def cron_fires(schedule: str, after_ms: int, count: int = 1) -> list[int]:
 def cron_latest(schedule: str, at_ms: int) -> int:
     """The schedule's latest fire time at or before `at_ms` (a bad line is a ValueError)."""
     try:
-        it = CronSim(schedule, datetime.fromtimestamp(at_ms / 1000 + 1, UTC), reverse=True)
+        start = datetime.fromtimestamp(at_ms / 1000, UTC) + timedelta(milliseconds=1)
+        it = CronSim(schedule, start, reverse=True)  # strictly before its start
     except CronSimError as exc:
         raise ValueError(f"bad cron line {quote(schedule)}: {exc}") from None
     return int(next(it).timestamp() * 1000)
