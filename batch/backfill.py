@@ -8,6 +8,11 @@ ingestion and are written through the batch `Sink`. No consumer group is
 joined and nothing is committed, so the live ingest is untouched; writes are
 idempotent, so a backfill can simply run again. A broker that does not
 answer, or fails a call, is one line naming it (`StartupError`).
+
+`--shard I/N` reads only the (partition, time slice) units that
+`shards.backfill_units` deals to shard I, each from the first offset at its
+slice's start to past its slice's end (+ grace), keeping the records stamped
+within the slice: every I over one N covers each (partition, ms) once.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import logging
 import sys
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from featureplane.batch.progress import Progress
+from featureplane.batch.shards import ShardResult, backfill_units
 from featureplane.batch.sink import Sink
 from featureplane.errors import FeatureplaneError
 from featureplane.lifecycle import broker_error, check_kafka_reachable
@@ -35,7 +43,7 @@ from featureplane.settings import Settings
 from featureplane.spec import Catalog
 from featureplane.stores import open_cache, open_store
 
-__all__ = ["BackfillJob", "backfill", "run"]
+__all__ = ["BackfillJob", "backfill", "run", "survey"]
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +85,13 @@ def _dispatcher(catalog: Catalog, topic: str, groups: str | None) -> Dispatcher:
     return Dispatcher(rules)
 
 
-async def backfill(settings: Settings, catalog: Catalog, job: BackfillJob) -> Counter[str]:
-    """Reprocess the job's records; counts of records read, in range, malformed and items.
-
-    A Kafka call that fails is a `StartupError` naming the broker and librdkafka's
-    reason; a broker that does not answer is one at once, before the first call.
-    """
+def _consumer(settings: Settings) -> tuple[KafkaCluster, Consumer]:
     bootstrap = settings.kafka_bootstrap
     if not bootstrap:
         raise FeatureplaneError("no Kafka broker: set FEATUREPLANE_KAFKA_BOOTSTRAP or --bootstrap")
-    if job.end < job.start:
-        raise FeatureplaneError("--to is before --from")
-    dispatcher, aggregator = _dispatcher(catalog, job.topic, job.groups), Aggregator(catalog)
     check_kafka_reachable(bootstrap)
     kafka = KafkaCluster(bootstrap, settings.kafka_config)
-    consumer = Consumer(
+    return kafka, Consumer(
         kafka.client_config(
             {
                 "group.id": f"featureplane-backfill-{uuid.uuid4().hex[:8]}",  # never committed
@@ -102,26 +102,79 @@ async def backfill(settings: Settings, catalog: Catalog, job: BackfillJob) -> Co
             }
         )
     )
+
+
+def _partitions(consumer: Consumer, topic: str) -> list[int]:
+    meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+    if meta is None or meta.error is not None or not meta.partitions:
+        raise FeatureplaneError(f"topic {topic!r} does not exist")
+    return sorted(meta.partitions)
+
+
+def survey(settings: Settings, topic: str, start: int, end: int) -> tuple[int, int]:
+    """(partitions, about how many records are stamped in [start, end]) of a topic, from
+    the offsets at both times (Kafka's offsets-for-times lookup), reading no record."""
+    kafka, consumer = _consumer(settings)
+    try:
+        parts = _partitions(consumer, topic)
+        firsts = consumer.offsets_for_times([TopicPartition(topic, p, start) for p in parts], 30)
+        lasts = consumer.offsets_for_times([TopicPartition(topic, p, end + 1) for p in parts], 30)
+        records = 0
+        for first, last in zip(firsts, lasts, strict=True):
+            if first.offset < 0:  # no record at or after start
+                continue
+            stop = last.offset
+            if stop < 0:  # none after end: up to the end of the log
+                stop = consumer.get_watermark_offsets(TopicPartition(topic, first.partition), 10)[1]
+            records += max(0, stop - first.offset)
+        return len(parts), records
+    except KafkaException as exc:
+        raise broker_error(str(kafka), f"survey topic {topic!r}", exc) from None
+    finally:
+        with contextlib.suppress(KafkaException, RuntimeError):
+            consumer.close()
+
+
+async def backfill(
+    settings: Settings,
+    catalog: Catalog,
+    job: BackfillJob,
+    report: Callable[[int, int], None] | None = None,
+) -> Counter[str]:
+    """Reprocess the job's records (its shard's); counts of records read, in range,
+    malformed and items. `report(done, malformed)` after each written batch, else a
+    progress line on stderr.
+
+    A Kafka call that fails is a `StartupError` naming the broker and librdkafka's
+    reason; a broker that does not answer is one at once, before the first call.
+    """
+    if job.end < job.start:
+        raise FeatureplaneError("--to is before --from")
+    dispatcher, aggregator = _dispatcher(catalog, job.topic, job.groups), Aggregator(catalog)
+    kafka, consumer = _consumer(settings)
     counts: Counter[str] = Counter()
     redis = open_cache(settings, catalog)
     try:
-        meta = consumer.list_topics(job.topic, timeout=10).topics.get(job.topic)
-        if meta is None or meta.error is not None or not meta.partitions:
-            raise FeatureplaneError(f"topic {job.topic!r} does not exist")
-        wanted = [TopicPartition(job.topic, p, job.start) for p in meta.partitions]
-        starts = consumer.offsets_for_times(wanted, timeout=30)
+        units = backfill_units(_partitions(consumer, job.topic), job.start, job.end, job.shard)
+        wanted = [TopicPartition(job.topic, p, lo) for p, (lo, _) in units.items()]
+        starts = consumer.offsets_for_times(wanted, timeout=30) if wanted else []
         todo = [tp for tp in starts if tp.offset >= 0]
         open_parts = {tp.partition for tp in todo}
         log.info(
-            "backfill %s [%d, %d] from %s at offsets %s",
+            "backfill %s [%d, %d] shard %s from %s: partition -> (from, to, offset) %s",
             job.topic,
             job.start,
             job.end,
+            job.shard,
             kafka,
-            {tp.partition: tp.offset for tp in todo},
+            {tp.partition: (*units[tp.partition], tp.offset) for tp in todo},
         )
-        consumer.assign(todo)
-        progress = Progress(f"backfill {job.topic}")
+        if todo:
+            consumer.assign(todo)
+        label = f"backfill {job.topic}" + (
+            f" shard {job.shard[0]}/{job.shard[1]}" if job.shard else ""
+        )
+        progress = None if report else Progress(label)
         async with Sink(
             open_store(settings, catalog), redis, max_attempts=job.max_attempts
         ) as sink:
@@ -138,12 +191,13 @@ async def backfill(settings: Settings, catalog: Catalog, job: BackfillJob) -> Co
                     if part not in open_parts:
                         continue
                     ts = m.timestamp()[1]
-                    if ts > job.end + job.grace_ms:
+                    lo, hi = units[part]
+                    if ts > hi + job.grace_ms:
                         open_parts.discard(part)
                         consumer.incremental_unassign([TopicPartition(job.topic, part)])
                         continue
                     counts["read"] += 1
-                    if not job.start <= ts <= job.end:
+                    if not lo <= ts <= hi:
                         continue
                     off = m.offset() or 0
                     works.append(
@@ -172,8 +226,12 @@ async def backfill(settings: Settings, catalog: Catalog, job: BackfillJob) -> Co
                 counts["in range"] += len(works)
                 counts["malformed"] += len(bad)
                 counts["items"] += sum(len(w.items) for w in done if w.status == "pending")
-                progress.advance(done=len(works) - len(bad), rejected=len(bad))
-        progress.finish()
+                if report:
+                    report(len(works) - len(bad), len(bad))
+                elif progress:
+                    progress.advance(done=len(works) - len(bad), rejected=len(bad))
+        if progress:
+            progress.finish()
     except KafkaException as exc:
         raise broker_error(str(kafka), f"read topic {job.topic!r}", exc) from None
     finally:
@@ -183,11 +241,43 @@ async def backfill(settings: Settings, catalog: Catalog, job: BackfillJob) -> Co
 
 
 def run(settings: Settings, catalog: Catalog, job: BackfillJob) -> int:
-    """Backfill and print what was done; 0 (malformed records are counted, not failures)."""
-    counts = asyncio.run(backfill(settings, catalog, job))
+    """Backfill and print what was done; 0 (malformed records are counted, not failures).
+    A shard with a Pushgateway pushes its counts, on failure too."""
+    try:
+        counts = asyncio.run(backfill(settings, catalog, job))
+    except FeatureplaneError as exc:
+        _push(settings, job.shard, None, str(exc))
+        raise
+    done = ShardResult(
+        counts["in range"] - counts["malformed"], counts["malformed"], counts["in range"]
+    )
+    _push(settings, job.shard, done, None)
+    if not counts["in range"]:
+        print(
+            f"backfill {job.topic}: no record stamped in the range"
+            + (" for this shard" if job.shard else "")
+            + f" ({_iso(job.start)} to {_iso(job.end)}); nothing to do",
+            file=sys.stderr,
+        )
+    shard = f" shard {job.shard[0]}/{job.shard[1]}" if job.shard else ""
     print(
-        f"backfill {job.topic}: read {counts['read']:,} records, {counts['in range']:,} in "
+        f"backfill {job.topic}{shard}: read {counts['read']:,} records, {counts['in range']:,} in "
         f"range, wrote {counts['items']:,} items, {counts['malformed']:,} malformed",
         file=sys.stderr,
     )
     return 0  # malformed records are reported above; the live ingest sent them to the DLQ
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _push(
+    settings: Settings, shard: tuple[int, int] | None, result: ShardResult | None, error: str | None
+) -> None:
+    """A shard's counts to the Pushgateway, so a short-lived pod's metrics outlive it."""
+    if not (settings.pushgateway_url and shard):
+        return
+    from featureplane.batch.metrics import push_shard
+
+    push_shard(settings, shard, result, error)
