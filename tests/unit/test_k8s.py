@@ -1,6 +1,7 @@
-"""The k8s manifests parse, list every file, and run commands that exist; the image holds
-every folder the package is built from. (tests/unit/test_k8s_manifests.py renders them
-with kustomize and validates what it gives.)"""
+"""The k8s manifests parse, list every file, and run commands that exist (the containers
+of the Argo batch workflows too); the image holds every folder the package is built
+from. (tests/unit/test_k8s_manifests.py renders them with kustomize and validates what
+it gives.)"""
 
 from __future__ import annotations
 
@@ -32,7 +33,12 @@ def test_workloads_run_real_commands_with_known_config() -> None:
     generated |= {("Secret", g["name"]) for g in kust["secretGenerator"]}
     names = generated | {(d["kind"], d["metadata"]["name"]) for d in _docs() if "metadata" in d}
     workloads = [d for d in _docs() if d.get("kind") == "Deployment"]
-    jobs = [d["spec"]["jobTemplate"] for d in _docs() if d.get("kind") == "CronJob"]
+    jobs = [
+        {"spec": {"template": {"spec": pod}}}
+        for d in _docs()
+        if d.get("kind") in ("CronJob", "CronWorkflow", "WorkflowTemplate")
+        for pod in _pod_specs(d)
+    ]
     assert jobs
     assert {w["metadata"]["name"] for w in workloads} == {
         "featureplane-serve",
@@ -78,8 +84,12 @@ def test_the_image_tag_is_the_package_version_and_set_in_one_place() -> None:
 
 
 def _pod_specs(doc: dict) -> list[dict]:
-    """Pod specs of a Deployment, Job or CronJob."""
+    """Pod specs of a Deployment, Job or CronJob; of an Argo CronWorkflow or
+    WorkflowTemplate, one per container template (its container alone)."""
     spec = doc.get("spec", {})
+    if doc.get("kind") in ("CronWorkflow", "WorkflowTemplate"):
+        wf = spec.get("workflowSpec", spec)
+        return [{"containers": [t["container"]]} for t in wf["templates"] if "container" in t]
     if doc.get("kind") == "CronJob":
         spec = spec.get("jobTemplate", {}).get("spec", {})
     template = spec.get("template", {}).get("spec")

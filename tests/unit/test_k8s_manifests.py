@@ -100,12 +100,19 @@ def _one(docs: list[Doc], kind: str, name: str) -> Doc:
 
 
 def _pod_specs(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
+    """(owner, pod spec) of every pod a manifest starts; for Argo's kinds, the pod of each
+    container template: the workflow's pod-level fields and that one container."""
     for d in docs:
         spec = d.get("spec", {})
         if d["kind"] == "CronJob":
             spec = spec["jobTemplate"]["spec"]
         if d["kind"] in ("Deployment", "StatefulSet", "Job", "CronJob"):
             yield d, spec["template"]["spec"]
+        if d["kind"] in ("CronWorkflow", "WorkflowTemplate"):
+            wf = spec.get("workflowSpec", spec)
+            for t in wf["templates"]:
+                if "container" in t:
+                    yield d, {**wf, "containers": [t["container"]]}
 
 
 # ------------------------------------------------------------------ schemas
@@ -132,13 +139,16 @@ def _closed(schema: Any) -> Any:
     return out
 
 
-def _crd_validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
-    validators = {}
+def _crd_validators() -> dict[tuple[str, str], list[tuple[str, jsonschema.Draft7Validator]]]:
+    """(apiVersion, kind) -> a validator for each pinned release of its CRD (Argo's kinds
+    are pinned twice: the oldest release the manifests support and the newest)."""
+    validators: dict[tuple[str, str], list[tuple[str, jsonschema.Draft7Validator]]] = {}
     for f in sorted(SCHEMAS.glob("*.yaml")):
-        crd = yaml.safe_load(f.read_text())
-        validators[(crd["apiVersion"], crd["kind"])] = jsonschema.Draft7Validator(
-            _closed(crd["schema"])
-        )
+        # libyaml: the Argo schemas are 0.3-0.4 MB each, slow for the pure-Python parser
+        crd = yaml.load(f.read_text(), Loader=yaml.CSafeLoader)
+        key = (crd["apiVersion"], crd["kind"])
+        validator = jsonschema.Draft7Validator(_closed(crd["schema"]))
+        validators.setdefault(key, []).append((crd.get("version", ""), validator))
     return validators
 
 
@@ -146,12 +156,14 @@ CRDS = _crd_validators()
 
 
 def _cr_errors(doc: Doc) -> list[str]:
-    validator = CRDS.get((doc["apiVersion"], doc["kind"]))
-    assert validator is not None, (
+    validators = CRDS.get((doc["apiVersion"], doc["kind"]))
+    assert validators is not None, (
         f"no schema in tests/k8s_schemas for {doc['apiVersion']} {doc['kind']}"
     )
     return [
-        f"{doc['kind']}/{doc['metadata']['name']}: {'.'.join(map(str, e.absolute_path))}: {e.message}"
+        f"{doc['kind']}/{doc['metadata']['name']}{' on ' + version if version else ''}: "
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for version, validator in validators
         for e in validator.iter_errors(doc)
     ]
 
