@@ -208,7 +208,7 @@ sys.exit(runner.run(settings, load_catalog(settings.spec), ["stuck"], AT, worker
 def test_sigterm_interrupts_the_run_and_status_says_so(
     env: tuple[Settings, Catalog, Path],
 ) -> None:
-    settings, catalog, marks = env
+    settings, _, marks = env
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
         [sys.executable, "-c", _INTERRUPTED, str(settings.spec), str(settings.data_dir)],
