@@ -43,6 +43,7 @@ __all__ = [
     "render_argo",
     "render_k8s",
     "run",
+    "to_yaml",
 ]
 
 Doc = dict[str, Any]
@@ -99,8 +100,18 @@ def _job_args(job: BatchJob, shard: str, at: str) -> list[str]:
     """The command line of one shard (`--from=-7d`: a value starting with `-` needs `=`)."""
     if job.load is not None:
         src = job.load
-        return ["load", "--group", src.group, src.source, "--format", src.file_format,
-                "--shard", shard, "--at", at]  # fmt: skip
+        return [
+            "load",
+            "--group",
+            src.group,
+            src.source,
+            "--format",
+            src.file_format,
+            "--shard",
+            shard,
+            "--at",
+            at,
+        ]
     assert job.backfill is not None
     bf = job.backfill
     args = ["backfill", "--topic", bf.topic, f"--from={bf.from_}", f"--to={bf.to}"]
@@ -314,10 +325,14 @@ def render_argo(catalog: Catalog, image: str, namespace: str) -> list[Doc]:
         scheduled |= {j.name for j in jobs}
         first = next(j for j in jobs if j.schedule == cron)
         name = f"featureplane-{_slug(first.name, 39)}"  # Argo: at most 52 characters
-        meta = _meta(name, namespace, **{
-            "featureplane.io/schedule": cron,
-            "featureplane.io/jobs": ", ".join(j.name for j in jobs),
-        })  # fmt: skip
+        meta = _meta(
+            name,
+            namespace,
+            **{
+                "featureplane.io/schedule": cron,
+                "featureplane.io/jobs": ", ".join(j.name for j in jobs),
+            },
+        )
         at = "{{workflow.scheduledTime}}"  # RFC 3339: every task of a run reads the same input
         spec: Doc = {
             "schedules": [cron],
@@ -335,7 +350,7 @@ def render_argo(catalog: Catalog, image: str, namespace: str) -> list[Doc]:
                 "kind": "CronWorkflow",
                 "metadata": meta,
                 "spec": spec,
-            }  # fmt: skip
+            }
         )
     for job in catalog.jobs.values():
         if job.name in scheduled:
@@ -350,7 +365,7 @@ def render_argo(catalog: Catalog, image: str, namespace: str) -> list[Doc]:
                 "kind": "WorkflowTemplate",
                 "metadata": meta,
                 "spec": _workflow_spec(jobs, image, at, name),
-            }  # fmt: skip
+            }
         )
     return [*docs, *_executor_rbac(namespace)] if docs else []
 
@@ -417,6 +432,12 @@ def render_k8s(
     return docs
 
 
+def to_yaml(docs: list[Doc], engine: Literal["argo", "k8s"]) -> str:
+    """The manifests as one YAML stream under the generated-file header."""
+    body = yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, width=100)
+    return HEADER.format(engine=engine) + body
+
+
 async def _shard_counts(
     settings: Settings, catalog: Catalog
 ) -> tuple[dict[str, int], dict[str, str]]:
@@ -480,9 +501,7 @@ def run(
             )
     if not docs:
         raise FeatureplaneError(f"no job of the spec can be rendered for --engine {engine}")
-    text = HEADER.format(engine=engine) + yaml.dump_all(
-        docs, Dumper=_Dumper, sort_keys=False, width=100
-    )
+    text = to_yaml(docs, engine)
     if output is None:
         sys.stdout.write(text)
     else:
