@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import glob
 import hashlib
 import logging
@@ -21,7 +22,7 @@ import os
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -136,10 +137,21 @@ def _s3_address(source: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _s3() -> Any:
+@functools.cache
+def _session() -> Any:
     import aioboto3
 
-    return aioboto3.Session().client("s3")
+    return aioboto3.Session()  # one a process: its service models load once (~0.3 s)
+
+
+@asynccontextmanager
+async def _s3(client: Any = None) -> AsyncIterator[Any]:
+    """An S3 client: the one given, or a new one for the block."""
+    if client is not None:
+        yield client
+        return
+    async with _session().client("s3") as s3:
+        yield s3
 
 
 def _s3_errors() -> tuple[type[Exception], ...]:
@@ -152,7 +164,7 @@ def _unreadable(source: str, exc: BaseException) -> FeatureplaneError:
     return FeatureplaneError(f"cannot read {source}: {str(exc).strip() or type(exc).__name__}")
 
 
-async def list_files(source: str) -> list[tuple[str, int]]:
+async def list_files(source: str, s3_client: Any = None) -> list[tuple[str, int]]:
     """The files a source names, sorted, with their sizes; FeatureplaneError when none.
 
     Local: the path, or the matches of a glob (`**` across folders). S3: the object,
@@ -169,7 +181,7 @@ async def list_files(source: str) -> list[tuple[str, int]]:
     bucket, key = _s3_address(source)
     cut_at = next((i for i, c in enumerate(key) if c in _GLOB), None)
     try:
-        async with _s3() as s3:
+        async with _s3(s3_client) as s3:
             if cut_at is None:
                 try:
                     head = await s3.head_object(Bucket=bucket, Key=key)
@@ -209,7 +221,7 @@ async def _check_bucket(s3: Any, bucket: str) -> None:
         raise FeatureplaneError(f"no S3 bucket {bucket!r}") from None
 
 
-async def _parquet_meta(source: str) -> Any:
+async def _parquet_meta(source: str, s3_client: Any) -> Any:
     """A Parquet file's footer: local, or from S3 with two ranged GETs (the length, then
     the footer), without downloading the file."""
     import pyarrow as pa
@@ -219,7 +231,7 @@ async def _parquet_meta(source: str) -> Any:
         if not source.startswith("s3://"):
             return pq.read_metadata(source)
         bucket, key = _s3_address(source)
-        async with _s3() as s3:
+        async with _s3(s3_client) as s3:
             tail = await (await s3.get_object(Bucket=bucket, Key=key, Range="bytes=-8"))[
                 "Body"
             ].read()
@@ -234,7 +246,9 @@ async def _parquet_meta(source: str) -> Any:
         raise _unreadable(source, exc) from None
 
 
-async def pieces(files: list[tuple[str, int]], fmt: Format, n: int) -> list[Piece]:
+async def pieces(
+    files: list[tuple[str, int]], fmt: Format, n: int, s3_client: Any = None
+) -> list[Piece]:
     """The files as pieces for `n` shards: whole files for one shard; for more, a file
     larger than a quarter of a shard's share is cut (JSONL: equal byte ranges;
     Parquet: runs of its row groups, from its footer), so the shards come out even."""
@@ -248,7 +262,7 @@ async def pieces(files: list[tuple[str, int]], fmt: Format, n: int) -> list[Piec
         elif fmt == "jsonl":
             out.extend(Piece(src, b - a, "bytes", a, b) for a, b in cut(size, target))
         else:
-            meta = await _parquet_meta(src)
+            meta = await _parquet_meta(src, s3_client)
             first = row = acc = 0
             for g in range(meta.num_row_groups):
                 rg = meta.row_group(g)
@@ -359,16 +373,15 @@ async def load_shard(
         raise FeatureplaneError(f"group {group.name!r} is on-demand: it is never stored")
     fmt = _format(job)
     i, n = job.shard or (0, 1)
-    files = await list_files(job.source)
-    mine = split(await pieces(files, fmt, n if job.shard else 1), n)[i]
-    result, total = LoadResult(), sum(p.size for p in mine)
-    label = f"load {group.name}" + (f" shard {i}/{n}" if job.shard else "")
-    progress = None if report else Progress(label, total)
-    rejected = 0
+    result, rejected = LoadResult(), 0
     async with AsyncExitStack() as stack:
         s3 = None
-        if any(p.source.startswith("s3://") for p in mine):
+        if job.source.startswith("s3://"):
             s3 = await stack.enter_async_context(_s3())
+        files = await list_files(job.source, s3)
+        mine = split(await pieces(files, fmt, n if job.shard else 1, s3), n)[i]
+        label = f"load {group.name}" + (f" shard {i}/{n}" if job.shard else "")
+        progress = None if report else Progress(label, sum(p.size for p in mine))
         sink = await stack.enter_async_context(
             Sink(open_store(settings, catalog), open_cache(settings, catalog))
         )

@@ -4,6 +4,7 @@ sharded load through a counting sink (every row written exactly once over all I/
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def _lines(text: bytes) -> list[tuple[int, bytes]]:
 def test_ranges_hold_each_line_once(text: bytes, cuts: list[int], chunk: int) -> None:
     bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
     got = []
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         tail = text[max(a - 1, 0) :]
         got += cut_lines([tail[i : i + chunk] for i in range(0, len(tail), chunk)], a, b)
     assert got == _lines(text)
@@ -131,3 +132,41 @@ def test_every_shard_over_n_writes_each_row_once(
     job = LoadJob(str(tmp_path / "*.jsonl"), group, None, 50, None, (0, 5))
     cut_up = asyncio.run(pieces(asyncio.run(load_module.list_files(job.source)), "jsonl", 5))
     assert any(p.kind == "bytes" and p.start > 0 for p in cut_up)  # a.jsonl was cut
+
+
+class FakeConsumer:
+    """Kafka's documented answers: offsets_for_times gives the first offset stamped at or
+    after the time, -1 when there is none; the high watermark is the next offset."""
+
+    def __init__(self, stamps: dict[int, list[int]]) -> None:
+        self.stamps = stamps
+
+    def list_topics(self, topic: str, timeout: float) -> object:
+        part = type("P", (), {"error": None, "partitions": dict.fromkeys(self.stamps)})
+        return type("M", (), {"topics": {topic: part}})
+
+    def offsets_for_times(self, tps: list, timeout: float) -> list:
+        from confluent_kafka import TopicPartition
+
+        out = []
+        for tp in tps:
+            offsets = [o for o, ts in enumerate(self.stamps[tp.partition]) if ts >= tp.offset]
+            out.append(TopicPartition(tp.topic, tp.partition, offsets[0] if offsets else -1))
+        return out
+
+    def get_watermark_offsets(self, tp: object, timeout: float) -> tuple[int, int]:
+        return 0, len(self.stamps[tp.partition])  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        pass
+
+
+def test_survey_counts_records_between_the_offsets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from featureplane.batch import backfill
+
+    fake = FakeConsumer({0: [10, 20, 30, 40], 1: [5, 25, 26], 2: [1, 2]})
+    monkeypatch.setattr(backfill, "_consumer", lambda settings: ("fake", fake))
+    s = Settings(kafka_bootstrap="fake:9092")
+    assert backfill.survey(s, "t", 20, 30) == (3, 2 + 2 + 0)
+    assert backfill.survey(s, "t", 21, 100) == (3, 2 + 2)
+    assert backfill.survey(s, "t", 100, 200) == (3, 0)
