@@ -1,0 +1,492 @@
+"""`featureplane redrive TOPIC.dlq`: send dead-lettered records back through ingestion.
+
+The DLQ is read from its first records to its end when the run starts, with no
+consumer group joined and nothing committed (as a backfill reads). Each record
+chosen goes through decode, dispatch and aggregate with the catalog as it is
+now, as if read from the source topic (the name before `.dlq`), and its items
+are written through the batch `Sink` to the tiers ingestion writes. A record
+that fails again goes back to the DLQ with its new reason, its original's
+headers, and two more: `redrive_of` (the DLQ partition:offset it was read at)
+and `redrive_spec` (`spec_hash` of the catalog it failed under), delivered by
+an idempotent producer with acks=all.
+
+Running it twice duplicates nothing. Items are written by event id, so a
+record re-ingested again overwrites itself. In the DLQ a record is skipped
+when a later record names it in `redrive_of` (its successor carries it on), or
+when its own `redrive_spec` is the current catalog's (it failed under this
+very catalog and would fail the same way). The DLQ is read twice for that:
+first to its end for the `redrive_of` headers, then to the same offsets to
+process. A record cut to fit the DLQ (`truncated: true`) cannot be
+re-ingested: it fails again, pointing at its original, and is never
+dead-lettered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from hashlib import blake2b
+from typing import Literal
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Message as KafkaMessage
+
+from featureplane.batch.progress import Progress
+from featureplane.batch.sink import Sink
+from featureplane.errors import FeatureplaneError, ValidationError
+from featureplane.lifecycle import broker_error, check_kafka_reachable
+from featureplane.operators.aggregate import Aggregator
+from featureplane.operators.decode import decode_works
+from featureplane.operators.dispatch import Dispatcher
+from featureplane.operators.handoff import SMALL_MESSAGE
+from featureplane.operators.kafka import Deliverer
+from featureplane.operators.kafka_cluster import KafkaCluster, max_message_bytes
+from featureplane.operators.records import Message, Origin, Work
+from featureplane.operators.route import DLQ_SUFFIX, Outgoing, dead_letter, fit
+from featureplane.settings import Settings
+from featureplane.spec import Catalog
+from featureplane.stores import open_cache, open_store
+
+__all__ = [
+    "REDRIVE_OF",
+    "REDRIVE_SPEC",
+    "DeadLetter",
+    "RedriveJob",
+    "Tally",
+    "choose",
+    "redrive",
+    "run",
+    "source_topic",
+    "spec_hash",
+    "summary",
+]
+
+log = logging.getLogger(__name__)
+
+REDRIVE_OF = "redrive_of"
+"""Header of a record that failed again: `<dlq partition>:<dlq offset>` it was read at."""
+REDRIVE_SPEC = "redrive_spec"
+"""Header of a record that failed again: `spec_hash` of the catalog it failed under."""
+BATCH = 1_000
+"""Records per decode/write/deliver round."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedriveJob:
+    """Which dead-lettered records to send back, as the command line gives them."""
+
+    topic: str
+    """The dead-letter topic, `<source topic>.dlq`."""
+    reason: str | None = None
+    """Only records whose `reason` header contains this text (any case)."""
+    start: int | None = None
+    """Only records dead-lettered at or after this time (the DLQ record's timestamp), ms."""
+    end: int | None = None
+    """Only records dead-lettered at or before this time, ms."""
+    dry_run: bool = False
+    """Decode, dispatch and aggregate only: write nothing, produce nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One DLQ record as read, and what its headers say."""
+
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: Mapping[str, str]
+
+    @classmethod
+    def of(cls, m: KafkaMessage) -> DeadLetter:
+        raw = m.headers() or ()
+        heads: dict[str, str] = {}
+        for k, v in raw.items() if isinstance(raw, dict) else raw:
+            if v is not None:  # the last of a name given twice wins, as `fit` appends
+                heads[k] = v if isinstance(v, str) else v.decode("utf-8", "replace")
+        return cls(m.partition() or 0, m.offset() or 0, m.timestamp()[1], m.key(), m.value(), heads)
+
+    @property
+    def position(self) -> str:
+        """Its place in the DLQ, as `redrive_of` names it: `partition:offset`."""
+        return f"{self.partition}:{self.offset}"
+
+    def origin(self, source: str) -> Origin:
+        """Where the event was first read (-1 where a hand-made record does not say)."""
+        return Origin(source, _int(self.headers.get("partition")), _int(self.headers.get("offset")))
+
+    def message(self, source: str) -> Message:
+        """The record as ingestion would read it from the source topic."""
+        origin = self.origin(source)
+        first = self.headers.get("first_failure_ms")
+        return Message(
+            source,
+            origin.partition,
+            origin.offset,
+            self.key,
+            self.value,
+            origin,
+            attempt=max(0, _int(self.headers.get("attempt"), 0)),
+            first_failure_ms=_int(first) if first is not None else None,
+            produced_ms=self.timestamp,
+        )
+
+
+Choice = Literal["filtered", "redriven", "same spec", "truncated", "try"]
+
+
+def choose(rec: DeadLetter, job: RedriveJob, redriven: set[str], spec: str) -> Choice:
+    """What to do with one DLQ record: outside the filters, skip it (a successor carries
+    it on, or it failed under this very spec), count a truncated copy, or try it."""
+    if job.start is not None and rec.timestamp < job.start:
+        return "filtered"
+    if job.end is not None and rec.timestamp > job.end:
+        return "filtered"
+    if job.reason and job.reason.casefold() not in rec.headers.get("reason", "").casefold():
+        return "filtered"
+    if rec.position in redriven:
+        return "redriven"
+    if rec.headers.get(REDRIVE_SPEC) == spec:
+        return "same spec"
+    if rec.headers.get("truncated") == "true":
+        return "truncated"
+    return "try"
+
+
+def source_topic(dlq: str) -> str:
+    """`user-actions.dlq` -> `user-actions`; anything else is a clear error."""
+    if not dlq.endswith(DLQ_SUFFIX) or len(dlq) == len(DLQ_SUFFIX):
+        raise FeatureplaneError(
+            f"redrive reads a dead-letter topic, TOPIC{DLQ_SUFFIX}; got {dlq!r}"
+            f" (try {dlq.removesuffix('.retry')}{DLQ_SUFFIX})"
+        )
+    return dlq.removesuffix(DLQ_SUFFIX)
+
+
+def spec_hash(catalog: Catalog, topic: str) -> str:
+    """A stable hash of what decides a record of `topic`: the rules reading it and the
+    groups they feed (other topics' rules and the batch jobs do not change its fate)."""
+    rules = sorted((r for r in catalog.rules if r.topic == topic), key=lambda r: r.name)
+    groups = sorted({r.group for r in rules})
+    doc = {
+        "rules": [r.model_dump(mode="json") for r in rules],
+        "groups": [catalog.groups[g].model_dump(mode="json") for g in groups],
+    }
+    return blake2b(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
+
+
+@dataclass
+class Tally:
+    """What a redrive did so far (printed at the end, or when it stops)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    """Why records failed again, and how many each."""
+
+
+async def redrive(settings: Settings, catalog: Catalog, job: RedriveJob, tally: Tally) -> None:
+    """Send the job's records back through ingestion, counting into `tally`.
+
+    Raises `FeatureplaneError` (nothing half-done that a rerun would not finish)
+    when the topic is unknown, Kafka fails, a write fails past its retries, or
+    the DLQ does not confirm a record sent back.
+    """
+    source = source_topic(job.topic)
+    bootstrap = settings.kafka_bootstrap
+    if not bootstrap:
+        raise FeatureplaneError("no Kafka broker: set FEATUREPLANE_KAFKA_BOOTSTRAP or --bootstrap")
+    if job.start is not None and job.end is not None and job.end < job.start:
+        raise FeatureplaneError("--to is before --from")
+    rules = [r for r in catalog.rules if r.topic == source]
+    if not rules:
+        raise FeatureplaneError(
+            f"no ingestion rule reads topic {source!r}: nothing to redrive into"
+        )
+    spec = spec_hash(catalog, source)
+    check_kafka_reachable(bootstrap)
+    kafka = KafkaCluster(bootstrap, settings.kafka_config)
+    try:
+        dlq = _Log(kafka, job.topic, _partitions(kafka, job.topic))
+        ranges, redriven = _first_read(dlq, tally)
+        if job.dry_run:
+            await _pass(catalog, job, source, spec, redriven, dlq, ranges, tally, None, None)
+            return
+        delivery = Deliverer(
+            kafka,
+            {"enable.idempotence": True},  # a retried produce is never written twice
+            max_message_bytes=max_message_bytes(kafka, [job.topic]),
+        )
+        try:
+            async with Sink(open_store(settings, catalog), open_cache(settings, catalog)) as sink:
+                await _pass(
+                    catalog, job, source, spec, redriven, dlq, ranges, tally, sink, delivery
+                )
+        finally:
+            delivery.close()
+    except KafkaException as exc:
+        raise broker_error(str(kafka), f"redrive {job.topic!r}", exc) from None
+
+
+def _consumer(kafka: KafkaCluster) -> Consumer:
+    return Consumer(
+        kafka.client_config(
+            {
+                "group.id": f"featureplane-redrive-{uuid.uuid4().hex[:8]}",  # never committed
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",  # as ingestion reads
+            }
+        )
+    )
+
+
+def _partitions(kafka: KafkaCluster, topic: str) -> list[int]:
+    consumer = _consumer(kafka)
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise FeatureplaneError(f"topic {topic!r} does not exist")
+        return sorted(meta.partitions)
+    finally:
+        with contextlib.suppress(KafkaException, RuntimeError):
+            consumer.close()
+
+
+Ranges = Mapping[int, tuple[int, int]]
+"""Offsets [first, end) by partition."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Log:
+    """The DLQ: the first read goes to each partition's end, the second to the same place
+    (records sent back meanwhile are not this run's)."""
+
+    kafka: KafkaCluster
+    topic: str
+    partitions: Sequence[int]
+
+    def scan(self, ranges: Ranges | None = None) -> Iterator[list[DeadLetter]]:
+        """The records, in batches, the partitions read together: with `ranges` those
+        offsets, else each partition from its start to its end (where the broker says
+        end-of-partition). Each read has a consumer of its own: the end-of-partition
+        events of one would end the next early."""
+        topic = self.topic
+        # The end is where the first read found it, not the high watermark of a
+        # ListOffsets call: the local stand-in tansu (as of 2026-11) reports there the
+        # last batch's base offset + 1 instead of the offset after its last record.
+        starts = (
+            {p: OFFSET_BEGINNING for p in self.partitions}
+            if ranges is None
+            else {p: first for p, (first, _) in ranges.items()}
+        )
+        open_parts = set(starts)
+        consumer = _consumer(self.kafka)
+        try:
+            consumer.assign([TopicPartition(topic, p, off) for p, off in starts.items()])
+            while open_parts:
+                batch: list[DeadLetter] = []
+                # consume() waits out its timeout unless the batch fills: a short one
+                # keeps a small DLQ's two reads from costing a second each.
+                for m in consumer.consume(BATCH, 0.2):
+                    err = m.error()
+                    part = m.partition() or 0
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001 (public name)
+                            open_parts.discard(part)
+                            continue
+                        raise FeatureplaneError(f"reading {topic}: {err}")
+                    off = m.offset() or 0
+                    end = None if ranges is None else ranges[part][1]
+                    if part not in open_parts or (end is not None and off >= end):
+                        continue  # sent back by this run: not this run's business
+                    if end is not None and off >= end - 1:
+                        open_parts.discard(part)
+                    batch.append(DeadLetter.of(m))
+                if batch:
+                    yield batch
+        finally:
+            with contextlib.suppress(KafkaException, RuntimeError):
+                consumer.close()
+
+
+def _first_read(dlq: _Log, tally: Tally) -> tuple[dict[int, tuple[int, int]], set[str]]:
+    """The offsets the run covers, and the records that a later one names in `redrive_of`."""
+    ranges: dict[int, tuple[int, int]] = {}
+    refs: set[str] = set()
+    for batch in dlq.scan():
+        tally.counts["read"] += len(batch)
+        for rec in batch:
+            first, end = ranges.get(rec.partition, (rec.offset, rec.offset + 1))
+            ranges[rec.partition] = (min(first, rec.offset), max(end, rec.offset + 1))
+            ref = rec.headers.get(REDRIVE_OF)
+            if ref:
+                refs.add(ref)
+    return ranges, refs
+
+
+async def _pass(
+    catalog: Catalog,
+    job: RedriveJob,
+    source: str,
+    spec: str,
+    redriven: set[str],
+    dlq: _Log,
+    ranges: Ranges,
+    tally: Tally,
+    sink: Sink | None,
+    delivery: Deliverer | None,
+) -> None:
+    """The second read: choose, re-ingest and send back (sink/delivery None: a dry run)."""
+    dispatcher, aggregator = Dispatcher.from_catalog(catalog), Aggregator(catalog)
+    counts, reasons = tally.counts, tally.reasons
+    progress = Progress(f"redrive {job.topic}")
+    for batch in dlq.scan(ranges):
+        tried: list[DeadLetter] = []
+        failed = 0
+        for rec in batch:
+            choice = choose(rec, job, redriven, spec)
+            if choice == "filtered":
+                continue
+            if choice in ("redriven", "same spec"):
+                counts[f"skipped {choice}"] += 1
+                continue
+            counts["selected"] += 1
+            if choice == "truncated":
+                o = rec.origin(source)
+                reasons[
+                    f"truncated in the DLQ: the original is at {source}[{o.partition}]@{o.offset}"
+                ] += 1
+                counts["truncated"] += 1
+                failed += 1
+            else:
+                tried.append(rec)
+        works = aggregator.aggregate(
+            dispatcher.dispatch(decode_works(Work(r.message(source)) for r in tried))
+        )
+        if sink is not None:
+            works = await _write(sink, works)
+        back: list[tuple[DeadLetter, Work]] = []
+        for rec, w in zip(tried, works, strict=True):
+            if w.status == "malformed":
+                back.append((rec, w))
+                reasons[w.reason or "unknown"] += 1
+            else:
+                counts["no rule" if not w.rules else "re-ingested"] += 1
+        if delivery is not None:
+            _send_back(delivery, job.topic, spec, back)
+            counts["sent back"] += len(back)
+        failed += len(back)
+        counts["failed again"] += failed
+        progress.advance(done=len(tried) - len(back), rejected=failed)
+    progress.finish()
+
+
+async def _write(sink: Sink, works: list[Work]) -> list[Work]:
+    """Write the items of the pending works; a record the store refuses as invalid fails
+    again (as ingestion dead-letters it), anything else past its retries stops the run."""
+    try:
+        return await sink.writer.write(works)
+    except ValidationError:
+        pass
+    out: list[Work] = []
+    for w in works:  # one at a time, to find the ones refused
+        try:
+            out.extend(await sink.writer.write([w]))
+        except ValidationError as exc:
+            out.append(w.with_status("malformed", f"write: {type(exc).__name__}: {exc}"[:500]))
+    return out
+
+
+def _send_back(
+    delivery: Deliverer, dlq: str, spec: str, back: Sequence[tuple[DeadLetter, Work]]
+) -> None:
+    """Dead-letter the records that failed again, with the redrive headers, confirmed."""
+    records: list[Outgoing] = []
+    for rec, w in back:
+        out = dead_letter(w, w.reason or "unknown")
+        heads = (*out.headers, (REDRIVE_OF, rec.position.encode()), (REDRIVE_SPEC, spec.encode()))
+        records.append(Outgoing("dlq", out.topic, out.key, out.value, heads))
+    # Cut to the topic's limit; a copy refused as too large after all is cut to a size
+    # any broker takes (the limit read may have been Kafka's default, not the real one).
+    for limit in (delivery.max_message_bytes, SMALL_MESSAGE):
+        sized = [fit(r, limit) or r for r in records]
+        errors = delivery.deliver(sized)
+        failed = [(r, e) for r, e in zip(sized, errors, strict=True) if e is not None]
+        if not failed:
+            return
+        if not all("TOO_LARGE" in e for _, e in failed) or limit == SMALL_MESSAGE:
+            raise FeatureplaneError(
+                f"cannot send {len(failed)} record(s) back to {dlq}: {failed[0][1]} "
+                "(the originals stay in the DLQ; run the redrive again)"
+            )
+        records = [r for r, _ in failed]
+
+
+def run(settings: Settings, catalog: Catalog, job: RedriveJob) -> int:
+    """Redrive and print what was done, with the top reasons of what failed again.
+
+    Exit status 0 when the run finished, whether or not some records failed again:
+    those are back in the DLQ with their new reason (a truncated copy stays where it
+    is, pointing at its original), so a scheduled redrive does not fail for what it
+    handled. The run stops with status 1 (via `FeatureplaneError`) when it could not
+    finish: an unknown topic, Kafka failing, a store write failing past its retries,
+    or the DLQ not confirming a record sent back; running it again is safe.
+    """
+    tally = Tally()
+    try:
+        asyncio.run(redrive(settings, catalog, job, tally))
+    except FeatureplaneError:
+        if tally.counts["selected"]:
+            print(f"{summary(job, tally)} before it stopped", file=sys.stderr)
+        raise
+    print(summary(job, tally), file=sys.stderr)
+    for reason, n in tally.reasons.most_common(5):
+        print(f"  {n:>6,}  {reason[:300]}", file=sys.stderr)
+    if len(tally.reasons) > 5:
+        print(f"  ... and {len(tally.reasons) - 5:,} more reasons", file=sys.stderr)
+    return 0
+
+
+def summary(job: RedriveJob, tally: Tally) -> str:
+    """`redrive T.dlq: 120 read, 100 selected, 90 re-ingested, 10 failed again (...), ...`"""
+    c = tally.counts
+    would = "would be " if job.dry_run else ""
+    parts = [f"{c['read']:,} read", f"{c['selected']:,} selected"]
+    done = f"{c['re-ingested'] + c['no rule']:,} {would}re-ingested"
+    if c["no rule"]:
+        done += f" ({c['no rule']:,} matched no rule now: nothing to write)"
+    parts.append(done)
+    again = f"{c['failed again']:,} {'would fail' if job.dry_run else 'failed'} again"
+    sent, kept = c["sent back"], c["truncated"]
+    if not job.dry_run and sent:
+        again += f" ({sent:,} sent back to {job.topic}"
+        again += f", {kept:,} truncated, left where they are)" if kept else ")"
+    elif kept:
+        again += f" ({kept:,} truncated: the originals are in the source topic)"
+    parts.append(again)
+    skipped = c["skipped redriven"] + c["skipped same spec"]
+    if skipped:
+        why = []
+        if c["skipped redriven"]:
+            why.append(f"{c['skipped redriven']:,} already redriven")
+        if c["skipped same spec"]:
+            why.append(f"{c['skipped same spec']:,} failed under this same spec")
+        parts.append(f"{skipped:,} skipped ({', '.join(why)})")
+    head = f"redrive {job.topic}" + (" (dry run: nothing written)" if job.dry_run else "")
+    return f"{head}: {', '.join(parts)}"
+
+
+def _int(text: str | None, default: int = -1) -> int:
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default
