@@ -58,6 +58,12 @@ _RETRIES = 2
 _LABELS = {"app.kubernetes.io/name": "featureplane", "app.kubernetes.io/component": "batch"}
 _ACCOUNT = "featureplane"  # k8s/serviceaccount.yaml: IRSA for S3 and DynamoDB
 _USER = 10001  # the image's user (k8s/Dockerfile)
+# Which run failed, for the alert's link to it in the Argo UI (one series per failed run
+# only: the counters are emitted on failure).
+_WORKFLOW_LABELS = [
+    {"key": "workflow", "value": "{{workflow.name}}"},
+    {"key": "workflow_namespace", "value": "{{workflow.namespace}}"},
+]
 
 
 # ------------------------------------------------------------------ shared pieces
@@ -209,7 +215,8 @@ def _argo_templates(jobs: list[BatchJob], image: str, at: str) -> list[Doc]:
                 "arguments": {"parameters": [{"name": "shard", "value": "{{item}}"}]},
             }
         )
-        label = [{"key": "job", "value": job.name}]
+        # not `job`: Prometheus gives the Argo controller's series the scrape job's `job`
+        label = [{"key": "batch_job", "value": job.name}]
         templates.append(
             {
                 "name": f"shard-{_task(job.name)}",
@@ -228,7 +235,7 @@ def _argo_templates(jobs: list[BatchJob], image: str, at: str) -> list[Doc]:
                         {
                             "name": "featureplane_batch_shard_failures_total",
                             "help": "Batch shards that failed after their retries (Argo).",
-                            "labels": [*label, {"key": "workflow", "value": "{{workflow.name}}"}],
+                            "labels": [*label, *_WORKFLOW_LABELS],
                             "when": "{{status}} != Succeeded",
                             "counter": {"value": "1"},
                         },
@@ -280,7 +287,7 @@ def _workflow_spec(jobs: list[BatchJob], image: str, at: str, run: str) -> Doc:
                 {
                     "name": "featureplane_batch_workflow_failures_total",
                     "help": "Batch workflows that ended failed or in error (Argo).",
-                    "labels": [*label, {"key": "workflow", "value": "{{workflow.name}}"}],
+                    "labels": [*label, *_WORKFLOW_LABELS],
                     "when": "{{workflow.status}} != Succeeded",
                     "counter": {"value": "1"},
                 },

@@ -12,6 +12,11 @@ and returns what is wrong with it, empty when nothing is:
   `on`/`ignoring` is missing from a side, one in `group_left`/`group_right`
   is not on the "one" side.
 
+Besides what the scraped processes export, the known series are `EXTERNAL`
+(Prometheus' own, kube-state-metrics) and `pushed()`: what batch runs and shard
+pods push to the Pushgateway, and what the Argo workflows that `batch render`
+writes emit through the Argo controller, each taken from the code that makes it.
+
 The labels Prometheus adds at scrape time (`SCRAPE_LABELS`) are on every
 series. Grafana variables are substituted first (`substitute`): the interval
 variables become a duration (`5m`), any other `$var`/`${var}` becomes `x`, so
@@ -20,14 +25,18 @@ they may stand only where a label value or a duration does.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import threading
 from collections.abc import Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
 import promql_parser as pq
 import yaml
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
@@ -37,6 +46,7 @@ __all__ = [
     "dashboard_expressions",
     "exported",
     "problems",
+    "pushed",
     "rule_expressions",
     "substitute",
 ]
@@ -58,8 +68,55 @@ EXTERNAL: Known = {
     "kube_job_owner": frozenset({"job_name", "owner_kind", "owner_name", "owner_is_controller"}),
     "kube_cronjob_status_last_successful_time": frozenset({"cronjob"}),
     "kube_cronjob_status_active": frozenset({"cronjob"}),
+    "kube_pod_status_phase": frozenset({"phase"}),
+    "kube_pod_owner": frozenset({"owner_kind", "owner_name", "owner_is_controller", "uid"}),
 }
 """Series that no featureplane process exports but the dashboard or alerts may use."""
+
+
+@functools.cache
+def pushed() -> Known:
+    """The series no process serves for scraping: a batch run's gauges (written to a file
+    and pushed), a shard pod's (pushed, here to a local stand-in that keeps the body), and
+    the Argo controller's metrics of the workflows rendered from k8s/spec/."""
+    from featureplane.batch.metrics import JobMetrics, push_shard, registry_of
+    from featureplane.batch.render import render_argo
+    from featureplane.batch.shards import ShardResult
+    from featureplane.settings import Settings
+    from featureplane.spec import load_catalog
+
+    run = JobMetrics("j", "running", 1.0, 1.0, 1, 0, 0, 0, 1.0, 1.0, 1.0)
+    known = dict(exported(generate_latest(registry_of([run])).decode()))
+    bodies: list[bytes] = []
+
+    class Gateway(BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with HTTPServer(("127.0.0.1", 0), Gateway) as gateway:
+        threading.Thread(target=gateway.handle_request, daemon=True).start()
+        url = f"http://127.0.0.1:{gateway.server_address[1]}"
+        settings = Settings(_env_file=None, pushgateway_url=url, batch_job="j")  # type: ignore[call-arg]
+        push_shard(settings, (0, 1), ShardResult(1, 0, 1))
+    [body] = bodies
+    known |= exported(body.decode())
+    spec = Path(__file__).resolve().parents[1] / "k8s" / "spec"
+    for doc in render_argo(load_catalog(spec), "featureplane", "featureplane"):
+        if doc["kind"] not in ("CronWorkflow", "WorkflowTemplate"):
+            continue
+        wf = doc["spec"].get("workflowSpec", doc["spec"])
+        for where in [wf, *wf["templates"]]:
+            for m in where.get("metrics", {}).get("prometheus", []):
+                # Argo prefixes the name and adds no suffix (counters keep theirs)
+                labels = frozenset(label["key"] for label in m.get("labels", []))
+                known[f"argo_workflows_{m['name']}"] = labels
+    return known
+
 
 _DURATION_VARS = ("__rate_interval", "__interval", "__range", "interval")
 _VAR = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
@@ -152,6 +209,8 @@ def _series_labels(name: str | None, known: Known) -> frozenset[str] | None:
         return known[name] | SCRAPE_LABELS | {"__name__"}
     if name in EXTERNAL:
         return EXTERNAL[name] | SCRAPE_LABELS | {"__name__"}
+    if name.startswith(("featureplane_batch_", "argo_workflows_")) and name in pushed():
+        return pushed()[name] | SCRAPE_LABELS | {"__name__"}
     return None
 
 
