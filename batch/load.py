@@ -174,10 +174,10 @@ async def list_files(source: str, s3_client: Any = None) -> list[tuple[str, int]
             if not os.path.isfile(source):
                 raise FeatureplaneError(f"no such file: {source}")
             return [(source, os.path.getsize(source))]
-        found = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
-        if not found:
+        paths = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
+        if not paths:
             raise FeatureplaneError(f"no file matches {source}")
-        return [(p, os.path.getsize(p)) for p in found]
+        return [(p, os.path.getsize(p)) for p in paths]
     bucket, key = _s3_address(source)
     cut_at = next((i for i, c in enumerate(key) if c in _GLOB), None)
     try:
@@ -192,7 +192,8 @@ async def list_files(source: str, s3_client: Any = None) -> list[tuple[str, int]
                     await _check_bucket(s3, bucket)
                     raise FeatureplaneError(f"no such S3 object: {source}") from None
                 return [(source, int(head["ContentLength"]))]
-            prefix, found, seen = key[:cut_at], [], 0
+            found: list[tuple[str, int]] = []
+            prefix, seen = key[:cut_at], 0
             pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
             async for page in pages:
                 for obj in page.get("Contents", []):
@@ -242,7 +243,9 @@ async def _parquet_meta(source: str, s3_client: Any) -> Any:
                 "Body"
             ].read()
         return pq.read_metadata(pa.BufferReader(b"PAR1" + footer))
-    except (OSError, pa.ArrowException, *_s3_errors()) as exc:
+    except (OSError, pa.ArrowException) as exc:
+        raise _unreadable(source, exc) from None
+    except _s3_errors() as exc:
         raise _unreadable(source, exc) from None
 
 
@@ -382,6 +385,7 @@ async def load_shard(
         mine = split(await pieces(files, fmt, n if job.shard else 1, s3), n)[i]
         label = f"load {group.name}" + (f" shard {i}/{n}" if job.shard else "")
         progress = None if report else Progress(label, sum(p.size for p in mine))
+        unreadable: tuple[type[Exception], ...] = (OSError, *_s3_errors())
         sink = await stack.enter_async_context(
             Sink(open_store(settings, catalog), open_cache(settings, catalog))
         )
@@ -415,7 +419,7 @@ async def load_shard(
                         rejected += 1
                     if len(batch) >= job.batch_size:
                         await flush()
-            except (OSError, *_s3_errors()) as exc:
+            except unreadable as exc:
                 raise _unreadable(piece.source, exc) from None
             result.work += piece.size
         await flush()

@@ -339,3 +339,41 @@ def test_batch_plan_of_the_example_catalog(
     assert "recent_clicks_rebuild" in out and "could not plan: article_embeddings_daily" in err
     assert main([*base, "recent_clicks"]) == 1
     assert "did you mean 'recent_clicks_rebuild'?" in capsys.readouterr().err
+
+
+def test_plan_job_and_run_shard_do_the_whole_load(tmp_path: Path) -> None:
+    from featureplane.batch.shards import run_shard
+    from featureplane.jobs import BatchJob
+
+    _jsonl_files(tmp_path / "in" / "2026-11-30")
+    job = BatchJob.model_validate(
+        {"name": "clicks", "load": {"group": CLICKS, "source": f"{tmp_path}/in/{{date}}/*.jsonl"}}
+    )
+    at = 1_796_040_000_000  # 2026-11-30T12:00Z
+    s = Settings(data_dir=tmp_path / "sharded", batch_target_duration=1, batch_max_shards=4)
+    plan = asyncio.run(plan_job(s, CATALOG, job, at, None))
+    assert plan.shards == 4 and "capped at batch_max_shards=4" in plan.reason
+    assert plan.inputs.startswith("3 jsonl files, 0.3 MB, ") and not plan.speed_measured
+    reported: list[tuple[int, int]] = []
+    results = [
+        asyncio.run(
+            run_shard(
+                s,
+                CATALOG,
+                job,
+                at,
+                (i, 4),
+                lambda d, r: reported.append((d, r)),
+                tmp_path / f"rejects-{i}.jsonl",
+            )
+        )
+        for i in range(4)
+    ]
+    assert sum(r.done for r in results) == 2998 == sum(d for d, _ in reported)
+    assert sum(r.rejected for r in results) == 1 == sum(r for _, r in reported)
+    assert sum(r.work for r in results) == sum(
+        f.stat().st_size for f in (tmp_path / "in").rglob("*.jsonl")
+    )
+    assert len(list(tmp_path.glob("rejects-*.jsonl"))) == 1
+    assert _load(f"{tmp_path}/in/*/*.jsonl", tmp_path / "whole") == 1
+    assert _items(tmp_path / "sharded") == _items(tmp_path / "whole")
