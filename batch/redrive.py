@@ -45,7 +45,7 @@ from featureplane.lifecycle import broker_error, check_kafka_reachable
 from featureplane.operators.aggregate import Aggregator
 from featureplane.operators.decode import decode_works
 from featureplane.operators.dispatch import Dispatcher
-from featureplane.operators.handoff import SMALL_MESSAGE
+from featureplane.operators.handoff import SMALL_MESSAGE, Delivery
 from featureplane.operators.kafka import Deliverer
 from featureplane.operators.kafka_cluster import KafkaCluster, max_message_bytes
 from featureplane.operators.records import Message, Origin, Work
@@ -244,6 +244,9 @@ def _consumer(kafka: KafkaCluster) -> Consumer:
                 "enable.partition.eof": True,
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",  # as ingestion reads
+                # A fetch at the end of a partition waits this long before the broker says
+                # so (librdkafka's default 500 ms): the first read ends on those answers.
+                "fetch.wait.max.ms": 100,
             }
         )
     )
@@ -343,7 +346,7 @@ async def _pass(
     ranges: Ranges,
     tally: Tally,
     sink: Sink | None,
-    delivery: Deliverer | None,
+    delivery: Delivery | None,
 ) -> None:
     """The second read: choose, re-ingest and send back (sink/delivery None: a dry run)."""
     dispatcher, aggregator = Dispatcher.from_catalog(catalog), Aggregator(catalog)
@@ -407,7 +410,7 @@ async def _write(sink: Sink, works: list[Work]) -> list[Work]:
 
 
 def _send_back(
-    delivery: Deliverer, dlq: str, spec: str, back: Sequence[tuple[DeadLetter, Work]]
+    delivery: Delivery, dlq: str, spec: str, back: Sequence[tuple[DeadLetter, Work]]
 ) -> None:
     """Dead-letter the records that failed again, with the redrive headers, confirmed."""
     records: list[Outgoing] = []
