@@ -7,6 +7,7 @@ cannot order, and k8s/batch.yaml is the render of k8s/spec/ (so it cannot drift)
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,12 @@ from featureplane.batch.render import (
     run,
     to_yaml,
 )
+from featureplane.cli.parser import build_parser
 from featureplane.errors import FeatureplaneError
 from featureplane.jobs import schedule_runs
 from featureplane.settings import Settings
 from featureplane.spec import Catalog, load_catalog
-from tests.unit.test_k8s_manifests import K8S, _validate
+from tests.unit.test_k8s_manifests import K8S, _pod_specs, _validate
 
 Doc = dict[str, Any]
 
@@ -281,3 +283,32 @@ def test_validation_fails_on_unknown_fields_and_wrong_types(dag: Catalog) -> Non
     for doc, says in broken:
         found = _validate([doc])
         assert any(says in p for p in found), found
+
+
+def test_every_rendered_command_line_is_one_featureplane_parses(dag: Catalog) -> None:
+    # what Argo and the kubelet put in place of the placeholders
+    values = {
+        "{{inputs.parameters.shard}}": "1/4",
+        "{{inputs.parameters.job}}": "clicks",
+        "{{workflow.scheduledTime}}": "2026-11-30T03:30:00Z",
+        "{{workflow.creationTimestamp}}": "2026-11-30T09:12:44Z",
+        "$(JOB_COMPLETION_INDEX)": "2",
+    }
+    parser = build_parser()
+    docs = render_argo(dag, "i", "n") + render_k8s(dag, "i", "n", {"hourly": 3})
+    lines = 0
+    for doc in docs:
+        for _, pod in _pod_specs([doc]):
+            for c in pod["containers"]:
+                argv = [
+                    functools.reduce(lambda a, kv: a.replace(*kv), values.items(), x)
+                    for x in c["args"]
+                ]
+                args = parser.parse_args(argv)
+                assert not any("{{" in x or "$(" in x for x in argv), argv
+                if "shard" in vars(args):
+                    assert args.shard in ((1, 4), (2, 3)) and args.at > 0
+                lines += 1
+    # a plan and a shard template per job of each workflow, and the CronJob's one container:
+    # nightly (plan, stats, embeddings, clicks), hourly, prep, by_hand (prep and by_hand)
+    assert lines == 4 + 2 + 2 + 3 + 1
