@@ -261,13 +261,11 @@ async def plan_job(
             reason += f", {wanted} shards for the {_duration(target_s)} target"
         if wanted > settings.batch_max_shards:
             reason += f", capped at batch_max_shards={settings.batch_max_shards}"
-        if job.load is not None and n > 1:
-            pieces = await load.pieces(files, job.load.file_format, n)
-            if len(pieces) < n:
-                n = len(pieces)
-                reason += f", {n} piece{'s' * (n != 1)} to share"
     if job.load is not None and n > 1:
         pieces = await load.pieces(files, job.load.file_format, n)
+        if job.parallelism == "auto" and len(pieces) < n:  # a shard per piece at most
+            n = len(pieces)
+            reason += f", {n} piece{'s' * (n != 1)} to share"
         inputs += f", {len(pieces)} pieces"
     return JobPlan(
         job=job,
