@@ -87,11 +87,17 @@ class JobBoard:
         self._drawn_lines = 0
         self._last = clock()
         self._printed: dict[str, float] = {}
+        self._closed = False
 
     def say(self, text: str) -> None:
         self._clear()
         self.out.write(text + "\n")
         self._redraw()
+
+    def close(self) -> None:
+        """Stop drawing: the terminal's board is cleared, for a final report below."""
+        self._clear()
+        self._closed = True
 
     def update(self, name: str, *, event: bool = False, **values: object) -> None:
         """Change a job's numbers; `event` (start, end) prints its line at once."""
@@ -137,10 +143,11 @@ class JobBoard:
         if line.rejects:
             text += f", {line.rejects:,} rejected"
         if line.state == "running":
-            if 0 < line.fraction < 1:
-                text += f", ETA {_clock(elapsed * (1 - line.fraction) / line.fraction)}"
+            if line.fraction > 0:
+                left = max(0.0, 1 - line.fraction) / line.fraction
+                text += f", ETA {_clock(elapsed * left)}"
             else:
-                text += ", ETA ?"
+                text += ", ETA ?"  # nothing measured yet: no honest guess
         elif line.ended is not None and line.started is not None:
             text += f", {elapsed:.1f}s"
         return text
@@ -151,7 +158,7 @@ class JobBoard:
             self._drawn_lines = 0
 
     def _redraw(self) -> None:
-        if self._tty:
+        if self._tty and not self._closed:
             shown = [ln for ln in self.lines.values() if ln.state != "waiting"]
             for line in shown:
                 self.out.write(self.text(line) + "\n")

@@ -90,6 +90,7 @@ def _shard_process(
         conn.send(("progress", done, rejected))
 
     rejects = log_path.with_suffix(".rejects.jsonl")
+    started = time.monotonic()  # after start-up and imports: the speed is the shard's own
     try:
         result = asyncio.run(run_shard(settings, catalog, job, at_ms, shard, report, rejects))
     except FeatureplaneError as exc:
@@ -101,7 +102,7 @@ def _shard_process(
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
     print(f"done: {result.done:,} written, {result.rejected:,} rejected, {result.work:,} units")
-    conn.send(("done", result.done, result.rejected, result.work))
+    conn.send(("done", result.done, result.rejected, result.work, time.monotonic() - started))
 
 
 def _iso(ms: float) -> str:
@@ -126,7 +127,7 @@ class _Worker:
     started: float
     rows: int = 0
     rejected: int = 0
-    result: tuple[int, int, int] | None = None
+    result: tuple[int, int, int, float] | None = None
     error: str | None = None
     stopping: str | None = None
     """Why the runner stopped it (a timeout, a signal); None while it runs its course."""
@@ -141,6 +142,8 @@ class _Job:
     shards: int | None
     unit: str | None = None
     size: int = 0
+    speed: float | None = None
+    """Work units a second one shard does (planned or measured): the ETA before a shard ends."""
     pending: deque[int] = field(default_factory=deque)
     started: float | None = None
     done: int = 0
@@ -210,6 +213,7 @@ class _Runner:
                         self.runs.set_job(self.run_id, name, "pending")
                 self.runs.end(self.run_id, "interrupted")
                 self._metrics()
+                self.board.close()
                 self.board.say(
                     f"run {self.run_id} interrupted: run the same command again to resume it"
                 )
@@ -247,9 +251,17 @@ class _Runner:
             except FeatureplaneError as exc:
                 self._end_job(name, "failed", f"cannot plan: {exc}")
                 return
-            job.shards, job.unit, job.size = plan.shards, plan.unit, plan.size
+            job.shards, job.unit, job.size, job.speed = (
+                plan.shards,
+                plan.unit,
+                plan.size,
+                plan.speed,
+            )
             self.runs.plan(self.run_id, name, plan.shards, plan.unit, plan.size, plan.reason)
-            self.board.say(f"{name}: {plan.shards} shards ({plan.inputs}; {plan.reason})")
+            shards = f"{plan.shards} shard" + ("s" if plan.shards != 1 else "")
+            self.board.say(f"{name}: {shards} ({plan.inputs}; {plan.reason})")
+        elif job.speed is None:
+            job.speed = self.runs.measured_speed(name)
         record = self.runs.get(self.run_id)
         job.pending = deque(s.shard for s in record.shards_of(name) if s.state != "done")
         job.started = self.clock()
@@ -282,6 +294,7 @@ class _Runner:
                 self.run_shard,
             ),
             name=f"{name}.{shard}",
+            daemon=True,  # never outlives the runner, whatever stops it
         )
         process.start()
         writer.close()  # the child holds the write end: EOF here once it exits
@@ -316,7 +329,7 @@ class _Runner:
                     w.rows += msg[1]
                     w.rejected += msg[2]
                 elif msg[0] == "done":
-                    w.result = (msg[1], msg[2], msg[3])
+                    w.result = (msg[1], msg[2], msg[3], msg[4])
                 elif msg[0] == "failed":
                     w.error = msg[1]
         except (EOFError, OSError):
@@ -327,10 +340,10 @@ class _Runner:
         job = self.jobs[w.job]
         seconds = self.clock() - w.started
         if w.result is not None and w.process.exitcode == 0:
-            rows, rejected, work = w.result
+            rows, rejected, work, own_seconds = w.result
             self.runs.end_shard(
                 self.run_id, w.job, w.shard, "done",
-                rows=rows, rejected=rejected, work=work, seconds=seconds,
+                rows=rows, rejected=rejected, work=work, seconds=own_seconds,
             )  # fmt: skip
             job.done += 1
             job.work_done += work
@@ -405,6 +418,11 @@ class _Runner:
         if job.size and job.work_done:
             per_row = job.work_done / max(job.rows_done, 1)  # work units a row, so far
             fraction = min(1.0, (job.work_done + per_row * running_rows) / job.size)
+        elif job.size and job.speed and job.shards:
+            # no shard ended yet: what the running ones should have done at the expected speed
+            now, share = self.clock(), job.size / job.shards
+            guess = sum(min(share, job.speed * (now - w.started)) for w in running)
+            fraction = min(0.99, guess / job.size)
         elif job.shards:
             fraction = job.done / job.shards
         self.board.update(
@@ -431,6 +449,7 @@ class _Runner:
         return metrics.push_job(self.settings, mine[0], self.runs.host) if mine else None
 
     def _report(self, ok: bool) -> int:
+        self.board.close()
         record = self.runs.get(self.run_id)
         for j in record.job_records:
             shards = record.shards_of(j.name)

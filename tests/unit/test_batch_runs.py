@@ -45,6 +45,7 @@ batch_jobs:
   - {name: after_a, load: {group: g, source: "d.jsonl"}, parallelism: 1, after: [a]}
   - {name: slow, load: {group: g, source: "e.jsonl"}, parallelism: 2, timeout: 1s}
   - {name: stuck, load: {group: g, source: "f.jsonl"}, parallelism: 2}
+  - {name: deaf, load: {group: g, source: "h.jsonl"}, parallelism: 1, timeout: 1s}
 """
 AT = 1_764_473_400_000  # 2025-11-30T03:30:00Z
 
@@ -67,7 +68,9 @@ async def fake_shard(
 ) -> ShardResult:
     name = f"{job.name}.{shard[0]}"
     (Path(os.environ["FP_TEST_MARKS"]) / f"{name}.{time.monotonic_ns()}").touch()
-    if job.name in ("slow", "stuck"):
+    if job.name == "deaf":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if job.name in ("slow", "stuck", "deaf"):
         await asyncio.sleep(60)
     if name in os.environ.get("FP_TEST_FAIL", "").split(","):
         raise FeatureplaneError(f"boom in {name}")
@@ -184,6 +187,20 @@ def test_a_job_past_its_timeout_is_stopped_and_fails(
         ("failed", "timed out after 1s"),
     ]
     assert "slow: failed" in err
+    runs.close()
+
+
+def test_a_shard_that_ignores_sigterm_is_killed(
+    env: tuple[Settings, Catalog, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, catalog, _ = env
+    monkeypatch.setattr(runner, "STOP_GRACE_S", 0.5)
+    started = time.monotonic()
+    code, _ = _run(settings, catalog, ["deaf"])
+    assert code == 1 and time.monotonic() - started < 10  # it sleeps 60 s unless killed
+    runs = Runs.open(settings)
+    (run,) = runs.recent(1)
+    assert [(s.state, s.error) for s in run.shards_of("deaf")] == [("failed", "timed out after 1s")]
     runs.close()
 
 
