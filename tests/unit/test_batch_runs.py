@@ -13,6 +13,7 @@ import asyncio
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from featureplane.batch import runner
+from featureplane.batch.progress import JobBoard
 from featureplane.batch.runs import Runs, measured_speed, status
 from featureplane.batch.shards import JobPlan, ShardResult
 from featureplane.errors import FeatureplaneError
@@ -214,6 +216,7 @@ _INTERRUPTED = """
 import os, signal, sys, threading
 from tests.unit.test_batch_runs import AT, fake_plan, fake_shard
 from featureplane.batch import runner
+from featureplane.batch.progress import JobBoard
 from featureplane.settings import Settings
 from featureplane.spec import load_catalog
 settings = Settings(spec=sys.argv[1], data_dir=sys.argv[2])
@@ -329,7 +332,12 @@ def test_metrics_file_has_every_job_of_the_latest_runs(
     env: tuple[Settings, Catalog, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings, catalog, _ = env
-    assert _run(settings, catalog, ["a"])[0] == 0
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    code, err = _run(settings.model_copy(update={"pushgateway_url": dead}), catalog, ["a"])
+    assert code == 0  # a Pushgateway that does not answer is a warning, not a failure
+    assert f"warning: could not push metrics to the Pushgateway at {dead}" in err
     monkeypatch.setenv("FP_TEST_FAIL", "bad.1")
     assert _run(settings, catalog, ["bad"])[0] == 1
     text = (settings.data_dir / "batch" / "metrics.prom").read_text()
@@ -357,3 +365,31 @@ def test_metrics_file_has_every_job_of_the_latest_runs(
     names = {name for name, labels in got if dict(labels).get("job") == "bad"}
     assert "featureplane_batch_last_success_timestamp_seconds" not in names
     assert "featureplane_batch_next_run_timestamp_seconds" not in names  # no schedule
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_board_prints_plain_lines_at_most_every_5s_off_a_terminal() -> None:
+    out, clock = io.StringIO(), _Clock()
+    board = JobBoard(["a", "b"], out, clock=clock)
+    board.update("a", event=True, state="running", shards=4)
+    board.update("a", rows=100, done=1, fraction=0.25)
+    clock.now += 2
+    board.update("a", rows=200, fraction=0.5)
+    board.tick()
+    clock.now += 3.5
+    board.update("a", rows=300, done=2, fraction=0.5)
+    board.tick()
+    clock.now += 1
+    board.update("a", event=True, state="succeeded", rows=500, done=4, fraction=1.0)
+    assert out.getvalue().splitlines() == [
+        "a: running, 0/4 shards, 0 rows (0/s), ETA ?",
+        "a: running, 2/4 shards, 300 rows (55/s), ETA 0:06",
+        "a: succeeded, 4/4 shards, 500 rows (77/s), 6.5s",
+    ]
