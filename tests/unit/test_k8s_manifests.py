@@ -445,3 +445,16 @@ def test_the_pods_environment_is_read_without_error(
     assert settings.dynamodb_region == env["AWS_DEFAULT_REGION"]
     assert FlowOptions().retry_group == f"{settings.kafka_group}-retry"
     ServeConfig()
+
+
+def test_the_iam_policy_lets_the_batch_loads_read_their_buckets() -> None:
+    policy = json.loads((K8S / "iam-policy.json").read_text())
+    allowed = {(a, r) for s in policy["Statement"] for a in s["Action"] for r in [s["Resource"]]}
+    jobs = load_catalog(K8S / "spec").jobs.values()
+    buckets = {
+        j.load.source.split("/")[2] for j in jobs if j.load and j.load.source.startswith("s3://")
+    }
+    assert buckets
+    for bucket in buckets:
+        assert ("s3:ListBucket", f"arn:aws:s3:::{bucket}") in allowed
+        assert ("s3:GetObject", f"arn:aws:s3:::{bucket}/*") in allowed
