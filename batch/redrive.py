@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import sys
 import uuid
 from collections import Counter
@@ -67,8 +66,6 @@ __all__ = [
     "spec_hash",
     "summary",
 ]
-
-log = logging.getLogger(__name__)
 
 REDRIVE_OF = "redrive_of"
 """Header of a record that failed again: `<dlq partition>:<dlq offset>` it was read at."""
@@ -310,7 +307,7 @@ class _Log:
                     off = m.offset() or 0
                     end = None if ranges is None else ranges[part][1]
                     if part not in open_parts or (end is not None and off >= end):
-                        continue  # sent back by this run: not this run's business
+                        continue  # past the first read's end: sent back by this run, or newer
                     if end is not None and off >= end - 1:
                         open_parts.discard(part)
                     batch.append(DeadLetter.of(m))

@@ -69,6 +69,7 @@ def headers(m: Any) -> dict[str, str]:
     return {k: v.decode() for k, v in m.headers() or ()}
 
 
+@pytest.mark.slow  # the ingest dataflow fills the DLQ: ~20 s
 def test_a_spec_fix_reingests_each_record_once_and_what_fails_again_goes_back(
     env: Env, capsys: pytest.CaptureFixture[str]
 ) -> None:
