@@ -226,11 +226,11 @@ async def plan_job(
     Auto: N = ceil(size / (speed x target duration)), at least 1, at most
     `batch_max_shards`, and for a load at most the pieces the input cuts into.
     Raises FeatureplaneError when the input is missing."""
-    from featureplane.batch import backfill, load
+    from featureplane.batch import backfill, sources
 
     if job.load is not None:
         fmt = job.load.file_format
-        files = await load.list_files(resolve_source(job.load.source, at_ms))
+        files = await sources.list_files(resolve_source(job.load.source, at_ms))
         size = sum(s for _, s in files)
         unit: Literal["bytes", "records"] = "bytes"
         default = DEFAULT_SPEED["parquet" if fmt == "parquet" else "bytes"]
@@ -262,7 +262,7 @@ async def plan_job(
         if wanted > settings.batch_max_shards:
             reason += f", capped at batch_max_shards={settings.batch_max_shards}"
     if job.load is not None and n > 1:
-        pieces = await load.pieces(files, job.load.file_format, n)
+        pieces = await sources.pieces(files, job.load.file_format, n)
         if job.parallelism == "auto" and len(pieces) < n:  # a shard per piece at most
             n = len(pieces)
             reason += f", {n} piece{'s' * (n != 1)} to share"

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featureplane.batch import load as load_module
-from featureplane.batch.load import LoadJob, load_shard, pieces
+from featureplane.batch import sources
+from featureplane.batch.load import LoadJob, load_shard
 from featureplane.batch.shards import Piece, backfill_units, cut, cut_lines, split
 from featureplane.settings import Settings
 from featureplane.spec import load_catalog
@@ -108,7 +109,7 @@ def test_every_shard_over_n_writes_each_row_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(load_module, "Sink", CountingSink)
-    monkeypatch.setattr(load_module, "MIN_RANGE", 512)
+    monkeypatch.setattr(sources, "MIN_RANGE", 512)
     catalog = load_catalog(EXAMPLES)
     rows = [
         orjson.dumps({"id": f"u{i % 7}", "ts": 1_700_000_000_000 + i, "article_id": "x" * (i % 50)})
@@ -130,7 +131,7 @@ def test_every_shard_over_n_writes_each_row_once(
         assert len(CountingSink.written) == 398 and set(CountingSink.written.values()) == {1}
         assert [r.reason[:14] for r in rejected] == ["not valid JSON"]
     job = LoadJob(str(tmp_path / "*.jsonl"), group, None, 50, None, (0, 5))
-    cut_up = asyncio.run(pieces(asyncio.run(load_module.list_files(job.source)), "jsonl", 5))
+    cut_up = asyncio.run(sources.pieces(asyncio.run(sources.list_files(job.source)), "jsonl", 5))
     assert any(p.kind == "bytes" and p.start > 0 for p in cut_up)  # a.jsonl was cut
 
 
