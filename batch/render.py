@@ -446,7 +446,7 @@ def to_yaml(docs: list[Doc], engine: Literal["argo", "k8s"]) -> str:
 
 
 async def _shard_counts(
-    settings: Settings, catalog: Catalog
+    settings: Settings, catalog: Catalog, jobs: list[BatchJob]
 ) -> tuple[dict[str, int], dict[str, str]]:
     """N per job: a fixed parallelism as it is; auto planned from the input found now,
     or 1 (said so) when the input cannot be reached from here."""
@@ -455,7 +455,7 @@ async def _shard_counts(
     now = int(time.time() * 1000)
     counts: dict[str, int] = {}
     reasons: dict[str, str] = {}
-    for job in catalog.jobs.values():
+    for job in jobs:
         if isinstance(job.parallelism, int):
             counts[job.name] = job.parallelism
             reasons[job.name] = f"parallelism: {job.parallelism} in the spec"
@@ -490,7 +490,7 @@ def run(
     else:
         refused = k8s_refused(catalog)
         schedulable = [j for j in catalog.jobs.values() if j.schedule and j.name not in refused]
-        counts, reasons = asyncio.run(_shard_counts(settings, catalog)) if schedulable else ({}, {})
+        counts, reasons = asyncio.run(_shard_counts(settings, catalog, schedulable))
         docs = render_k8s(catalog, image, namespace, counts, reasons)
         if refused:
             status = 1
