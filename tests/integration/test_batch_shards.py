@@ -22,6 +22,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from featureplane.batch.shards import plan_job
+from featureplane.batch.sources import list_files, pieces
 from featureplane.cli import main
 from featureplane.codec import decode
 from featureplane.settings import Settings
@@ -137,6 +138,13 @@ def test_local_jsonl_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_local_parquet_shards(tmp_path: Path) -> None:
     _parquet_file(tmp_path / "clicks.parquet")
     assert pq.ParquetFile(tmp_path / "clicks.parquet").metadata.num_row_groups == 12
+    files = asyncio.run(list_files(str(tmp_path / "*.parquet")))
+    cut_up = asyncio.run(pieces(files, "parquet", 5))
+    assert [(p.kind, p.start, p.end, p.first_row) for p in cut_up] == [
+        ("row_groups", 0, 4, 0),
+        ("row_groups", 4, 8, 1000),
+        ("row_groups", 8, 12, 2000),
+    ]  # runs of row groups of at least MIN_RANGE (64 KiB) bytes
     _every_shard_matches_one_run(str(tmp_path / "*.parquet"), tmp_path, bad=0)
 
 
