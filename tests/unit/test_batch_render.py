@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -319,3 +320,32 @@ def test_every_rendered_command_line_is_one_featureplane_parses(dag: Catalog) ->
     # a plan and a shard template per job of each workflow, and the CronJob's one container:
     # nightly (plan, stats, embeddings, clicks), hourly, prep, by_hand (prep and by_hand)
     assert lines == 4 + 2 + 2 + 3 + 1
+
+
+def test_argos_own_rules_that_its_crd_schema_does_not_carry(dag: Catalog) -> None:
+    # as Argo's controller validates a workflow (workflow/validate/validate.go, v3.6):
+    # field names, name lengths, metric names and labels, references between tasks
+    field = re.compile(r"^[a-zA-Z0-9][-a-zA-Z0-9]*$")
+    metric = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+    for doc in render_argo(dag, "i", "n"):
+        if doc["kind"] not in ("CronWorkflow", "WorkflowTemplate"):
+            continue
+        assert len(doc["metadata"]["name"]) <= (52 if doc["kind"] == "CronWorkflow" else 63)
+        wf, templates, tasks = _workflow(doc), _templates(doc), _tasks(doc)
+        assert wf["entrypoint"] in templates
+        for name in [*templates, *tasks]:
+            assert field.match(name) and len(name) <= 128, name
+        for task in tasks.values():
+            assert task["template"] in templates
+            assert set(task.get("dependencies", [])) <= set(tasks)
+            if "withParam" in task:
+                source = task["withParam"].split(".")[1]
+                assert source in task["dependencies"]
+        for where in [wf, *templates.values()]:
+            for m in where.get("metrics", {}).get("prometheus", []):
+                assert metric.match(m["name"]) and m["help"]
+                assert all(metric.match(label["key"]) for label in m.get("labels", []))
+        for t in templates.values():
+            declared = {p["name"] for p in t.get("inputs", {}).get("parameters", [])}
+            used = set(re.findall(r"\{\{inputs\.parameters\.(\w+)\}\}", str(t)))
+            assert used <= declared, t["name"]
