@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from featureplane.batch import runner
 from featureplane.batch.progress import JobBoard
-from featureplane.batch.runs import Runs, measured_speed, status
+from featureplane.batch.runs import Runs, measured_speed, pid_alive, status
 from featureplane.batch.shards import JobPlan, ShardResult
 from featureplane.errors import FeatureplaneError
 from featureplane.jobs import BatchJob
@@ -251,6 +251,29 @@ def test_sigterm_interrupts_the_run_and_status_says_so(
     out = io.StringIO()
     assert status(settings, limit=5, as_json=False, out=out) == 0
     assert f"{run.id}  interrupted  shards 0/2" in out.getvalue()
+
+
+def test_workers_stop_when_the_runner_is_killed(env: tuple[Settings, Catalog, Path]) -> None:
+    settings, _, marks = env
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTED, str(settings.spec), str(settings.data_dir)],
+        cwd=root,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while len(list(marks.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    runs = Runs.open(settings)
+    pids = [s.pid for s in runs.recent(1)[0].shards_of("stuck")]
+    proc.kill()
+    proc.wait()
+    assert all(pids)
+    while any(pid_alive(p) for p in pids if p) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(pid_alive(p) for p in pids if p)  # they would sleep 60 s
+    assert runs.recent(1)[0].state == "interrupted"
+    runs.close()
 
 
 def test_a_run_whose_process_died_shows_as_interrupted_and_is_resumed(
