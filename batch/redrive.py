@@ -449,6 +449,9 @@ def run(settings: Settings, catalog: Catalog, job: RedriveJob) -> int:
             print(f"{summary(job, tally)} before it stopped", file=sys.stderr)
         raise
     print(summary(job, tally), file=sys.stderr)
+    if tally.reasons:
+        what = "would fail again" if job.dry_run else "failed again"
+        print(f"{what}, by reason (the most frequent first):", file=sys.stderr)
     for reason, n in tally.reasons.most_common(5):
         print(f"  {n:>6,}  {reason[:300]}", file=sys.stderr)
     if len(tally.reasons) > 5:
