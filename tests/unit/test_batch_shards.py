@@ -171,3 +171,26 @@ def test_survey_counts_records_between_the_offsets(monkeypatch: pytest.MonkeyPat
     assert backfill.survey(s, "t", 20, 30) == (3, 2 + 2 + 0)
     assert backfill.survey(s, "t", 21, 100) == (3, 2 + 2)
     assert backfill.survey(s, "t", 100, 200) == (3, 0)
+
+
+def test_a_shard_pushes_its_counts_on_success_and_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from featureplane.batch import metrics
+    from featureplane.errors import FeatureplaneError
+
+    pushed: list[tuple] = []
+    monkeypatch.setattr(metrics, "push_shard", lambda *a: pushed.append(a[1:]))
+    monkeypatch.setattr(load_module, "Sink", CountingSink)
+    (tmp_path / "a.jsonl").write_bytes(b'{"id": "u1", "ts": 1700000000000}\n{"id": 1}\n')
+    catalog = load_catalog(EXAMPLES)
+    s = Settings(data_dir=tmp_path / "d", pushgateway_url="http://127.0.0.1:9")
+    group = "recent_user_clicked_fleaMarketArticles"
+    job = LoadJob(str(tmp_path / "*.jsonl"), group, None, 50, None, (1, 2))  # the one file's
+    assert load_module.run(s, catalog, job) == 1  # one row rejected
+    assert pushed == [((1, 2), load_module.ShardResult(1, 1, 44), None)]
+    with pytest.raises(FeatureplaneError, match="no file matches"):
+        load_module.run(s, catalog, LoadJob(str(tmp_path / "x*"), group, None, 50, None, (0, 2)))
+    assert pushed[1][0] == (0, 2) and pushed[1][1] is None and "no file matches" in pushed[1][2]
+    load_module.run(s.model_copy(update={"pushgateway_url": None}), catalog, job)
+    assert len(pushed) == 2  # no Pushgateway, no push
