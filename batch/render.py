@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import sys
 import time
 from collections.abc import Mapping
@@ -87,8 +86,12 @@ def _slug(name: str, limit: int) -> str:
 
 
 def _task(name: str) -> str:
-    """A job name as an Argo task name (letters, digits and `-`, case kept)."""
-    return re.sub(r"^-+", "j-", name.replace("_", "-"))[:100]
+    """A job name as an Argo task name (letters, digits and `-`, case kept; a name Argo
+    would refuse, leading `_` or too long, gets a hash so that two never meet)."""
+    s = name.replace("_", "-")
+    if s.startswith("-") or len(s) > 100:
+        s = f"j{s[:90]}-{hashlib.sha256(name.encode()).hexdigest()[:6]}"
+    return s
 
 
 def _meta(name: str, namespace: str, **annotations: str) -> Doc:

@@ -349,3 +349,17 @@ def test_argos_own_rules_that_its_crd_schema_does_not_carry(dag: Catalog) -> Non
             declared = {p["name"] for p in t.get("inputs", {}).get("parameters", [])}
             used = set(re.findall(r"\{\{inputs\.parameters\.(\w+)\}\}", str(t)))
             assert used <= declared, t["name"]
+
+
+def test_job_names_argo_would_refuse_become_distinct_task_names(tmp_path: Path) -> None:
+    names = ["_x", "__x", "j_x", "A" * 128, "A" * 127 + "B"]
+    jobs = "".join(
+        f'\n  - {{name: {n}, load: {{group: article_stats, source: "a.jsonl"}}, '
+        f'schedule: "0 1 * * *"}}'
+        for n in names
+    )
+    catalog = _catalog(tmp_path, "batch_jobs:" + jobs + "\n")
+    [cron] = _by(render_argo(catalog, "i", "n"), "CronWorkflow").values()
+    tasks = [t for t in _tasks(cron) if not t.startswith("plan-")]
+    assert len(set(tasks)) == len(names)
+    assert _validate([cron]) == []
