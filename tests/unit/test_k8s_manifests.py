@@ -1,7 +1,8 @@
 """The k8s/ manifests as `kubectl apply -k k8s/` would send them: rendered by kustomize and
 validated offline, core objects against Kubernetes' own schemas (strict: an unknown field
 fails) for two minor versions, custom resources against their CRDs' published schemas
-(tests/k8s_schemas/, pinned releases). Also what the rendering must hold: the spec
+(tests/k8s_schemas/, pinned releases; Argo's CronWorkflow of batch.yaml against the
+oldest release it supports and the newest). Also what the rendering must hold: the spec
 ConfigMap mounted by every pod, secrets generated and never committed, KEDA scaling the
 dataflows on the lag of the groups they really use, restricted pod security."""
 
@@ -458,3 +459,14 @@ def test_the_iam_policy_lets_the_batch_loads_read_their_buckets() -> None:
     for bucket in buckets:
         assert ("s3:ListBucket", f"arn:aws:s3:::{bucket}") in allowed
         assert ("s3:GetObject", f"arn:aws:s3:::{bucket}/*") in allowed
+
+
+def test_kustomize_sets_the_image_of_every_pod_argos_included(rendered: list[Doc]) -> None:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    [image] = [i for i in kust["images"] if i["name"] == "featureplane"]
+    owners = set()
+    for owner, pod in _pod_specs(rendered):
+        for c in pod["containers"]:
+            assert c["image"] == f"{image['newName']}:{image['newTag']}", owner["kind"]
+        owners.add(owner["kind"])
+    assert {"Deployment", "CronWorkflow"} <= owners
