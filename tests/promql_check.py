@@ -101,7 +101,7 @@ def pushed() -> Known:
     with HTTPServer(("127.0.0.1", 0), Gateway) as gateway:
         threading.Thread(target=gateway.handle_request, daemon=True).start()
         url = f"http://127.0.0.1:{gateway.server_address[1]}"
-        settings = Settings(_env_file=None, pushgateway_url=url, batch_job="j")  # type: ignore[call-arg]
+        settings = Settings(_env_file=None, pushgateway_url=url, batch_job="j")
         push_shard(settings, (0, 1), ShardResult(1, 0, 1))
     [body] = bodies
     known |= exported(body.decode())

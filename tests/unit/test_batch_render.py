@@ -228,7 +228,7 @@ def test_k8s_run_refuses_dag_jobs_by_name_and_renders_the_rest(
     )
     catalog = _catalog(tmp_path, jobs)
     out = tmp_path / "batch.yaml"
-    settings = Settings(_env_file=None, data_dir=tmp_path / "data")  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data")
     status = run(settings, catalog, engine="k8s", output=out, image="i", namespace="featureplane")
     assert status == 1
     err = capsys.readouterr().err
@@ -251,7 +251,7 @@ def test_k8s_run_refuses_dag_jobs_by_name_and_renders_the_rest(
 
 
 def test_nothing_to_render_is_a_clear_error(tmp_path: Path) -> None:
-    settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, data_dir=tmp_path)
     example = load_catalog(K8S / "spec")  # its three jobs make one DAG
     with pytest.raises(FeatureplaneError, match="no job of the spec can be rendered"):
         run(settings, example, engine="k8s", output=None, image="i", namespace="n")
