@@ -281,7 +281,7 @@ class _Log:
         events of one would end the next early."""
         topic = self.topic
         # The end is where the first read found it, not the high watermark of a
-        # ListOffsets call: the local stand-in tansu (as of 2026-11) reports there the
+        # ListOffsets call: the local stand-in tansu (0.6.0, 2026-11) reports there the
         # last batch's base offset + 1 instead of the offset after its last record.
         starts = (
             {p: OFFSET_BEGINNING for p in self.partitions}
