@@ -60,8 +60,8 @@ SCRAPE_LABELS = frozenset({"namespace", "pod", "job", "instance", "container", "
 EXTERNAL: Known = {
     # Written by Prometheus itself for every target.
     "up": frozenset(),
-    # kube-state-metrics (part of kube-prometheus-stack): the batch Jobs and CronJobs,
-    # since the batch commands export no metrics of their own.
+    # kube-state-metrics (part of kube-prometheus-stack): the Kubernetes Jobs and CronJobs,
+    # and the pods of batch runs (their phase and owner: a Workflow or a Job).
     "kube_job_status_active": frozenset({"job_name"}),
     "kube_job_status_succeeded": frozenset({"job_name"}),
     "kube_job_status_failed": frozenset({"job_name", "reason"}),
