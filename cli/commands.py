@@ -285,6 +285,12 @@ def redrive(args: argparse.Namespace) -> int:
     Transient store failures are retried with backoff; if they persist the
     command stops with status 1, and running it again is safe.
 
+    Exit status 0 when the run finished, even if some records failed again
+    (they are back in TOPIC.dlq, so a scheduled redrive does not fail over
+    them); 1 when it stopped early (unknown topic, Kafka unreachable, the store
+    failing past its retries, the DLQ not confirming a record sent back). Run
+    one redrive of a DLQ at a time.
+
     Kafka with TLS or a sign-in (Amazon MSK: SSL, SASL/SCRAM, IAM): set
     FEATUREPLANE_KAFKA_CONFIG to a JSON object of librdkafka properties (environment
     only, never a flag: it holds passwords; logs show the property names only).
