@@ -363,9 +363,10 @@ class _Runner:
             job.work_done += work
             job.rows_done += rows
             job.rejects_done += rejected
-        elif self.signal is not None and w.stopping is not None:
+        elif self.signal is not None:  # stopped with the run (a group-wide SIGTERM too)
+            reason = w.stopping or f"stopped by {signal.Signals(self.signal).name}"
             self.runs.end_shard(
-                self.run_id, w.job, w.shard, "pending", rows=0, rejected=0, error=w.stopping
+                self.run_id, w.job, w.shard, "pending", rows=0, rejected=0, error=reason
             )
         else:
             reason = w.stopping or w.error or _died(w.process.exitcode)
