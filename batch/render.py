@@ -237,7 +237,7 @@ def _argo_templates(jobs: list[BatchJob], image: str, at: str) -> list[Doc]:
                         },
                         {
                             "name": "featureplane_batch_shard_failures_total",
-                            "help": "Failed tries of batch shards (Argo: each try, and a shard failed for good).",
+                            "help": "Failed tries of batch shards (Argo: every try counts).",
                             "labels": [*label, *_WORKFLOW_LABELS],
                             "when": "{{status}} != Succeeded",
                             "counter": {"value": "1"},
