@@ -29,10 +29,15 @@ import orjson
 from featureplane.settings import Settings
 
 __all__ = [
+    "SPEED_SAMPLES",
     "JobRecord",
+    "JobState",
     "RunRecord",
+    "RunState",
     "Runs",
     "ShardRecord",
+    "ShardState",
+    "duration_text",
     "measured_speed",
     "pid_alive",
     "status",
@@ -389,7 +394,7 @@ def _duration(run: RunRecord, now_ms: int) -> float:
     return max(0, end - run.started) / 1000
 
 
-def run_json(run: RunRecord, now_ms: int) -> dict[str, object]:
+def _run_json(run: RunRecord, now_ms: int) -> dict[str, object]:
     return {
         "id": run.id,
         "jobs": [j.name for j in run.job_records],
@@ -409,7 +414,7 @@ def run_json(run: RunRecord, now_ms: int) -> dict[str, object]:
     }
 
 
-def render(run: RunRecord, now_ms: int) -> list[str]:
+def _render(run: RunRecord, now_ms: int) -> list[str]:
     """One run's block of `batch status`."""
     rows = sum(s.rows for s in run.shard_records)
     rejects = sum(s.rejected for s in run.shard_records)
@@ -445,11 +450,11 @@ def status(settings: Settings, *, limit: int, as_json: bool, out: TextIO | None 
     found = [] if runs is None else runs.recent(limit)
     now = int(time.time() * 1000)
     if as_json:
-        out.write(orjson.dumps([run_json(r, now) for r in found]).decode() + "\n")
+        out.write(orjson.dumps([_run_json(r, now) for r in found]).decode() + "\n")
     elif not found:
         out.write(f"no batch runs recorded in {settings.data_dir}\n")
     else:
-        out.write("\n".join("\n".join(render(r, now)) for r in found) + "\n")
+        out.write("\n".join("\n".join(_render(r, now)) for r in found) + "\n")
     if runs is not None:
         runs.close()
     return 0
