@@ -187,9 +187,11 @@ def _deadline_s(jobs: list[BatchJob]) -> int:
 
 
 def _retry() -> Doc:
-    # Always: a shard that exits 1 (S3 or DynamoDB throttling past its own retries) and
-    # one whose pod was lost (a node drained, a spot instance reclaimed: an Argo error,
-    # not a failure) both deserve another try, and a rerun of a shard overwrites.
+    # Always, not OnFailure or OnError alone: a shard that exits 1 (S3 or DynamoDB
+    # throttling past its own retries) and one whose pod was lost (a node drained, a spot
+    # instance reclaimed: an Argo error, not a failure) both deserve another try. A shard
+    # with rejected rows also exits 1 and is tried again in vain, harmlessly: a rerun of
+    # a shard overwrites what it wrote.
     return {
         "limit": _RETRIES,
         "retryPolicy": "Always",
@@ -229,12 +231,6 @@ def _argo_templates(jobs: list[BatchJob], image: str, at: str) -> list[Doc]:
                 "retryStrategy": _retry(),
                 "metrics": {
                     "prometheus": [
-                        {
-                            "name": "featureplane_batch_shard_duration_seconds",
-                            "help": "Seconds a batch shard pod has run (Argo).",
-                            "labels": label,
-                            "gauge": {"realtime": True, "value": "{{duration}}"},
-                        },
                         {
                             "name": "featureplane_batch_shard_failures_total",
                             "help": "Failed tries of batch shards (Argo: every try counts).",
