@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from featureplane.batch import metrics
 from featureplane.batch.progress import JobBoard
-from featureplane.batch.runs import JobState, Runs, duration_text
+from featureplane.batch.runs import JobState, Runs
+from featureplane.batch.status import duration_text
 from featureplane.errors import FeatureplaneError
 from featureplane.jobs import BatchJob, needed
 from featureplane.settings import Settings

@@ -368,7 +368,7 @@ def batch_status(args: argparse.Namespace) -> int:
     duration, and for a failure the shard, its reason and its log file.
     """
     settings = model_from(Settings, args)
-    from featureplane.batch.runs import status
+    from featureplane.batch.status import status
 
     return status(settings, limit=args.limit, as_json=args.json)
 

@@ -26,8 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from featureplane.batch import runner
 from featureplane.batch.progress import JobBoard
-from featureplane.batch.runs import Runs, measured_speed, pid_alive, status
+from featureplane.batch.runs import Runs, measured_speed, pid_alive
 from featureplane.batch.shards import JobPlan, ShardResult
+from featureplane.batch.status import status
 from featureplane.errors import FeatureplaneError
 from featureplane.jobs import BatchJob
 from featureplane.settings import Settings
