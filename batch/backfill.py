@@ -246,12 +246,12 @@ def run(settings: Settings, catalog: Catalog, job: BackfillJob) -> int:
     try:
         counts = asyncio.run(backfill(settings, catalog, job))
     except FeatureplaneError as exc:
-        _push(settings, job.shard, None, str(exc))
+        _push(settings, job, None, str(exc))
         raise
     done = ShardResult(
         counts["in range"] - counts["malformed"], counts["malformed"], counts["in range"]
     )
-    _push(settings, job.shard, done, None)
+    _push(settings, job, done, None)
     if not counts["in range"]:
         print(
             f"backfill {job.topic}: no record stamped in the range"
@@ -273,11 +273,12 @@ def _iso(ms: int) -> str:
 
 
 def _push(
-    settings: Settings, shard: tuple[int, int] | None, result: ShardResult | None, error: str | None
+    settings: Settings, job: BackfillJob, result: ShardResult | None, error: str | None
 ) -> None:
-    """A shard's counts to the Pushgateway, so a short-lived pod's metrics outlive it."""
-    if not (settings.pushgateway_url and shard):
+    """A shard's counts to the Pushgateway, so a short-lived pod's metrics outlive it;
+    labelled with its batch job (FEATUREPLANE_BATCH_JOB), else with what it loads."""
+    if not (settings.pushgateway_url and job.shard):
         return
     from featureplane.batch.metrics import push_shard
 
-    push_shard(settings, shard, result, error)
+    push_shard(settings, job.shard, result, error, name=f"backfill_{job.topic}")

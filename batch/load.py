@@ -222,9 +222,9 @@ def run(settings: Settings, catalog: Catalog, job: LoadJob) -> int:
         done = asyncio.run(load_shard(settings, catalog, job))
         result = ShardResult(done.done, len(done.rejects), done.work)
     except FeatureplaneError as exc:
-        _push(settings, job.shard, None, str(exc))
+        _push(settings, job, None, str(exc))
         raise
-    _push(settings, job.shard, result, None)
+    _push(settings, job, result, None)
     rejects = done.rejects
     if not rejects:
         return 0
@@ -240,12 +240,11 @@ def run(settings: Settings, catalog: Catalog, job: LoadJob) -> int:
     return 1
 
 
-def _push(
-    settings: Settings, shard: tuple[int, int] | None, result: ShardResult | None, error: str | None
-) -> None:
-    """A shard's counts to the Pushgateway, so a short-lived pod's metrics outlive it."""
-    if not (settings.pushgateway_url and shard):
+def _push(settings: Settings, job: LoadJob, result: ShardResult | None, error: str | None) -> None:
+    """A shard's counts to the Pushgateway, so a short-lived pod's metrics outlive it;
+    labelled with its batch job (FEATUREPLANE_BATCH_JOB), else with what it loads."""
+    if not (settings.pushgateway_url and job.shard):
         return
     from featureplane.batch.metrics import push_shard
 
-    push_shard(settings, shard, result, error)
+    push_shard(settings, job.shard, result, error, name=f"load_{job.group}")

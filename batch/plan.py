@@ -5,7 +5,10 @@ Jobs come in DAG order (dependencies first). Each is planned by
 earlier runs on this machine when there is one. A job whose input is missing
 is shown with its problem, the others are still planned, and the exit status
 is 1. `--shard-list JOB` prints only that job's shards as a JSON list of
-"I/N", which workflow engines fan out over.
+"I/N", which workflow engines fan out over, and nothing else on stdout (the
+engine reads it as the step's result). It is the first step of the job's run
+in the manifests of `batch render`, which set FEATUREPLANE_BATCH_JOB to JOB:
+then, with a Pushgateway, it pushes the run's start (`metrics.push_started`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from featureplane.jobs import BatchJob, cron_fires, needed
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
 
-__all__ = ["plan_jobs", "run"]
+__all__ = ["job_named", "plan_jobs", "run"]
 
 
 def _speed(settings: Settings, name: str) -> float | None:
@@ -34,16 +37,24 @@ def _speed(settings: Settings, name: str) -> float | None:
     return measured_speed(settings, name)
 
 
+def job_named(catalog: Catalog, name: str) -> BatchJob:
+    """The spec's job of that name; a FeatureplaneError naming the closest when none."""
+    if not catalog.jobs:
+        raise FeatureplaneError("the spec declares no batch_jobs")
+    if name not in catalog.jobs:
+        close = difflib.get_close_matches(name, list(catalog.jobs), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise FeatureplaneError(
+            f"unknown batch job {name!r}{hint}; known: {', '.join(catalog.jobs)}"
+        )
+    return catalog.jobs[name]
+
+
 def _selected(catalog: Catalog, names: list[str]) -> list[BatchJob]:
     if not catalog.jobs:
         raise FeatureplaneError("the spec declares no batch_jobs")
     for name in names:
-        if name not in catalog.jobs:
-            close = difflib.get_close_matches(name, list(catalog.jobs), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise FeatureplaneError(
-                f"unknown batch job {name!r}{hint}; known: {', '.join(catalog.jobs)}"
-            )
+        job_named(catalog, name)
     return needed(catalog.jobs, names or list(catalog.jobs))
 
 
@@ -148,10 +159,14 @@ def run(
     out = out or sys.stdout
     at_ms = at if at is not None else time.time_ns() // 1_000_000
     if shard_list is not None:
-        _selected(catalog, [shard_list])
-        job = catalog.jobs[shard_list]
+        job = job_named(catalog, shard_list)
         plan = asyncio.run(plan_job(settings, catalog, job, at_ms, _speed(settings, job.name)))
         out.write(orjson.dumps([f"{i}/{plan.shards}" for i in range(plan.shards)]).decode() + "\n")
+        if settings.batch_job == job.name:  # an engine's run, not someone looking
+            from featureplane.batch.metrics import push_started
+
+            if warning := push_started(settings, job, at_ms, plan.shards):
+                print(warning, file=sys.stderr)
         return 0
     selected = _selected(catalog, jobs)
     results = asyncio.run(plan_jobs(settings, catalog, selected, at_ms))

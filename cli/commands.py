@@ -23,6 +23,7 @@ __all__ = [
     "batch",
     "batch_plan",
     "batch_render",
+    "batch_report",
     "batch_run",
     "batch_status",
     "demo_events",
@@ -316,6 +317,7 @@ def batch(args: argparse.Namespace) -> int:
       featureplane batch run       run jobs on this machine, resumable
       featureplane batch status    recent runs
       featureplane batch render    manifests for Argo Workflows or Kubernetes Jobs
+      featureplane batch report    push the end of a job's run by an engine
     """
     return int(args.batch_run(args))
 
@@ -400,6 +402,28 @@ def batch_render(args: argparse.Namespace) -> int:
         image=args.image,
         namespace=args.namespace,
     )
+
+
+def batch_report(args: argparse.Namespace) -> int:
+    """Push the end of a batch job's run by a workflow engine to the Pushgateway.
+
+    It is what the manifests of `batch render --engine argo` run when a job
+    ends, so that a job run by an engine has the same metrics as one run by
+    `batch run`: featureplane_batch_run_state (running, succeeded or failed),
+    shards done, rows written and rejects summed from what the job's shards
+    pushed since --at, and on success the last success time. The run's start,
+    timeout, shards and next scheduled run were pushed by its plan step
+    (`batch plan --shard-list JOB`). --state takes Argo's task phases as well.
+    Without --pushgateway-url nothing is pushed; a Pushgateway that does not
+    answer is a warning. Exit status 0 for succeeded, 1 for failed, so that the
+    step that reports a failure fails too.
+    """
+    settings = model_from(Settings, args)
+    catalog = load_catalog(settings.spec)
+    from featureplane.batch.metrics import report
+    from featureplane.batch.plan import job_named
+
+    return report(settings, job_named(catalog, args.job), args.at, args.state)
 
 
 def demo_events(args: argparse.Namespace) -> int:

@@ -294,11 +294,40 @@ def _batch_render(p: argparse.ArgumentParser) -> None:
     )
 
 
+_STATES = {"succeeded": "succeeded", "failed": "failed", "error": "failed", "omitted": "failed"}
+
+
+def _state(text: str) -> str:
+    """succeeded or failed; Argo's task phases too (Succeeded; Failed, Error, Omitted)."""
+    try:
+        return _STATES[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"bad state {text!r}: expected succeeded or failed (or Argo's Succeeded, Failed, "
+            "Error, Omitted)"
+        ) from None
+
+
+def _batch_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", metavar="JOB", help="the batch job whose run ended")
+    p.add_argument("--at", metavar="TIME", type=parse_time, required=True, help="the run's time")
+    p.add_argument(
+        "--state",
+        type=_state,
+        required=True,
+        help="succeeded or failed; Argo's task phases too (Succeeded; Failed, Error and "
+        "Omitted are failed)",
+    )
+    add_flags(p, Settings, ("spec",))
+    add_flags(p.add_argument_group("batch"), Settings, ("pushgateway_url",))
+
+
 BATCH: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None]]] = {
     "plan": (commands.batch_plan, _batch_plan),
     "run": (commands.batch_run, _batch_run),
     "status": (commands.batch_status, _batch_status),
     "render": (commands.batch_render, _batch_render),
+    "report": (commands.batch_report, _batch_report),
 }
 """`featureplane batch` sub-commands, as COMMANDS."""
 

@@ -129,6 +129,7 @@ BATCH_FLAGS = {
         "--batch-target-duration",
         "--batch-max-shards",
     },
+    "report": {"--at", "--state", "--spec", "--pushgateway-url"},
 }
 
 
