@@ -12,7 +12,11 @@ embedded store. Measures:
      `featureplane ingest` reading the same topic (the streaming path's rate)
 
 Rates count rows (or records) over the command's wall time, start-up included, as a
-user sees it. Run: python bench/batch.py [--rows 2000000] [--events 1000000]
+user sees it. `parallelism: auto` aims at FEATUREPLANE_BATCH_TARGET_DURATION, set to
+--target (1m) here: at the default 10m these inputs fit one shard, which auto rightly
+picks (fewest pods on Kubernetes) and which would show nothing about scaling.
+
+Run: python bench/batch.py [--rows 2000000] [--events 1000000] [--target 1m]
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ def shards_of(env: dict[str, str], job: str) -> int:
     plan = json.loads(out)
     jobs = plan["jobs"] if isinstance(plan, dict) and "jobs" in plan else plan
     entry = next(j for j in jobs if j.get("name", j.get("job")) == job)
+    print(f"plan of {job}: {entry.get('reason')}", flush=True)
     return int(entry["shards"])
 
 
@@ -130,6 +135,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--rows", type=int, default=2_000_000, help="Parquet rows [2000000]")
     ap.add_argument("--events", type=int, default=1_000_000, help="events backfilled [1000000]")
+    ap.add_argument("--target", default="1m", help="auto's target duration [1m]")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the services
 
@@ -162,6 +168,7 @@ def main() -> int:
             **os.environ,
             "FEATUREPLANE_SPEC": str(spec),
             "FEATUREPLANE_KAFKA_BOOTSTRAP": kafka.address,
+            "FEATUREPLANE_BATCH_TARGET_DURATION": args.target,
         }
 
         def env(name: str) -> dict[str, str]:
