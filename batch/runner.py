@@ -3,15 +3,9 @@
 Jobs start in DAG order, each when the jobs in its `after` have succeeded in
 this run; a job is planned (`plan_job`, at the speed measured by earlier runs)
 when it starts, and its shard count is recorded, so a resumed run splits its
-input exactly as the first attempt did. Shards run in worker processes (at most
-`workers` at once across jobs), each logging to
-`<data_dir>/batch/logs/<run>/<job>.<I>.log`.
-
-Workers are `multiprocessing` spawn processes running `run_shard`, the code path
-of `featureplane load|backfill --shard I/N --at`: the settings and catalog go
-over as objects (no second parse of flags, environment or spec), and counts
-come back over a pipe as numbers, not as text to parse. A pipe per worker, so a
-worker killed mid-write garbles nothing but its own.
+input exactly as the first attempt did. Shards run in worker processes
+(`featureplane.batch.workers`; at most `workers` at once across jobs), each
+logging to `<data_dir>/batch/logs/<run>/<job>.<I>.log`.
 
 A failed shard fails its job (its running shards finish, no new one starts),
 the job's dependents are skipped, independent jobs finish, and the run fails.
@@ -25,99 +19,34 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import logging
-import multiprocessing
-import os
 import signal
-import sys
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from featureplane.batch import metrics
 from featureplane.batch.progress import JobBoard
 from featureplane.batch.runs import JobState, Runs
-from featureplane.batch.status import duration_text
+from featureplane.batch.status import run_summary
+from featureplane.batch.workers import ShardFn, Worker, Workers, died
 from featureplane.errors import FeatureplaneError
 from featureplane.jobs import BatchJob, needed
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
 
 if TYPE_CHECKING:
-    from featureplane.batch.shards import JobPlan, ShardResult
+    from featureplane.batch.shards import JobPlan
 
-__all__ = ["STOP_GRACE_S", "PlanFn", "ShardFn", "run"]
+__all__ = ["PlanFn", "ShardFn", "run"]
 
-log = logging.getLogger(__name__)
-STOP_GRACE_S = 10.0
-"""A worker told to stop (SIGTERM) is killed (SIGKILL) this long after."""
 _SAVE_EVERY_S = 5.0
 PlanFn = Callable[
     [Settings, Catalog, BatchJob, int, "float | None"], Coroutine[Any, Any, "JobPlan"]
 ]
-ShardFn = Callable[..., Coroutine[Any, Any, "ShardResult"]]
-
-
-def _shard_process(
-    conn: Connection,
-    settings: Settings,
-    catalog: Catalog,
-    job: BatchJob,
-    at_ms: int,
-    shard: tuple[int, int],
-    log_path: Path,
-    run_shard: ShardFn,
-) -> None:
-    """A worker: one shard, its output to its log file, its counts to the runner."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when shards stop
-    _die_with_runner()
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    print(f"{_iso(time.time() * 1000)} {job.name} shard {shard[0]}/{shard[1]}, pid {os.getpid()}")
-    sys.stdout.flush()
-
-    def report(done: int, rejected: int) -> None:
-        conn.send(("progress", done, rejected))
-
-    rejects = log_path.with_suffix(".rejects.jsonl")
-    started = time.monotonic()  # after start-up and imports: the speed is the shard's own
-    try:
-        result = asyncio.run(run_shard(settings, catalog, job, at_ms, shard, report, rejects))
-    except FeatureplaneError as exc:
-        print(f"failed: {exc}", file=sys.stderr)
-        conn.send(("failed", str(exc)))
-        sys.exit(1)
-    except Exception as exc:  # any failure is the shard's reason; its trace goes to the log
-        traceback.print_exc()
-        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
-        sys.exit(1)
-    print(f"done: {result.done:,} written, {result.rejected:,} rejected, {result.work:,} units")
-    conn.send(("done", result.done, result.rejected, result.work, time.monotonic() - started))
-
-
-def _die_with_runner() -> None:
-    """On Linux, a worker gets SIGTERM when its runner dies (even by SIGKILL or the OOM
-    killer), instead of writing on unwatched while a rerun starts the same shard again."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1  # <linux/prctl.h>
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() == 1:  # the runner died before the call above
-        os._exit(1)
 
 
 def _iso(ms: float) -> str:
@@ -131,23 +60,6 @@ def _timeout_text(ms: int) -> str:
             parts.append(f"{rest // size}{unit}")
             rest %= size
     return "".join(parts) or f"{ms}ms"
-
-
-@dataclass(slots=True)
-class _Worker:
-    job: str
-    shard: int
-    process: BaseProcess
-    conn: Connection | None
-    started: float
-    rows: int = 0
-    rejected: int = 0
-    result: tuple[int, int, int, float] | None = None
-    error: str | None = None
-    stopping: str | None = None
-    """Why the runner stopped it (a timeout, a signal); None while it runs its course."""
-    term_at: float | None = None
-    saved: float = 0.0
 
 
 @dataclass(slots=True)
@@ -185,12 +97,10 @@ class _Runner:
     ) -> None:
         self.settings, self.catalog, self.runs = settings, catalog, runs
         self.run_id, self.at_ms, self.workers = run_id, at_ms, workers
-        self.plan_job, self.run_shard, self.board, self.clock = plan_job, run_shard, board, clock
-        self.ctx = multiprocessing.get_context("spawn")
-        self.active: list[_Worker] = []
+        self.plan_job, self.board, self.clock = plan_job, board, clock
+        logs = settings.data_dir / "batch" / "logs" / run_id
+        self.pool = Workers(settings, catalog, at_ms, run_shard, logs, clock)
         self.signal: int | None = None
-        self.logs = settings.data_dir / "batch" / "logs" / run_id
-        self.logs.mkdir(parents=True, exist_ok=True)
         record = runs.get(run_id)
         self.jobs: dict[str, _Job] = {}
         for j in record.job_records:
@@ -215,7 +125,7 @@ class _Runner:
             while self.signal is None:
                 self._start_ready()
                 self._launch()
-                if not self.active:
+                if not self.pool.active:
                     break
                 self._wait(0.5)
                 self._check_timeouts()
@@ -253,25 +163,16 @@ class _Runner:
 
     def _begin(self, name: str, job: _Job) -> None:
         if job.shards is None:
+            planning = self.plan_job(
+                self.settings, self.catalog, job.spec, self.at_ms, self.runs.measured_speed(name)
+            )
             try:
-                plan = asyncio.run(
-                    self.plan_job(
-                        self.settings,
-                        self.catalog,
-                        job.spec,
-                        self.at_ms,
-                        self.runs.measured_speed(name),
-                    )
-                )
+                plan = asyncio.run(planning)
             except FeatureplaneError as exc:
                 self._end_job(name, "failed", f"cannot plan: {exc}")
                 return
-            job.shards, job.unit, job.size, job.speed = (
-                plan.shards,
-                plan.unit,
-                plan.size,
-                plan.speed,
-            )
+            job.shards, job.unit = plan.shards, plan.unit
+            job.size, job.speed = plan.size, plan.speed
             self.runs.plan(self.run_id, name, plan.shards, plan.unit, plan.size, plan.reason)
             shards = f"{plan.shards} shard" + ("s" if plan.shards != 1 else "")
             self.board.say(f"{name}: {shards} ({plan.inputs}; {plan.reason})")
@@ -289,69 +190,25 @@ class _Runner:
 
     def _launch(self) -> None:
         for name, job in self.jobs.items():
-            while job.state == "running" and job.pending and len(self.active) < self.workers:
+            while job.state == "running" and job.pending and len(self.pool.active) < self.workers:
                 self._spawn(name, job, job.pending.popleft())
 
     def _spawn(self, name: str, job: _Job, shard: int) -> None:
         assert job.shards is not None
-        log_path = self.logs / f"{name}.{shard}.log"
-        reader, writer = self.ctx.Pipe(duplex=False)
-        process = self.ctx.Process(
-            target=_shard_process,
-            args=(
-                writer,
-                self.settings,
-                self.catalog,
-                job.spec,
-                self.at_ms,
-                (shard, job.shards),
-                log_path,
-                self.run_shard,
-            ),
-            name=f"{name}.{shard}",
-            daemon=True,  # never outlives the runner, whatever stops it
-        )
-        process.start()
-        writer.close()  # the child holds the write end: EOF here once it exits
-        self.active.append(_Worker(name, shard, process, reader, self.clock()))
-        self.runs.start_shard(self.run_id, name, shard, process.pid, str(log_path))
+        w = self.pool.start(job.spec, (shard, job.shards))
+        self.runs.start_shard(self.run_id, name, shard, w.process.pid, str(w.log))
 
     def _wait(self, timeout: float) -> None:
-        conns = [w.conn for w in self.active if w.conn is not None]
-        ready = wait([*conns, *(w.process.sentinel for w in self.active)], timeout)
-        for w in list(self.active):
-            if w.conn is not None and w.conn in ready:
-                self._drain(w)
-            if w.process.sentinel in ready or not w.process.is_alive():
-                if w.conn is not None:
-                    self._drain(w)
-                w.process.join()
-                self.active.remove(w)
-                self._finish(w)
+        for w in self.pool.wait(timeout):
+            self._finish(w)
         now = self.clock()
-        for w in self.active:
+        for w in self.pool.active:
             if now - w.saved >= _SAVE_EVERY_S:
                 w.saved = now
                 self.runs.shard_progress(self.run_id, w.job, w.shard, w.rows, w.rejected)
         self._show_all()
 
-    def _drain(self, w: _Worker) -> None:
-        assert w.conn is not None
-        try:
-            while w.conn.poll():
-                msg: tuple[Any, ...] = w.conn.recv()
-                if msg[0] == "progress":
-                    w.rows += msg[1]
-                    w.rejected += msg[2]
-                elif msg[0] == "done":
-                    w.result = (msg[1], msg[2], msg[3], msg[4])
-                elif msg[0] == "failed":
-                    w.error = msg[1]
-        except (EOFError, OSError):
-            w.conn.close()
-            w.conn = None
-
-    def _finish(self, w: _Worker) -> None:
+    def _finish(self, w: Worker) -> None:
         job = self.jobs[w.job]
         seconds = self.clock() - w.started
         if w.result is not None and w.process.exitcode == 0:
@@ -370,7 +227,7 @@ class _Runner:
                 self.run_id, w.job, w.shard, "pending", rows=0, rejected=0, error=reason
             )
         else:
-            reason = w.stopping or w.error or _died(w.process.exitcode)
+            reason = w.stopping or w.error or died(w.process.exitcode)
             self.runs.end_shard(
                 self.run_id, w.job, w.shard, "failed",
                 rows=w.rows, rejected=w.rejected, seconds=seconds, error=reason,
@@ -378,7 +235,7 @@ class _Runner:
             job.pending.clear()  # the job failed: start none of its other shards
             if job.error is None:
                 job.error = reason if w.stopping else f"shard {w.shard} failed: {reason}"
-        if not job.pending and not any(a.job == w.job for a in self.active):
+        if not job.pending and not any(a.job == w.job for a in self.pool.active):
             if self.signal is None:
                 self._end_job(w.job, "failed" if job.error else "succeeded", job.error)
         else:
@@ -401,34 +258,25 @@ class _Runner:
                 if job.error is None:
                     job.error = f"timed out after {_timeout_text(job.spec.timeout)}"
                     job.pending.clear()
-                    for w in self.active:
+                    for w in self.pool.active:
                         if w.job == name and w.stopping is None:
-                            self._term(w, job.error, now)
-                if not any(w.job == name for w in self.active):
+                            self.pool.stop(w, job.error, now)
+                if not any(w.job == name for w in self.pool.active):
                     self._end_job(name, "failed", job.error)
-        for w in self.active:
-            if w.term_at is not None and now - w.term_at >= STOP_GRACE_S:
-                w.process.kill()
-
-    def _term(self, w: _Worker, reason: str, now: float) -> None:
-        w.stopping, w.term_at = reason, now
-        w.process.terminate()
+        self.pool.kill_overdue(now)
 
     def _stop_all(self, reason: str) -> None:
         now = self.clock()
-        for w in self.active:
-            self._term(w, reason, now)
-        while self.active:
+        self.pool.stop_all(reason, now)
+        while self.pool.active:
             self._wait(0.5)
-            if self.clock() - now >= STOP_GRACE_S:
-                for w in self.active:
-                    w.process.kill()
+            self.pool.kill_overdue(self.clock())
 
     # ------------------------------------------------------------ output
 
     def _show(self, name: str, *, event: bool = False) -> None:
         job = self.jobs[name]
-        running = [w for w in self.active if w.job == name]
+        running = [w for w in self.pool.active if w.job == name]
         running_rows = sum(w.rows for w in running)
         fraction = 0.0
         if job.size and job.work_done:
@@ -466,31 +314,9 @@ class _Runner:
 
     def _report(self, ok: bool) -> int:
         self.board.close()
-        record = self.runs.get(self.run_id)
-        for j in record.job_records:
-            shards = record.shards_of(j.name)
-            rows = sum(s.rows for s in shards)
-            took = ((j.ended or 0) - (j.started or 0)) / 1000 if j.started else 0.0
-            speed = f", {rows / took:,.0f} rows/s" if took > 0 and rows else ""
-            self.board.say(
-                f"{j.name}: {j.state}, {sum(s.state == 'done' for s in shards)}/{j.shards or '?'}"
-                f" shards, {rows:,} rows, {sum(s.rejected for s in shards):,} rejects, "
-                f"{duration_text(took)}{speed}" + (f" ({j.error})" if j.error else "")
-            )
-        if ok:
-            self.board.say(f"run {self.run_id} succeeded")
-            return 0
-        self.board.say(f"run {self.run_id} failed")
-        for s in record.shard_records:
-            if s.state == "failed":
-                self.board.say(f"  {s.job} shard {s.shard}: {s.error}\n    log: {s.log}")
-        return 1
-
-
-def _died(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        return f"worker died ({signal.Signals(-exitcode).name})"
-    return f"worker exited with status {exitcode} without a result"
+        for line in run_summary(self.runs.get(self.run_id), ok):
+            self.board.say(line)
+        return 0 if ok else 1
 
 
 def _select(catalog: Catalog, names: Sequence[str]) -> list[BatchJob]:

@@ -1,4 +1,5 @@
-"""`featureplane batch status`: the newest batch runs on this machine, as text or JSON.
+"""The batch runs as text for people: `featureplane batch status`, and what `batch run`
+prints when it ends.
 
 Read from the runs database that `batch run` writes (see `featureplane.batch.runs`);
 a run left "running" by a process that is gone shows as interrupted, with the
@@ -18,7 +19,7 @@ import orjson
 from featureplane.batch.runs import RunRecord, Runs
 from featureplane.settings import Settings
 
-__all__ = ["duration_text", "status"]
+__all__ = ["duration_text", "run_summary", "status"]
 
 
 def _when(ms: int | None) -> str:
@@ -88,6 +89,28 @@ def _render(run: RunRecord, now_ms: int) -> list[str]:
                 lines.append(f"    shard {s.shard}/{total} failed: {s.error}  log: {s.log}")
     if run.state == "interrupted":
         lines.append(f"  rerun the same `featureplane batch run` to resume {run.id}")
+    return lines
+
+
+def run_summary(run: RunRecord, ok: bool) -> list[str]:
+    """What `batch run` prints when it ends: a line a job, the outcome, the failed shards."""
+    lines = []
+    for j in run.job_records:
+        shards = run.shards_of(j.name)
+        rows = sum(s.rows for s in shards)
+        took = ((j.ended or 0) - (j.started or 0)) / 1000 if j.started else 0.0
+        speed = f", {rows / took:,.0f} rows/s" if took > 0 and rows else ""
+        lines.append(
+            f"{j.name}: {j.state}, {sum(s.state == 'done' for s in shards)}/{j.shards or '?'}"
+            f" shards, {rows:,} rows, {sum(s.rejected for s in shards):,} rejects, "
+            f"{duration_text(took)}{speed}" + (f" ({j.error})" if j.error else "")
+        )
+    if ok:
+        return [*lines, f"run {run.id} succeeded"]
+    lines.append(f"run {run.id} failed")
+    for s in run.shard_records:
+        if s.state == "failed":
+            lines.append(f"  {s.job} shard {s.shard}: {s.error}\n    log: {s.log}")
     return lines
 
 

@@ -24,7 +24,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from featureplane.batch import runner
+from featureplane.batch import runner, workers
 from featureplane.batch.progress import JobBoard
 from featureplane.batch.runs import Runs, measured_speed, pid_alive
 from featureplane.batch.shards import JobPlan, ShardResult
@@ -197,7 +197,7 @@ def test_a_shard_that_ignores_sigterm_is_killed(
     env: tuple[Settings, Catalog, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings, catalog, _ = env
-    monkeypatch.setattr(runner, "STOP_GRACE_S", 0.5)
+    monkeypatch.setattr(workers, "STOP_GRACE_S", 0.5)
     started = time.monotonic()
     code, _ = _run(settings, catalog, ["deaf"])
     assert code == 1 and time.monotonic() - started < 10  # it sleeps 60 s unless killed
