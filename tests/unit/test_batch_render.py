@@ -16,13 +16,13 @@ import pytest
 import yaml
 
 from featureplane.batch.render import (
-    PLAN_DEADLINE_S,
     k8s_refused,
     render_argo,
     render_k8s,
     run,
     to_yaml,
 )
+from featureplane.batch.render_argo import PLAN_DEADLINE_S, REPORT_DEADLINE_S
 from featureplane.cli.parser import build_parser
 from featureplane.errors import FeatureplaneError
 from featureplane.jobs import schedule_runs
@@ -90,6 +90,20 @@ def _tasks(doc: Doc) -> dict[str, Doc]:
     return {t["name"]: t for t in _templates(doc)["main"]["dag"]["tasks"]}
 
 
+_RESULTS = {"Succeeded", "Failed", "Errored", "Skipped", "Omitted", "Daemoned"}
+
+
+def _depends(task: Doc) -> dict[str, set[str]]:
+    """A task's `depends` as {task: the results it names} (a bare name: its success)."""
+    out: dict[str, set[str]] = {}
+    for operand in re.split(r"\s*(?:&&|\|\||[()!])\s*", task.get("depends", "")):
+        if operand:
+            name, _, result = operand.partition(".")
+            assert result in _RESULTS | {""}, operand
+            out.setdefault(name, set()).add(result or "Succeeded")
+    return out
+
+
 # ------------------------------------------------------------------ Argo
 
 
@@ -111,15 +125,24 @@ def test_a_cron_workflow_per_schedule_whose_dag_is_the_specs(dag: Catalog) -> No
         [cron] = spec["schedules"]
         jobs = runs[cron]
         tasks, templates = _tasks(doc), _templates(doc)
-        assert len(tasks) == 2 * len(jobs)
+        assert len(tasks) == 3 * len(jobs)
+        # not fail-fast: a failed job lets the others end, and every job's end is reported
+        assert _templates(doc)["main"]["dag"]["failFast"] is False
         for job in jobs:
             name = job.name.replace("_", "-")
-            plan, fan = tasks[f"plan-{name}"], tasks[name]
+            plan, fan, report = tasks[f"plan-{name}"], tasks[name], tasks[f"report-{name}"]
             # the plan waits for the jobs of `after`; the job's shards wait for its plan
-            assert sorted(plan.get("dependencies", [])) == sorted(
-                a.replace("_", "-") for a in job.after
-            )
-            assert fan["dependencies"] == [f"plan-{name}"]
+            assert _depends(plan) == {a.replace("_", "-"): {"Succeeded"} for a in job.after}
+            assert _depends(fan) == {f"plan-{name}": {"Succeeded"}}
+            # the report waits for the job's end, however it ended
+            assert _depends(report) == {
+                name: {"Succeeded", "Failed", "Errored", "Omitted"},
+                f"plan-{name}": {"Failed", "Errored"},
+            }
+            assert report["arguments"]["parameters"] == [
+                {"name": "job", "value": job.name},
+                {"name": "state", "value": f"{{{{tasks.{name}.status}}}}"},
+            ]
             assert fan["withParam"] == f"{{{{tasks.plan-{name}.outputs.result}}}}"
             assert plan["arguments"]["parameters"] == [{"name": "job", "value": job.name}]
             shard = templates[fan["template"]]
@@ -132,13 +155,33 @@ def test_a_cron_workflow_per_schedule_whose_dag_is_the_specs(dag: Catalog) -> No
                 "env"
             ]
             assert shard["retryStrategy"]["limit"] == 2
-        plan_args = templates["plan"]["container"]["args"]
-        assert plan_args[:3] == ["batch", "plan", "--shard-list"]
-        assert plan_args[-2:] == ["--at", "{{workflow.scheduledTime}}"]
+        plan = templates["plan"]["container"]
+        assert plan["args"][:3] == ["batch", "plan", "--shard-list"]
+        assert plan["args"][-2:] == ["--at", "{{workflow.scheduledTime}}"]
+        # the plan pushes the run's start only when told it is the job's engine step
+        job_env = {"name": "FEATUREPLANE_BATCH_JOB", "value": "{{inputs.parameters.job}}"}
+        assert plan["env"] == [job_env]
+        report = templates["report"]
+        assert report["container"]["args"] == [
+            "batch",
+            "report",
+            "{{inputs.parameters.job}}",
+            "--at",
+            "{{workflow.scheduledTime}}",
+            "--state",
+            "{{inputs.parameters.state}}",
+        ]
+        assert "env" not in report["container"]
+        assert report["container"]["resources"] == plan["resources"]
+        # a report of a failure exits 1 on purpose: only a lost pod is tried again
+        assert report["retryStrategy"]["retryPolicy"] == "OnError"
+        assert report["activeDeadlineSeconds"] == REPORT_DEADLINE_S
     nightly = crons["featureplane-stats"]
     # the longest path: stats (1h) then clicks (2h), each after its plan step
-    assert _workflow(nightly)["activeDeadlineSeconds"] == 3 * 3600 + 2 * PLAN_DEADLINE_S
-    assert _workflow(crons["featureplane-hourly"])["activeDeadlineSeconds"] == 600 + PLAN_DEADLINE_S
+    steps = 2 * PLAN_DEADLINE_S + REPORT_DEADLINE_S  # and the last job's report
+    assert _workflow(nightly)["activeDeadlineSeconds"] == 3 * 3600 + steps
+    hourly = _workflow(crons["featureplane-hourly"])["activeDeadlineSeconds"]
+    assert hourly == 600 + PLAN_DEADLINE_S + REPORT_DEADLINE_S
 
 
 def test_a_backfill_shard_passes_relative_times_in_the_equals_form(dag: Catalog) -> None:
@@ -162,10 +205,13 @@ def test_a_job_in_no_schedules_run_gets_a_workflow_template_with_its_dependencie
     templates = _by(docs, "WorkflowTemplate")
     assert set(templates) == {"featureplane-prep", "featureplane-by-hand"}
     template = templates["featureplane-by-hand"]
-    assert set(_tasks(template)) == {"plan-prep", "prep", "plan-by-hand", "by-hand"}
-    assert _tasks(template)["plan-by-hand"]["dependencies"] == ["prep"]
-    args = _templates(template)["shard-by-hand"]["container"]["args"]
-    assert args[-2:] == ["--at", "{{workflow.creationTimestamp}}"]
+    assert set(_tasks(template)) == {
+        f"{step}{job}" for step in ("plan-", "", "report-") for job in ("prep", "by-hand")
+    }
+    assert _depends(_tasks(template)["plan-by-hand"]) == {"prep": {"Succeeded"}}
+    for name in ("shard-by-hand", "plan", "report"):
+        args = _templates(template)[name]["container"]["args"]
+        assert args[args.index("--at") + 1] == "{{workflow.creationTimestamp}}"
     [binding] = _by(docs, "RoleBinding").values()
     assert binding["subjects"][0]["name"] == _workflow(template)["serviceAccountName"]
 
@@ -298,6 +344,7 @@ def test_every_rendered_command_line_is_one_featureplane_parses(dag: Catalog) ->
     values = {
         "{{inputs.parameters.shard}}": "1/4",
         "{{inputs.parameters.job}}": "clicks",
+        "{{inputs.parameters.state}}": "Omitted",  # Argo's phase of a task not run
         "{{workflow.scheduledTime}}": "2026-11-30T03:30:00Z",
         "{{workflow.creationTimestamp}}": "2026-11-30T09:12:44Z",
         "$(JOB_COMPLETION_INDEX)": "2",
@@ -316,10 +363,13 @@ def test_every_rendered_command_line_is_one_featureplane_parses(dag: Catalog) ->
                 assert not any("{{" in x or "$(" in x for x in argv), argv
                 if "shard" in vars(args):
                     assert args.shard in ((1, 4), (2, 3)) and args.at > 0
+                if "state" in vars(args):
+                    assert (args.job, args.state) == ("clicks", "failed") and args.at > 0
                 lines += 1
-    # a plan and a shard template per job of each workflow, and the CronJob's one container:
-    # nightly (plan, stats, embeddings, clicks), hourly, prep, by_hand (prep and by_hand)
-    assert lines == 4 + 2 + 2 + 3 + 1
+    # a plan, a report and a shard template per job of each workflow, and the CronJob's one
+    # container: nightly (plan, report, stats, embeddings, clicks), hourly, prep, by_hand
+    # (prep and by_hand)
+    assert lines == 5 + 3 + 3 + 4 + 1
 
 
 def test_argos_own_rules_that_its_crd_schema_does_not_carry(dag: Catalog) -> None:
@@ -337,10 +387,12 @@ def test_argos_own_rules_that_its_crd_schema_does_not_carry(dag: Catalog) -> Non
             assert field.match(name) and len(name) <= 128, name
         for task in tasks.values():
             assert task["template"] in templates
-            assert set(task.get("dependencies", [])) <= set(tasks)
-            if "withParam" in task:
-                source = task["withParam"].split(".")[1]
-                assert source in task["dependencies"]
+            assert "dependencies" not in task  # one kind per DAG: `depends` everywhere
+            assert not task["name"][0].isdigit()  # refused with `depends`
+            assert set(_depends(task)) <= set(tasks)
+            # a task reads the outputs and status of the tasks it depends on only
+            for ref in re.findall(r"\{\{tasks\.([-\w]+)\.", str(task)):
+                assert ref in _depends(task), (task["name"], ref)
         for where in [wf, *templates.values()]:
             for m in where.get("metrics", {}).get("prometheus", []):
                 assert metric.match(m["name"]) and m["help"]
@@ -352,7 +404,7 @@ def test_argos_own_rules_that_its_crd_schema_does_not_carry(dag: Catalog) -> Non
 
 
 def test_job_names_argo_would_refuse_become_distinct_task_names(tmp_path: Path) -> None:
-    names = ["_x", "__x", "j_x", "A" * 128, "A" * 127 + "B"]
+    names = ["_x", "__x", "j_x", "A" * 128, "A" * 127 + "B", "1x"]
     jobs = "".join(
         f'\n  - {{name: {n}, load: {{group: article_stats, source: "a.jsonl"}}, '
         f'schedule: "0 1 * * *"}}'
@@ -360,6 +412,6 @@ def test_job_names_argo_would_refuse_become_distinct_task_names(tmp_path: Path) 
     )
     catalog = _catalog(tmp_path, "batch_jobs:" + jobs + "\n")
     [cron] = _by(render_argo(catalog, "i", "n"), "CronWorkflow").values()
-    tasks = [t for t in _tasks(cron) if not t.startswith("plan-")]
+    tasks = [t for t in _tasks(cron) if not t.startswith(("plan-", "report-"))]
     assert len(set(tasks)) == len(names)
     assert _validate([cron]) == []
