@@ -24,19 +24,17 @@ dead-lettered again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
-import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Literal
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka import Message as KafkaMessage
+from confluent_kafka import KafkaException
 
+from featureplane.batch.dlq import REDRIVE_OF, REDRIVE_SPEC, DeadLetter, Dlq, Ranges, partitions
 from featureplane.batch.progress import Progress
 from featureplane.batch.sink import Sink
 from featureplane.errors import FeatureplaneError, ValidationError
@@ -47,16 +45,13 @@ from featureplane.operators.dispatch import Dispatcher
 from featureplane.operators.handoff import SMALL_MESSAGE, Delivery
 from featureplane.operators.kafka import Deliverer
 from featureplane.operators.kafka_cluster import KafkaCluster, max_message_bytes
-from featureplane.operators.records import Message, Origin, Work
+from featureplane.operators.records import Work
 from featureplane.operators.route import DLQ_SUFFIX, Outgoing, dead_letter, fit
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
 from featureplane.stores import open_cache, open_store
 
 __all__ = [
-    "REDRIVE_OF",
-    "REDRIVE_SPEC",
-    "DeadLetter",
     "RedriveJob",
     "Tally",
     "choose",
@@ -66,13 +61,6 @@ __all__ = [
     "spec_hash",
     "summary",
 ]
-
-REDRIVE_OF = "redrive_of"
-"""Header of a record that failed again: `<dlq partition>:<dlq offset>` it was read at."""
-REDRIVE_SPEC = "redrive_spec"
-"""Header of a record that failed again: `spec_hash` of the catalog it failed under."""
-BATCH = 1_000
-"""Records per decode/write/deliver round."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,52 +77,6 @@ class RedriveJob:
     """Only records dead-lettered at or before this time, ms."""
     dry_run: bool = False
     """Decode, dispatch and aggregate only: write nothing, produce nothing."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """One DLQ record as read, and what its headers say."""
-
-    partition: int
-    offset: int
-    timestamp: int
-    key: bytes | None
-    value: bytes | None
-    headers: Mapping[str, str]
-
-    @classmethod
-    def of(cls, m: KafkaMessage) -> DeadLetter:
-        raw = m.headers() or ()
-        heads: dict[str, str] = {}
-        for k, v in raw.items() if isinstance(raw, dict) else raw:
-            if v is not None:  # the last of a name given twice wins, as `fit` appends
-                heads[k] = v if isinstance(v, str) else v.decode("utf-8", "replace")
-        return cls(m.partition() or 0, m.offset() or 0, m.timestamp()[1], m.key(), m.value(), heads)
-
-    @property
-    def position(self) -> str:
-        """Its place in the DLQ, as `redrive_of` names it: `partition:offset`."""
-        return f"{self.partition}:{self.offset}"
-
-    def origin(self, source: str) -> Origin:
-        """Where the event was first read (-1 where a hand-made record does not say)."""
-        return Origin(source, _int(self.headers.get("partition")), _int(self.headers.get("offset")))
-
-    def message(self, source: str) -> Message:
-        """The record as ingestion would read it from the source topic."""
-        origin = self.origin(source)
-        first = self.headers.get("first_failure_ms")
-        return Message(
-            source,
-            origin.partition,
-            origin.offset,
-            self.key,
-            self.value,
-            origin,
-            attempt=max(0, _int(self.headers.get("attempt"), 0)),
-            first_failure_ms=_int(first) if first is not None else None,
-            produced_ms=self.timestamp,
-        )
 
 
 Choice = Literal["filtered", "redriven", "same spec", "truncated", "try"]
@@ -211,7 +153,7 @@ async def redrive(settings: Settings, catalog: Catalog, job: RedriveJob, tally: 
     check_kafka_reachable(bootstrap)
     kafka = KafkaCluster(bootstrap, settings.kafka_config)
     try:
-        dlq = _Log(kafka, job.topic, _partitions(kafka, job.topic))
+        dlq = Dlq(kafka, job.topic, partitions(kafka, job.topic))
         ranges, redriven = _first_read(dlq, tally)
         if job.dry_run:
             await _pass(catalog, job, source, spec, redriven, dlq, ranges, tally, None, None)
@@ -232,93 +174,7 @@ async def redrive(settings: Settings, catalog: Catalog, job: RedriveJob, tally: 
         raise broker_error(str(kafka), f"redrive {job.topic!r}", exc) from None
 
 
-def _consumer(kafka: KafkaCluster) -> Consumer:
-    return Consumer(
-        kafka.client_config(
-            {
-                "group.id": f"featureplane-redrive-{uuid.uuid4().hex[:8]}",  # never committed
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",  # as ingestion reads
-                # A fetch at the end of a partition waits this long before the broker says
-                # so (librdkafka's default 500 ms): the first read ends on those answers.
-                "fetch.wait.max.ms": 100,
-            }
-        )
-    )
-
-
-def _partitions(kafka: KafkaCluster, topic: str) -> list[int]:
-    consumer = _consumer(kafka)
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None or not meta.partitions:
-            raise FeatureplaneError(f"topic {topic!r} does not exist")
-        return sorted(meta.partitions)
-    finally:
-        with contextlib.suppress(KafkaException, RuntimeError):
-            consumer.close()
-
-
-Ranges = Mapping[int, tuple[int, int]]
-"""Offsets [first, end) by partition."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Log:
-    """The DLQ: the first read goes to each partition's end, the second to the same place
-    (records sent back meanwhile are not this run's)."""
-
-    kafka: KafkaCluster
-    topic: str
-    partitions: Sequence[int]
-
-    def scan(self, ranges: Ranges | None = None) -> Iterator[list[DeadLetter]]:
-        """The records, in batches, the partitions read together: with `ranges` those
-        offsets, else each partition from its start to its end (where the broker says
-        end-of-partition). Each read has a consumer of its own: the end-of-partition
-        events of one would end the next early."""
-        topic = self.topic
-        # The end is where the first read found it, not the high watermark of a
-        # ListOffsets call: the local stand-in tansu (0.6.0, 2026-11) reports there the
-        # last batch's base offset + 1 instead of the offset after its last record.
-        starts = (
-            {p: OFFSET_BEGINNING for p in self.partitions}
-            if ranges is None
-            else {p: first for p, (first, _) in ranges.items()}
-        )
-        open_parts = set(starts)
-        consumer = _consumer(self.kafka)
-        try:
-            consumer.assign([TopicPartition(topic, p, off) for p, off in starts.items()])
-            while open_parts:
-                batch: list[DeadLetter] = []
-                # consume() waits out its timeout unless the batch fills: a short one
-                # keeps a small DLQ's two reads from costing a second each.
-                for m in consumer.consume(BATCH, 0.2):
-                    err = m.error()
-                    part = m.partition() or 0
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001 (public name)
-                            open_parts.discard(part)
-                            continue
-                        raise FeatureplaneError(f"reading {topic}: {err}")
-                    off = m.offset() or 0
-                    end = None if ranges is None else ranges[part][1]
-                    if part not in open_parts or (end is not None and off >= end):
-                        continue  # past the first read's end: sent back by this run, or newer
-                    if end is not None and off >= end - 1:
-                        open_parts.discard(part)
-                    batch.append(DeadLetter.of(m))
-                if batch:
-                    yield batch
-        finally:
-            with contextlib.suppress(KafkaException, RuntimeError):
-                consumer.close()
-
-
-def _first_read(dlq: _Log, tally: Tally) -> tuple[dict[int, tuple[int, int]], set[str]]:
+def _first_read(dlq: Dlq, tally: Tally) -> tuple[dict[int, tuple[int, int]], set[str]]:
     """The offsets the run covers, and the records that a later one names in `redrive_of`."""
     ranges: dict[int, tuple[int, int]] = {}
     refs: set[str] = set()
@@ -339,7 +195,7 @@ async def _pass(
     source: str,
     spec: str,
     redriven: set[str],
-    dlq: _Log,
+    dlq: Dlq,
     ranges: Ranges,
     tally: Tally,
     sink: Sink | None,
@@ -486,10 +342,3 @@ def summary(job: RedriveJob, tally: Tally) -> str:
         parts.append(f"{skipped:,} skipped ({', '.join(why)})")
     head = f"redrive {job.topic}" + (" (dry run: nothing written)" if job.dry_run else "")
     return f"{head}: {', '.join(parts)}"
-
-
-def _int(text: str | None, default: int = -1) -> int:
-    try:
-        return int(text) if text is not None else default
-    except ValueError:
-        return default

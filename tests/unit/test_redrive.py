@@ -9,10 +9,8 @@ from typing import cast
 
 import pytest
 
+from featureplane.batch.dlq import REDRIVE_OF, REDRIVE_SPEC, DeadLetter
 from featureplane.batch.redrive import (
-    REDRIVE_OF,
-    REDRIVE_SPEC,
-    DeadLetter,
     RedriveJob,
     Tally,
     _send_back,
