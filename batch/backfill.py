@@ -281,4 +281,6 @@ def _push(
         return
     from featureplane.batch.metrics import push_shard
 
-    push_shard(settings, job.shard, result, error, name=f"backfill_{job.topic}")
+    # no batch job set: label the series backfill_<topic>, not one fixed job for all
+    named = settings.model_copy(update={"batch_job": settings.batch_job or f"backfill_{job.topic}"})
+    push_shard(named, job.shard, result, error)

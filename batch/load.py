@@ -247,4 +247,6 @@ def _push(settings: Settings, job: LoadJob, result: ShardResult | None, error: s
         return
     from featureplane.batch.metrics import push_shard
 
-    push_shard(settings, job.shard, result, error, name=f"load_{job.group}")
+    # no batch job set: label the series load_<group>, not one fixed job for every load
+    named = settings.model_copy(update={"batch_job": settings.batch_job or f"load_{job.group}"})
+    push_shard(named, job.shard, result, error)
