@@ -77,9 +77,10 @@ EXTERNAL: Known = {
 @functools.cache
 def pushed() -> Known:
     """The series no process serves for scraping: a batch run's gauges (written to a file
-    and pushed), a shard pod's (pushed, here to a local stand-in that keeps the body), and
-    the Argo controller's metrics of the workflows rendered from k8s/spec/."""
-    from featureplane.batch.metrics import JobMetrics, push_shard, registry_of
+    and pushed), a shard pod's and an engine's job steps' (`batch plan --shard-list` and
+    `batch report`, pushed, here to a local stand-in that keeps the bodies), and the Argo
+    controller's metrics of the workflows rendered from k8s/spec/."""
+    from featureplane.batch.metrics import JobMetrics, push_shard, push_started, registry_of, report
     from featureplane.batch.render import render_argo
     from featureplane.batch.shards import ShardResult
     from featureplane.settings import Settings
@@ -95,18 +96,32 @@ def pushed() -> Known:
             self.send_response(200)
             self.end_headers()
 
+        do_POST = do_PUT
+
+        def do_GET(self) -> None:  # the report reads the shards' gauges: none here
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
         def log_message(self, *args: Any) -> None:
             pass
 
+    spec = Path(__file__).resolve().parents[1] / "k8s" / "spec"
+    catalog = load_catalog(spec)
+    job = next(j for j in catalog.jobs.values() if j.schedule)
     with HTTPServer(("127.0.0.1", 0), Gateway) as gateway:
-        threading.Thread(target=gateway.handle_request, daemon=True).start()
+        threading.Thread(target=gateway.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{gateway.server_address[1]}"
         settings = Settings(_env_file=None, pushgateway_url=url, batch_job="j")
         push_shard(settings, (0, 1), ShardResult(1, 0, 1))
-    [body] = bodies
-    known |= exported(body.decode())
+        push_started(settings, job, 0, 1)
+        report(settings, job, 0, "succeeded")
+        gateway.shutdown()
+    assert len(bodies) == 3, bodies
+    for body in bodies:
+        known |= exported(body.decode())
     spec = Path(__file__).resolve().parents[1] / "k8s" / "spec"
-    for doc in render_argo(load_catalog(spec), "featureplane", "featureplane"):
+    for doc in render_argo(catalog, "featureplane", "featureplane"):
         if doc["kind"] not in ("CronWorkflow", "WorkflowTemplate"):
             continue
         wf = doc["spec"].get("workflowSpec", doc["spec"])
