@@ -91,11 +91,6 @@ def _retry() -> Doc:
     }
 
 
-def _report_retry() -> Doc:
-    # OnError only: a report of a failure exits 1 on purpose; a lost pod is tried again.
-    return {"limit": _RETRIES, "retryPolicy": "OnError", "backoff": {"duration": "10s"}}
-
-
 def _dag_tasks(job: BatchJob) -> list[Doc]:
     """The job's plan, fan-out and report tasks. `depends`, not `dependencies` (Argo takes
     one kind per DAG): a plain name means that task succeeded (or was skipped)."""
@@ -132,17 +127,41 @@ def _dag_tasks(job: BatchJob) -> list[Doc]:
     return [plan, fan, report]
 
 
-def _step(name: str, image: str, args: list[str], job_env: bool) -> Doc:
-    """The plan or report step's template: one small pod, the job's name its input."""
-    env = [{"name": "FEATUREPLANE_BATCH_JOB", "value": "{{inputs.parameters.job}}"}]
-    inputs = [{"name": "job"}] + ([] if name == "plan" else [{"name": "state"}])
-    return {
-        "name": name,
-        "inputs": {"parameters": inputs},
-        "activeDeadlineSeconds": PLAN_DEADLINE_S if name == "plan" else REPORT_DEADLINE_S,
-        "retryStrategy": _retry() if name == "plan" else _report_retry(),
-        "container": _container(name, image, args, env if job_env else [], _STEP_RESOURCES),
+def _steps(image: str, at: str) -> list[Doc]:
+    """The templates of every job's plan and report steps: small pods, the job's name
+    their input."""
+    job = "{{inputs.parameters.job}}"
+    state = "{{inputs.parameters.state}}"
+    plan: Doc = {
+        "name": "plan",
+        "inputs": {"parameters": [{"name": "job"}]},
+        "activeDeadlineSeconds": PLAN_DEADLINE_S,
+        "retryStrategy": _retry(),
+        # stdout is the task's outputs.result: the JSON list of I/N the job fans out over;
+        # FEATUREPLANE_BATCH_JOB tells it that it starts the job's run, which it pushes
+        "container": _container(
+            "plan",
+            image,
+            ["batch", "plan", "--shard-list", job, "--at", at],
+            [{"name": "FEATUREPLANE_BATCH_JOB", "value": job}],
+            _STEP_RESOURCES,
+        ),
     }
+    report: Doc = {
+        "name": "report",
+        "inputs": {"parameters": [{"name": "job"}, {"name": "state"}]},
+        "activeDeadlineSeconds": REPORT_DEADLINE_S,
+        # OnError only: the report of a failure exits 1 on purpose; a lost pod is retried
+        "retryStrategy": {"limit": _RETRIES, "retryPolicy": "OnError"},
+        "container": _container(
+            "report",
+            image,
+            ["batch", "report", job, "--at", at, "--state", state],
+            [],
+            _STEP_RESOURCES,
+        ),
+    }
+    return [plan, report]
 
 
 def _argo_templates(jobs: list[BatchJob], image: str, at: str) -> list[Doc]:
@@ -178,15 +197,9 @@ def _argo_templates(jobs: list[BatchJob], image: str, at: str) -> list[Doc]:
                 ),
             }
         )
-    name = "{{inputs.parameters.job}}"
-    # The plan's stdout is the task's outputs.result: the JSON list of I/N the job fans out
-    # over. FEATUREPLANE_BATCH_JOB tells it that it starts the job's run: it pushes so.
-    plan = _step("plan", image, ["batch", "plan", "--shard-list", name, "--at", at], True)
-    state = "{{inputs.parameters.state}}"
-    report = _step("report", image, ["batch", "report", name, "--at", at, "--state", state], False)
     # Not fail-fast: the jobs a failed one does not hold up still run, and all report.
     main = {"name": "main", "dag": {"failFast": False, "tasks": tasks}}
-    return [main, plan, report, *templates]
+    return [main, *_steps(image, at), *templates]
 
 
 def _workflow_spec(jobs: list[BatchJob], image: str, at: str, run: str) -> Doc:
