@@ -215,6 +215,16 @@ def _gauges(job: str, state: str | None, values: Mapping[str, float]) -> Collect
     return reg
 
 
+def _schedule(job: BatchJob, at_ms: int) -> dict[str, float]:
+    """The schedule's next fire after the run's time and its period; none unscheduled."""
+    if not job.schedule:
+        return {}
+    return {
+        "next_run_timestamp_seconds": cron_fires(job.schedule, at_ms)[0] / 1000,
+        "period_seconds": cron_period_ms(job.schedule, at_ms) / 1000,
+    }
+
+
 def push_started(
     settings: Settings, job: BatchJob, at_ms: int, shards: int, now_ms: int | None = None
 ) -> str | None:
@@ -233,10 +243,8 @@ def push_started(
         "rows_written": 0,
         "rejects": 0,
     }
-    if job.schedule:
-        values["next_run_timestamp_seconds"] = cron_fires(job.schedule, at_ms)[0] / 1000
-        values["period_seconds"] = cron_period_ms(job.schedule, at_ms) / 1000
     key = {"job": job.name, "instance": ENGINE_INSTANCE}
+    values |= _schedule(job, at_ms)
     return _push(settings.pushgateway_url, _gauges(job.name, "running", values), key, add=True)
 
 
@@ -265,7 +273,8 @@ def report(
 ) -> int:
     """`featureplane batch report`: push the end of an engine's run of `job` (as of `at_ms`)
     in `state`, succeeded or failed. Pushes the state, the rows, rejects and shards done its
-    shards pushed since `at_ms`, and on success the time as the last success; a
+    shards pushed since `at_ms`, the schedule's next fire after `at_ms`, and on success the
+    time as the last success; a
     Pushgateway that does not answer is a warning. 0 for succeeded, 1 for failed: the
     engine's task that reports a failure fails too, so the workflow still ends failed."""
     if state not in ("succeeded", "failed"):
@@ -276,7 +285,8 @@ def report(
             f"batch job {job.name}: {state} (no pushgateway_url: nothing pushed)", file=sys.stderr
         )
     else:
-        values: dict[str, float] = {}
+        # the schedule again: a run whose plan step failed pushed no start, yet it ran
+        values: dict[str, float] = _schedule(job, at_ms)
         try:
             values |= _shard_sums(url, job.name, at_ms / 1000)
         except Exception as exc:  # the counts are a nicety: the state is still pushed

@@ -184,8 +184,10 @@ def test_the_report_pushes_the_end_and_the_last_success_only_on_success(
     assert [_one(pushed, n) for n in ("shards_done", "rows_written", "rejects")] == [2, 15, 1]
     assert _one(pushed, "last_success_timestamp_seconds") == at_s + 90
     # what the plan step pushed stays: a POST carries none of it
-    for name in ("run_start_timestamp_seconds", "run_timeout_seconds", "shards", "period_seconds"):
+    for name in ("run_start_timestamp_seconds", "run_timeout_seconds", "shards"):
         assert f"featureplane_batch_{name}" not in pushed
+    # but the schedule's next fire again: a run whose plan step failed pushed no start
+    assert _one(pushed, "next_run_timestamp_seconds") == cron_fires(SCHEDULE, AT)[0] / 1000
 
     assert metrics.report(settings, job, AT, "failed") == 1  # the engine's task fails too
     assert gateway.calls[-1][0] == "POST"
