@@ -25,7 +25,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -33,6 +32,7 @@ from featureplane.batch.progress import Progress
 from featureplane.batch.shards import ShardResult, backfill_units
 from featureplane.batch.sink import Sink
 from featureplane.errors import FeatureplaneError
+from featureplane.jobs import iso_time
 from featureplane.lifecycle import broker_error, check_kafka_reachable
 from featureplane.operators.aggregate import Aggregator
 from featureplane.operators.decode import decode_works
@@ -256,7 +256,7 @@ def run(settings: Settings, catalog: Catalog, job: BackfillJob) -> int:
         print(
             f"backfill {job.topic}: no record stamped in the range"
             + (" for this shard" if job.shard else "")
-            + f" ({_iso(job.start)} to {_iso(job.end)}); nothing to do",
+            + f" ({iso_time(job.start)} to {iso_time(job.end)}); nothing to do",
             file=sys.stderr,
         )
     shard = f" shard {job.shard[0]}/{job.shard[1]}" if job.shard else ""
@@ -266,10 +266,6 @@ def run(settings: Settings, catalog: Catalog, job: BackfillJob) -> int:
         file=sys.stderr,
     )
     return 0  # malformed records are reported above; the live ingest sent them to the DLQ
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _push(

@@ -14,17 +14,15 @@ then, with a Pushgateway, it pushes the run's start (`metrics.push_started`).
 from __future__ import annotations
 
 import asyncio
-import difflib
 import sys
 import time
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
 
 from featureplane.batch.shards import JobPlan, plan_job
 from featureplane.errors import FeatureplaneError
-from featureplane.jobs import BatchJob, cron_fires, needed
+from featureplane.jobs import BatchJob, cron_fires, iso_time, job_named, select
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
 
@@ -35,27 +33,6 @@ def _speed(settings: Settings, name: str) -> float | None:
     from featureplane.batch.runs import measured_speed
 
     return measured_speed(settings, name)
-
-
-def job_named(catalog: Catalog, name: str) -> BatchJob:
-    """The spec's job of that name; a FeatureplaneError naming the closest when none."""
-    if not catalog.jobs:
-        raise FeatureplaneError("the spec declares no batch_jobs")
-    if name not in catalog.jobs:
-        close = difflib.get_close_matches(name, list(catalog.jobs), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise FeatureplaneError(
-            f"unknown batch job {name!r}{hint}; known: {', '.join(catalog.jobs)}"
-        )
-    return catalog.jobs[name]
-
-
-def _selected(catalog: Catalog, names: list[str]) -> list[BatchJob]:
-    if not catalog.jobs:
-        raise FeatureplaneError("the spec declares no batch_jobs")
-    for name in names:
-        job_named(catalog, name)
-    return needed(catalog.jobs, names or list(catalog.jobs))
 
 
 async def plan_jobs(
@@ -69,10 +46,6 @@ async def plan_jobs(
         except FeatureplaneError as exc:
             out.append(exc)
     return out
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
 def _seconds(s: float) -> str:
@@ -122,11 +95,11 @@ def _as_json(results: list[JobPlan | FeatureplaneError], jobs: list[BatchJob], a
 
 
 def _as_text(results: list[JobPlan | FeatureplaneError], jobs: list[BatchJob], at: int) -> str:
-    lines = [f"batch plan at {_iso(at)}: {len(jobs)} job(s), dependencies first", ""]
+    lines = [f"batch plan at {iso_time(at)}: {len(jobs)} job(s), dependencies first", ""]
     width = max(len(j.name) for j in jobs)
     for job, r in zip(jobs, results, strict=True):
         when = (
-            f"schedule {job.schedule!r} (next {_iso(cron_fires(job.schedule, at)[0])})"
+            f"schedule {job.schedule!r} (next {iso_time(cron_fires(job.schedule, at)[0])})"
             if job.schedule
             else "no schedule"
         )
@@ -159,7 +132,7 @@ def run(
     out = out or sys.stdout
     at_ms = at if at is not None else time.time_ns() // 1_000_000
     if shard_list is not None:
-        job = job_named(catalog, shard_list)
+        job = job_named(catalog.jobs, shard_list)
         plan = asyncio.run(plan_job(settings, catalog, job, at_ms, _speed(settings, job.name)))
         out.write(orjson.dumps([f"{i}/{plan.shards}" for i in range(plan.shards)]).decode() + "\n")
         if settings.batch_job == job.name:  # an engine's run, not someone looking
@@ -168,7 +141,7 @@ def run(
             if warning := push_started(settings, job, at_ms, plan.shards):
                 print(warning, file=sys.stderr)
         return 0
-    selected = _selected(catalog, jobs)
+    selected = select(catalog.jobs, jobs)
     results = asyncio.run(plan_jobs(settings, catalog, selected, at_ms))
     out.write(
         _as_json(results, selected, at_ms).decode() + "\n"

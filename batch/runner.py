@@ -18,13 +18,11 @@ not done.
 from __future__ import annotations
 
 import asyncio
-import difflib
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -34,8 +32,8 @@ from featureplane.batch.runs import JobState, Runs
 from featureplane.batch.status import run_summary
 from featureplane.batch.workers import ShardFn, Worker, Workers, died
 from featureplane.errors import FeatureplaneError
-from featureplane.jobs import BatchJob, needed
-from featureplane.settings import Settings
+from featureplane.jobs import BatchJob, iso_time, select
+from featureplane.settings import Settings, format_duration
 from featureplane.spec import Catalog
 
 if TYPE_CHECKING:
@@ -47,19 +45,6 @@ _SAVE_EVERY_S = 5.0
 PlanFn = Callable[
     [Settings, Catalog, BatchJob, int, "float | None"], Coroutine[Any, Any, "JobPlan"]
 ]
-
-
-def _iso(ms: float) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _timeout_text(ms: int) -> str:
-    parts, rest = [], ms
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if rest >= size:
-            parts.append(f"{rest // size}{unit}")
-            rest %= size
-    return "".join(parts) or f"{ms}ms"
 
 
 @dataclass(slots=True)
@@ -256,7 +241,7 @@ class _Runner:
             limit = job.spec.timeout / 1000
             if job.state == "running" and job.started is not None and now - job.started > limit:
                 if job.error is None:
-                    job.error = f"timed out after {_timeout_text(job.spec.timeout)}"
+                    job.error = f"timed out after {format_duration(job.spec.timeout)}"
                     job.pending.clear()
                     for w in self.pool.active:
                         if w.job == name and w.stopping is None:
@@ -319,19 +304,6 @@ class _Runner:
         return 0 if ok else 1
 
 
-def _select(catalog: Catalog, names: Sequence[str]) -> list[BatchJob]:
-    if not catalog.jobs:
-        raise FeatureplaneError("the spec declares no batch_jobs")
-    for name in names:
-        if name not in catalog.jobs:
-            close = difflib.get_close_matches(name, list(catalog.jobs), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise FeatureplaneError(
-                f"unknown batch job {name!r}{hint}; known: {', '.join(catalog.jobs)}"
-            )
-    return needed(catalog.jobs, names or list(catalog.jobs))
-
-
 def run(
     settings: Settings,
     catalog: Catalog,
@@ -349,7 +321,7 @@ def run(
     when stopped. `plan_job` and `run_shard` default to `featureplane.batch.shards`'."""
     if workers < 1:
         raise FeatureplaneError(f"--workers must be at least 1, got {workers}")
-    todo = _select(catalog, jobs)
+    todo = select(catalog.jobs, jobs)
     if plan_job is None or run_shard is None:
         from featureplane.batch import shards
 
@@ -370,19 +342,19 @@ def run(
                 runs.resume(latest.id)
                 board.say(
                     f"resuming run {latest.id}: {latest.done} of {latest.total} shards done "
-                    f"(at {_iso(latest.at_ms)})"
+                    f"(at {iso_time(latest.at_ms)})"
                 )
                 run_id, at_ms = latest.id, latest.at_ms
             else:
                 board.say(
-                    f"the last run {latest.id} of these jobs ({_iso(latest.at_ms)}) did not "
+                    f"the last run {latest.id} of these jobs ({iso_time(latest.at_ms)}) did not "
                     "finish; --at differs, so this is a new run"
                 )
                 latest = None
         if latest is None or latest.state == "succeeded":
             at_ms = at if at is not None else int(time.time() * 1000)
             run_id = runs.create(jobs, [(j.name, j.timeout) for j in todo], at_ms)
-            board.say(f"run {run_id}: {', '.join(j.name for j in todo)} (at {_iso(at_ms)})")
+            board.say(f"run {run_id}: {', '.join(j.name for j in todo)} (at {iso_time(at_ms)})")
         runner = _Runner(
             settings,
             catalog,

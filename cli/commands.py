@@ -421,9 +421,9 @@ def batch_report(args: argparse.Namespace) -> int:
     settings = model_from(Settings, args)
     catalog = load_catalog(settings.spec)
     from featureplane.batch.metrics import report
-    from featureplane.batch.plan import job_named
+    from featureplane.jobs import job_named
 
-    return report(settings, job_named(catalog, args.job), args.at, args.state)
+    return report(settings, job_named(catalog.jobs, args.job), args.at, args.state)
 
 
 def demo_events(args: argparse.Namespace) -> int:

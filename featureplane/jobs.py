@@ -13,9 +13,10 @@ The checks across jobs (unknown groups and jobs, cycles) are in
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -24,7 +25,7 @@ from cronsim import CronSim, CronSimError
 from pydantic import Field, PlainValidator
 
 from featureplane._spec_fields import Name, SpecDuration, SpecModel, parse_duration
-from featureplane.errors import quote
+from featureplane.errors import FeatureplaneError, quote
 
 __all__ = [
     "DEFAULT_TIMEOUT_MS",
@@ -35,10 +36,13 @@ __all__ = [
     "cron_latest",
     "cron_period_ms",
     "format_of",
+    "iso_time",
+    "job_named",
     "needed",
     "resolve_source",
     "resolve_time",
     "schedule_runs",
+    "select",
 ]
 
 DEFAULT_TIMEOUT_MS = 6 * 3_600_000
@@ -216,6 +220,32 @@ def cron_period_ms(schedule: str, at_ms: int) -> int:
     """The longest gap between two fires in the week after `at_ms`: the job's period."""
     fires = cron_fires(schedule, at_ms, 8)
     return max(b - a for a, b in itertools.pairwise(fires))
+
+
+def job_named(jobs: Mapping[str, BatchJob], name: str) -> BatchJob:
+    """The job of that name; a FeatureplaneError naming the closest when there is none."""
+    if not jobs:
+        raise FeatureplaneError("the spec declares no batch_jobs")
+    if name not in jobs:
+        close = difflib.get_close_matches(name, list(jobs), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise FeatureplaneError(f"unknown batch job {name!r}{hint}; known: {', '.join(jobs)}")
+    return jobs[name]
+
+
+def select(jobs: Mapping[str, BatchJob], names: Sequence[str]) -> list[BatchJob]:
+    """The named jobs (all when none is named) and what they depend on, in DAG order; an
+    unknown name is a FeatureplaneError."""
+    if not jobs:
+        raise FeatureplaneError("the spec declares no batch_jobs")
+    for name in names:
+        job_named(jobs, name)
+    return needed(jobs, names or list(jobs))
+
+
+def iso_time(ms: float) -> str:
+    """Epoch ms as people read it in logs and reports: 2026-11-30T03:30:00Z."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def needed(jobs: Mapping[str, BatchJob], names: Iterable[str]) -> list[BatchJob]:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -206,7 +207,7 @@ def test_bad_input_is_one_clear_line(
 
 
 def _topic(tmp_path: Path, bootstrap: str, partitions: int) -> tuple[str, Path]:
-    topic = f"user-actions-{os.getpid()}-{id(tmp_path) % 100000}"
+    topic = f"user-actions-{uuid.uuid4().hex[:12]}"
     spec = tmp_path / "spec"
     spec.mkdir()
     for f in EXAMPLES.glob("*.yaml"):
@@ -323,7 +324,7 @@ def test_batch_plan_of_the_example_catalog(
     )
     assert "3 jsonl files" in text and "shards    2: parallelism: 2 in the spec" in text
     assert (
-        "(next 2026-12-01T03:30Z)" in text
+        "(next 2026-12-01T03:30:00Z)" in text
         and "after article_stats_daily, article_embeddings_daily" in text
     )
     assert main([*base, "--json"]) == 0
