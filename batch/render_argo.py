@@ -26,20 +26,20 @@ from __future__ import annotations
 
 import hashlib
 
-from featureplane.batch.render import (
-    _ACCOUNT,
-    _LABELS,
-    _RETRIES,
-    _STEP_RESOURCES,
+from featureplane.batch.pods import (
+    ACCOUNT,
+    LABELS,
+    RETRIES,
+    STEP_RESOURCES,
     Doc,
-    _batch_env,
-    _container,
-    _job_args,
-    _meta,
-    _pod_security,
-    _slug,
-    _timeout_s,
-    _volumes,
+    batch_env,
+    container,
+    job_args,
+    metadata,
+    pod_security,
+    slug,
+    timeout_s,
+    volumes,
 )
 from featureplane.jobs import BatchJob, needed, schedule_runs
 from featureplane.spec import Catalog
@@ -74,7 +74,7 @@ def _deadline_s(jobs: list[BatchJob]) -> int:
     done: dict[str, int] = {}
     for job in jobs:  # dependencies first
         start = max((done[a] for a in job.after if a in done), default=0)
-        done[job.name] = start + PLAN_DEADLINE_S + _timeout_s(job)
+        done[job.name] = start + PLAN_DEADLINE_S + timeout_s(job)
     return max(done.values()) + REPORT_DEADLINE_S
 
 
@@ -85,7 +85,7 @@ def _retry() -> Doc:
     # with rejected rows also exits 1 and is tried again in vain, harmlessly: a rerun of
     # a shard overwrites what it wrote.
     return {
-        "limit": _RETRIES,
+        "limit": RETRIES,
         "retryPolicy": "Always",
         "backoff": {"duration": "30s", "factor": 2, "maxDuration": "10m"},
     }
@@ -139,12 +139,12 @@ def _steps(image: str, at: str) -> list[Doc]:
         "retryStrategy": _retry(),
         # stdout is the task's outputs.result: the JSON list of I/N the job fans out over;
         # FEATUREPLANE_BATCH_JOB tells it that it starts the job's run, which it pushes
-        "container": _container(
+        "container": container(
             "plan",
             image,
             ["batch", "plan", "--shard-list", job, "--at", at],
             [{"name": "FEATUREPLANE_BATCH_JOB", "value": job}],
-            _STEP_RESOURCES,
+            STEP_RESOURCES,
         ),
     }
     report: Doc = {
@@ -152,13 +152,13 @@ def _steps(image: str, at: str) -> list[Doc]:
         "inputs": {"parameters": [{"name": "job"}, {"name": "state"}]},
         "activeDeadlineSeconds": REPORT_DEADLINE_S,
         # OnError only: the report of a failure exits 1 on purpose; a lost pod is retried
-        "retryStrategy": {"limit": _RETRIES, "retryPolicy": "OnError"},
-        "container": _container(
+        "retryStrategy": {"limit": RETRIES, "retryPolicy": "OnError"},
+        "container": container(
             "report",
             image,
             ["batch", "report", job, "--at", at, "--state", state],
             [],
-            _STEP_RESOURCES,
+            STEP_RESOURCES,
         ),
     }
     return [plan, report]
@@ -175,8 +175,8 @@ def _argo_templates(jobs: list[BatchJob], image: str, at: str) -> list[Doc]:
             {
                 "name": f"shard-{_task(job.name)}",
                 "inputs": {"parameters": [{"name": "shard"}]},
-                "metadata": {"labels": {"featureplane.io/batch-job": _slug(job.name, 63)}},
-                "activeDeadlineSeconds": _timeout_s(job),
+                "metadata": {"labels": {"featureplane.io/batch-job": slug(job.name, 63)}},
+                "activeDeadlineSeconds": timeout_s(job),
                 "retryStrategy": _retry(),
                 "metrics": {
                     "prometheus": [
@@ -189,11 +189,11 @@ def _argo_templates(jobs: list[BatchJob], image: str, at: str) -> list[Doc]:
                         },
                     ]
                 },
-                "container": _container(
+                "container": container(
                     job.kind,
                     image,
-                    _job_args(job, "{{inputs.parameters.shard}}", at),
-                    _batch_env(job),
+                    job_args(job, "{{inputs.parameters.shard}}", at),
+                    batch_env(job),
                 ),
             }
         )
@@ -206,11 +206,11 @@ def _workflow_spec(jobs: list[BatchJob], image: str, at: str, run: str) -> Doc:
     label = [{"key": "run", "value": run}]
     return {
         "entrypoint": "main",
-        "serviceAccountName": _ACCOUNT,
+        "serviceAccountName": ACCOUNT,
         "activeDeadlineSeconds": _deadline_s(jobs),
-        "securityContext": _pod_security(),
-        "volumes": _volumes(),
-        "podMetadata": {"labels": dict(_LABELS)},
+        "securityContext": pod_security(),
+        "volumes": volumes(),
+        "podMetadata": {"labels": dict(LABELS)},
         # The pods of failed shards stay for their logs; the rest go once done.
         "podGC": {"strategy": "OnPodSuccess"},
         "metrics": {
@@ -241,7 +241,7 @@ def _executor_rbac(namespace: str) -> list[Doc]:
     role: Doc = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": _meta(name, namespace),
+        "metadata": metadata(name, namespace),
         "rules": [
             {
                 "apiGroups": ["argoproj.io"],
@@ -253,9 +253,9 @@ def _executor_rbac(namespace: str) -> list[Doc]:
     binding: Doc = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": _meta(name, namespace),
+        "metadata": metadata(name, namespace),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": _ACCOUNT, "namespace": namespace}],
+        "subjects": [{"kind": "ServiceAccount", "name": ACCOUNT, "namespace": namespace}],
     }
     return [role, binding]
 
@@ -268,8 +268,8 @@ def render_argo(catalog: Catalog, image: str, namespace: str) -> list[Doc]:
     for cron, jobs in schedule_runs(catalog.jobs).items():
         scheduled |= {j.name for j in jobs}
         first = next(j for j in jobs if j.schedule == cron)
-        name = f"featureplane-{_slug(first.name, 39)}"  # Argo: at most 52 characters
-        meta = _meta(
+        name = f"featureplane-{slug(first.name, 39)}"  # Argo: at most 52 characters
+        meta = metadata(
             name,
             namespace,
             **{
@@ -285,7 +285,7 @@ def render_argo(catalog: Catalog, image: str, namespace: str) -> list[Doc]:
             "startingDeadlineSeconds": 3600,  # a controller down at the fire time catches up
             "successfulJobsHistoryLimit": 3,
             "failedJobsHistoryLimit": 5,
-            "workflowMetadata": {"labels": dict(_LABELS)},
+            "workflowMetadata": {"labels": dict(LABELS)},
             "workflowSpec": _workflow_spec(jobs, image, at, name),
         }
         docs.append(
@@ -300,8 +300,10 @@ def render_argo(catalog: Catalog, image: str, namespace: str) -> list[Doc]:
         if job.name in scheduled:
             continue
         jobs = needed(catalog.jobs, [job.name])
-        name = f"featureplane-{_slug(job.name, 50)}"
-        meta = _meta(name, namespace, **{"featureplane.io/jobs": ", ".join(j.name for j in jobs)})
+        name = f"featureplane-{slug(job.name, 50)}"
+        meta = metadata(
+            name, namespace, **{"featureplane.io/jobs": ", ".join(j.name for j in jobs)}
+        )
         at = "{{workflow.creationTimestamp}}"
         docs.append(
             {
