@@ -7,9 +7,8 @@ fans out and reports each job (in `featureplane.batch.render_argo`).
 for nor is waited for by another job (Kubernetes Jobs cannot order jobs); the
 pod's completion index is its shard.
 
-Both give plain objects, built from the pod pieces of `featureplane.batch.pods`; `run`
-writes them as YAML
-with a header saying they are generated.
+Both give plain objects, built from the pod pieces of `featureplane.batch.pods`;
+`run` writes them as YAML with a header saying they are generated.
 """
 
 from __future__ import annotations
