@@ -169,7 +169,11 @@ class _Runner:
         job.state = "running"
         self.runs.set_job(self.run_id, name, "running")
         self._show(name, event=True)
-        self._metrics()
+        # Pushed at the start too: the Pushgateway would otherwise keep the previous run's
+        # next-run time, which is now, and call this run "not started" while it runs.
+        pushed = self._metrics(push=name)
+        if pushed:
+            self.board.say(pushed)
         if not job.pending:
             self._end_job(name, "succeeded")
 
@@ -291,7 +295,8 @@ class _Runner:
                 self._show(name)
 
     def _metrics(self, push: str | None = None) -> str | None:
-        """Rewrite metrics.prom from the records; push job `push`'s gauges when it ended."""
+        """Rewrite metrics.prom from the records; push job `push`'s gauges (at its start and
+        end)."""
         snapshot = metrics.snapshot(self.runs, self.catalog.jobs)
         metrics.write_textfile(self.settings.data_dir / "batch" / "metrics.prom", snapshot)
         mine = [m for m in snapshot if m.job == push]
