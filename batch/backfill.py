@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import sys
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from featureplane.lifecycle import broker_error, check_kafka_reachable
 from featureplane.operators.aggregate import Aggregator
 from featureplane.operators.decode import decode_works
 from featureplane.operators.dispatch import Dispatcher
+from featureplane.operators.kafka import range_reader
 from featureplane.operators.kafka_cluster import KafkaCluster
 from featureplane.operators.records import Message, Origin, Work
 from featureplane.settings import Settings
@@ -91,17 +91,7 @@ def _consumer(settings: Settings) -> tuple[KafkaCluster, Consumer]:
         raise FeatureplaneError("no Kafka broker: set FEATUREPLANE_KAFKA_BOOTSTRAP or --bootstrap")
     check_kafka_reachable(bootstrap)
     kafka = KafkaCluster(bootstrap, settings.kafka_config)
-    return kafka, Consumer(
-        kafka.client_config(
-            {
-                "group.id": f"featureplane-backfill-{uuid.uuid4().hex[:8]}",  # never committed
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",  # as ingestion reads
-            }
-        )
-    )
+    return kafka, range_reader(kafka, "backfill")
 
 
 def _partitions(consumer: Consumer, topic: str) -> list[int]:

@@ -10,14 +10,14 @@ with nothing committed, each partition to the end found when the read started.
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 
 from featureplane.errors import FeatureplaneError
+from featureplane.operators.kafka import range_reader
 from featureplane.operators.kafka_cluster import KafkaCluster
 from featureplane.operators.records import Message, Origin
 
@@ -77,26 +77,9 @@ class DeadLetter:
         )
 
 
-def _consumer(kafka: KafkaCluster) -> Consumer:
-    return Consumer(
-        kafka.client_config(
-            {
-                "group.id": f"featureplane-redrive-{uuid.uuid4().hex[:8]}",  # never committed
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",  # as ingestion reads
-                # A fetch at the end of a partition waits this long before the broker says
-                # so (librdkafka's default 500 ms): the first read ends on those answers.
-                "fetch.wait.max.ms": 100,
-            }
-        )
-    )
-
-
 def partitions(kafka: KafkaCluster, topic: str) -> list[int]:
     """The topic's partitions; a clear error when it does not exist."""
-    consumer = _consumer(kafka)
+    consumer = range_reader(kafka, "redrive")
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
@@ -135,7 +118,7 @@ class Dlq:
             else {p: first for p, (first, _) in ranges.items()}
         )
         open_parts = set(starts)
-        consumer = _consumer(self.kafka)
+        consumer = range_reader(self.kafka, "redrive")
         try:
             consumer.assign([TopicPartition(topic, p, off) for p, off in starts.items()])
             while open_parts:

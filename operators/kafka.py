@@ -1,5 +1,5 @@
-"""Kafka I/O with confluent-kafka: a consumer-group reader with manual commits and
-a producer that confirms delivery.
+"""Kafka I/O with confluent-kafka: a consumer-group reader with manual commits, a
+reader of offset ranges, and a producer that confirms delivery.
 
 `GroupConsumer` subscribes (so several workers or processes share the
 partitions), never auto-commits and never auto-stores offsets; every record
@@ -8,9 +8,11 @@ each partition's contiguous acknowledged position. On a rebalance the
 revoked partitions are committed first; on a lost assignment nothing is
 committed (another member owns them now). Every commit interval the lag
 gauge of every assigned partition is set, whether its offset moved or not.
-`Deliverer.deliver` produces and waits for the broker's acknowledgement of
-every record (acks=all); `kafka_cluster.max_message_bytes` tells how large a record the
-broker takes, so the producer is sized to it and larger copies are cut
+`range_reader` reads partitions from chosen offsets to their end (backfill,
+redrive) in no consumer group's commits. `Deliverer.deliver` produces and
+waits for the broker's acknowledgement of every record (acks=all);
+`kafka_cluster.max_message_bytes` tells how large a record the broker takes,
+so the producer is sized to it and larger copies are cut
 (`operators.route.fit`).
 
 Both are built from a `kafka_cluster.KafkaCluster` (or a bootstrap string).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,13 +33,14 @@ from featureplane.operators.commit import OffsetTracker
 from featureplane.operators.kafka_cluster import (
     KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
     Cluster,
+    KafkaCluster,
     cluster_of,
 )
 from featureplane.operators.metrics import IngestMetrics
 from featureplane.operators.records import Message
 from featureplane.operators.route import Outgoing
 
-__all__ = ["Deliverer", "GroupConsumer"]
+__all__ = ["Deliverer", "GroupConsumer", "range_reader"]
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +271,27 @@ class Deliverer:
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._producer.flush(timeout_s)
+
+
+def range_reader(kafka: KafkaCluster, purpose: str) -> Consumer:
+    """A consumer for partitions assigned by hand, read up to their end: it joins a group of
+    its own that never commits, so a live consumer group is untouched, and it reads
+    committed records only, as ingestion does. `purpose` names the group
+    (featureplane-<purpose>-<random>)."""
+    return Consumer(
+        kafka.client_config(
+            {
+                "group.id": f"featureplane-{purpose}-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,  # where "the end" is
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                # A fetch at the end of a partition waits this long before the broker says
+                # so (librdkafka's default 500 ms): a read to the end ends on those answers.
+                "fetch.wait.max.ms": 100,
+            }
+        )
+    )
 
 
 def _names(partitions: Sequence[TopicPartition]) -> str:

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from featureplane.spec import Catalog, load_catalog
-from tests.services import Service, running, start_dynalite, start_redis, start_tansu
+from tests.services import (
+    Service,
+    running,
+    start_dynalite,
+    start_pushgateway,
+    start_redis,
+    start_tansu,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -39,6 +46,12 @@ def dynalite_service() -> Iterator[Service]:
 @pytest.fixture(scope="session")
 def kafka_service() -> Iterator[Service]:
     with running(start_tansu) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="session")
+def pushgateway() -> Iterator[Service]:
+    with running(start_pushgateway) as svc:
         yield svc
 
 

@@ -217,6 +217,17 @@ def start_moto(port: int | None = None) -> Service:
     return start_process("moto", argv, port, None, 30)
 
 
+def start_pushgateway(port: int | None = None) -> Service:
+    """A Prometheus Pushgateway on loopback (Debian's prometheus-pushgateway), in memory."""
+    port = port or free_port()
+    argv = [
+        find_binary("prometheus-pushgateway"),
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--persistence.file=",
+    ]
+    return start_process("pushgateway", argv, port, None, 30)
+
+
 if __name__ == "__main__":  # pragma: no cover - manual helper: python -m tests.services
     services = [start_redis(), start_dynalite(), start_tansu()]
     cluster = start_redis_cluster()

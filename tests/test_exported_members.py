@@ -299,7 +299,7 @@ EXPECTED: dict[str, list[str]] = {
     "featureplane.operators.decode": ["decode_event", "decode_works"],
     "featureplane.operators.dispatch": ["Dispatcher", "MISSING", "get_parts", "get_path"],
     "featureplane.operators.handoff": ["Delivery", "HandOff", "SMALL_MESSAGE", "abandon"],
-    "featureplane.operators.kafka": ["Deliverer", "GroupConsumer"],
+    "featureplane.operators.kafka": ["Deliverer", "GroupConsumer", "range_reader"],
     "featureplane.operators.kafka_cluster": [
         "Cluster",
         "KAFKA_DEFAULT_MAX_MESSAGE_BYTES",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,29 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from featureplane.batch import metrics, plan
 from featureplane.batch.shards import ShardResult
-from featureplane.cli.broker import start_process
 from featureplane.jobs import cron_fires
 from featureplane.settings import Settings
 from featureplane.spec import load_catalog
-from tests.services import Service, find_binary, free_port, running
+from tests.services import Service
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _start_pushgateway() -> Service:
-    port = free_port()
-    argv = [
-        find_binary("prometheus-pushgateway"),
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--persistence.file=",
-    ]
-    return start_process("pushgateway", argv, port, None, 30)
-
-
-@pytest.fixture(scope="module")
-def pushgateway() -> Iterator[Service]:
-    with running(_start_pushgateway) as svc:
-        yield svc
 
 
 def _scrape(url: str, job: str) -> dict[str, float]:

@@ -37,13 +37,12 @@ from featureplane.batch import metrics
 from featureplane.batch.runs import Runs
 from featureplane.batch.shards import ShardResult, run_shard
 from featureplane.cli import main
-from featureplane.cli.broker import start_process
 from featureplane.jobs import BatchJob
 from featureplane.serving.app import create_app
 from featureplane.settings import Settings
 from featureplane.spec import Catalog, load_catalog
 from featureplane.stores.embedded import EmbeddedStore
-from tests.services import Service, find_binary, free_port, running, start_moto
+from tests.services import Service, free_port, running, start_moto
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CLICKS = "recent_user_clicked_fleaMarketArticles"
@@ -88,22 +87,6 @@ sys.exit(runner.run(settings, load_catalog(settings.spec), [], int(sys.argv[5]),
 @pytest.fixture(scope="module")
 def moto() -> Iterator[Service]:
     with running(start_moto) as svc:
-        yield svc
-
-
-def _start_pushgateway() -> Service:
-    port = free_port()
-    argv = [
-        find_binary("prometheus-pushgateway"),
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--persistence.file=",
-    ]
-    return start_process("pushgateway", argv, port, None, 30)
-
-
-@pytest.fixture(scope="module")
-def pushgateway() -> Iterator[Service]:
-    with running(_start_pushgateway) as svc:
         yield svc
 
 
