@@ -274,9 +274,9 @@ def report(
     """`featureplane batch report`: push the end of an engine's run of `job` (as of `at_ms`)
     in `state`, succeeded or failed. Pushes the state, the rows, rejects and shards done its
     shards pushed since `at_ms`, the schedule's next fire after `at_ms`, and on success the
-    time as the last success; a
-    Pushgateway that does not answer is a warning. 0 for succeeded, 1 for failed: the
-    engine's task that reports a failure fails too, so the workflow still ends failed."""
+    time as the last success; a Pushgateway that does not answer is a warning. 0 for
+    succeeded, 1 for failed: the engine's task that reports a failure fails too, so the
+    workflow still ends failed."""
     if state not in ("succeeded", "failed"):
         raise ValueError(f"state {state!r}: expected succeeded or failed")
     url = settings.pushgateway_url
