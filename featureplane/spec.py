@@ -1,5 +1,7 @@
-"""The spec model: feature groups and ingestion rules, as spec files declare them.
+"""The spec: feature groups, ingestion rules and batch jobs, as spec files declare them.
 
+The models are in `featureplane._spec_models` (and `featureplane.jobs`) and are
+imported from here; the checks across entries in `featureplane._spec_checks`.
 `load_catalog(path)` reads one YAML file or a folder of them and returns a
 frozen `Catalog`, or raises `SpecError` listing every problem as
 `file:line: field: message`. Each file is read by `_spec_yaml.read_yaml`
@@ -9,24 +11,37 @@ too, found in bounded time and memory.
 
 from __future__ import annotations
 
-import difflib
-import re
 import typing
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from functools import cached_property
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import pydantic
-from pydantic import BaseModel, Field, PlainSerializer, PlainValidator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel
 
-from featureplane._spec_fields import Name, SpecDuration, SpecModel, parse_duration
+from featureplane._spec_checks import (
+    SECTIONS,
+    Entry,
+    Loc,
+    Section,
+    check_jobs,
+    check_rules,
+    did_you_mean,
+    firsts,
+    quote_name,
+)
+from featureplane._spec_fields import parse_duration
+from featureplane._spec_models import (
+    DUPLICATE_FEATURE,
+    TTL,
+    Catalog,
+    Feature,
+    FeatureGroup,
+    IngestionRule,
+)
 from featureplane._spec_yaml import field_of, read_yaml
 from featureplane.errors import SpecError, SpecProblem, quote
 from featureplane.jobs import BatchJob
-from featureplane.types import FeatureType, parse_type
 
 __all__ = [
     "TTL",
@@ -38,135 +53,6 @@ __all__ = [
     "load_catalog",
     "parse_duration",
 ]
-
-_ON_DEMAND = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-_DUPLICATE_FEATURE = "duplicate_feature"
-
-
-def _type(value: Any) -> FeatureType:
-    if isinstance(value, FeatureType):
-        return value
-    if not isinstance(value, str):
-        raise ValueError(f"type must be a string, got {quote(value)}")
-    return parse_type(value)
-
-
-TypeField = Annotated[FeatureType, PlainValidator(_type), PlainSerializer(str, return_type=str)]
-Scalar = str | int | float | bool
-
-
-class Feature(SpecModel):
-    """One feature of a group."""
-
-    name: Name
-    """Feature name, unique in its group."""
-    type: TypeField
-    """Value type, e.g. `string`, `set<string>`, `vector<float,64>`."""
-
-
-class TTL(SpecModel):
-    """Cache TTLs: past `soft` a cached value is refreshed, past `hard` never served."""
-
-    soft: SpecDuration = 30_000
-    """Milliseconds after which a cached value is refreshed in the background."""
-    hard: SpecDuration = 300_000
-    """Milliseconds after which a cached value is never served."""
-    jitter: float = Field(0.1, ge=0, le=1)
-    """Fraction by which each TTL is randomly shortened, to spread expiries."""
-
-    @pydantic.model_validator(mode="after")
-    def _soft_before_hard(self) -> TTL:
-        if self.soft > self.hard:
-            raise ValueError(f"soft ({self.soft} ms) must not exceed hard ({self.hard} ms)")
-        return self
-
-
-Tier = Literal["local", "redis", "store"]
-
-
-class FeatureGroup(SpecModel):
-    """A feature group: features stored together under one key per entity id."""
-
-    name: Name
-    """Group name; also the partition key prefix."""
-    entity: Name
-    """What an id names (user, article, ...)."""
-    kind: Literal["timeseries", "latest"]
-    """timeseries: many items per id, newest first; latest: one value per id."""
-    features: tuple[Feature, ...] = Field(min_length=1)
-    """Features in stored order; append only."""
-    max_items: int = Field(50, ge=1, le=10_000)
-    """timeseries: the most items a read may ask for and a cache keeps per id."""
-    retention: SpecDuration | None = None
-    """timeseries: items older than this (by event time) expire; None keeps them."""
-    ttl: TTL = TTL()
-    """Cache TTLs."""
-    tiers: tuple[Tier, ...] = ("local", "redis", "store")
-    """Read path, top first."""
-    write: Literal["through", "around"] = "through"
-    """through: ingestion also writes the Redis tier; around: the store only."""
-    on_demand: str | None = Field(None, pattern=f"^{_ON_DEMAND.pattern}$")
-    """`module:function` computing the group per request; never stored or cached."""
-
-    @pydantic.field_validator("features")
-    @classmethod
-    def _unique_features(cls, features: tuple[Feature, ...]) -> tuple[Feature, ...]:
-        names = [f.name for f in features]
-        if len(set(names)) != len(names):
-            # A type of its own: the loader reports each repeat at its own line instead.
-            raise PydanticCustomError(_DUPLICATE_FEATURE, "duplicate feature names")
-        return features
-
-    @pydantic.field_validator("tiers")
-    @classmethod
-    def _unique_tiers(cls, tiers: tuple[str, ...]) -> tuple[str, ...]:
-        if not tiers or len(set(tiers)) != len(tiers):
-            raise ValueError("tiers must be a non-empty list without repeats")
-        return tiers
-
-    @cached_property
-    def index(self) -> Mapping[str, int]:
-        """Feature name -> stored position."""
-        return {f.name: i for i, f in enumerate(self.features)}
-
-
-class IngestionRule(SpecModel):
-    """Which events feed which group, and where each feature comes from."""
-
-    name: Name
-    """Rule name, unique in the catalog."""
-    topic: str = Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")
-    """Kafka topic the events come from."""
-    event_type: str = Field(min_length=1)
-    """Only events of this `event_type` match."""
-    where: dict[str, Scalar] = {}
-    """Payload path -> value that must be equal for the rule to match."""
-    group: Name
-    """Feature group fed."""
-    id: str = Field(min_length=1)
-    """Payload path of the entity id."""
-    features: dict[str, str] = Field(min_length=1)
-    """Feature name -> payload path."""
-
-
-class Catalog(SpecModel):
-    """Every feature group, ingestion rule and batch job in force."""
-
-    groups: Mapping[str, FeatureGroup]
-    rules: tuple[IngestionRule, ...] = ()
-    jobs: Mapping[str, BatchJob] = {}
-    """Batch jobs by name, in spec order."""
-
-    @cached_property
-    def topics(self) -> tuple[str, ...]:
-        """The topics that ingestion rules name, sorted."""
-        return tuple(sorted({r.topic for r in self.rules}))
-
-    def group(self, name: str) -> FeatureGroup:
-        return self.groups[name]
-
-
-# ---------------------------------------------------------------- loading
 
 
 class SpecNotFoundError(SpecError):
@@ -196,14 +82,14 @@ def load_catalog(path: str | Path) -> Catalog:
     even when some fail, but a problem is reported once, not again as the problems it causes.
     """
     problems: list[SpecProblem] = []
-    entries: dict[type[_Section], list[_Entry]] = {m: [] for m in _SECTIONS.values()}
+    entries: dict[type[Section], list[Entry]] = {m: [] for m in SECTIONS.values()}
     for file in _spec_files(Path(path)):
         for entry in _parse_file(file, problems):
             entries[entry.model_type].append(entry)
     groups, rules, jobs = entries[FeatureGroup], entries[IngestionRule], entries[BatchJob]
-    known = _firsts(groups, "group", problems)
-    _check_rules(rules, known, problems)
-    _check_jobs(jobs, known, rules, problems)
+    known = firsts(groups, "group", problems)
+    check_rules(rules, known, problems)
+    check_jobs(jobs, known, rules, problems)
     if problems:
         raise SpecError(sorted(problems, key=lambda p: (p.file, p.line)))
     return Catalog(
@@ -233,195 +119,7 @@ def _spec_files(path: Path) -> list[Path]:
     raise SpecNotFoundError(path, "no such file or folder")
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """One group or rule as declared, valid or not: what the checks across entries need.
-
-    For an entry that failed validation the fields come from what it holds, where they are
-    well formed (None where not), so that its other problems are still found."""
-
-    model_type: type[_Section]
-    loc: _Loc
-    model: _Section | None
-    """None when the entry failed validation."""
-    name: str | None
-    features: tuple[str, ...] | None
-    """A group's feature names, a rule's feature keys; None when they cannot be told."""
-    group: str | None = None
-    """A rule's group."""
-    on_demand: bool = False
-    """A group computed per request."""
-    after: tuple[str, ...] = ()
-    """A job's dependencies."""
-
-
-def _firsts(entries: list[_Entry], kind: str, problems: list[SpecProblem]) -> dict[str, _Entry]:
-    """Name -> its first declaration; each later one is a duplicate `kind` problem."""
-    known: dict[str, _Entry] = {}
-    for entry in entries:
-        if entry.name is None:
-            continue
-        if (first := known.get(entry.name)) is not None:
-            where = f"first at {first.loc.file}:{first.loc.line(())}"
-            problems.append(
-                entry.loc.problem(("name",), f"duplicate {kind} {_q(entry.name)} ({where})")
-            )
-        else:
-            known[entry.name] = entry
-    return known
-
-
-def _check_rules(
-    rules: list[_Entry], groups: Mapping[str, _Entry], problems: list[SpecProblem]
-) -> None:
-    _firsts(rules, "rule", problems)
-    for rule in rules:
-        if rule.group is None:
-            continue
-        group = groups.get(rule.group)
-        if group is None:
-            hint = _did_you_mean(rule.group, groups)
-            problems.append(rule.loc.problem(("group",), f"unknown group {_q(rule.group)}{hint}"))
-            continue
-        if group.on_demand:
-            problems.append(
-                rule.loc.problem(
-                    ("group",), f"group {_q(rule.group)} is on-demand and cannot be ingested"
-                )
-            )
-        if group.features is None or rule.features is None:
-            continue  # a problem of the group's or the rule's own, reported there
-        have = set(group.features)
-        for name in rule.features:
-            if name not in have:
-                hint = _did_you_mean(name, group.features)
-                problems.append(
-                    rule.loc.problem(
-                        ("features", name),
-                        f"group {_q(rule.group)} has no feature {_q(name)}{hint}",
-                    )
-                )
-
-
-def _check_jobs(
-    jobs: list[_Entry],
-    groups: Mapping[str, _Entry],
-    rules: list[_Entry],
-    problems: list[SpecProblem],
-) -> None:
-    """Each job's groups, topic and `after` jobs exist, and `after` makes no cycle."""
-    known = _firsts(jobs, "batch job", problems)
-    for entry in jobs:
-        job = entry.model
-        if isinstance(job, BatchJob) and job.load is not None:
-            group = groups.get(job.load.group)
-            if group is None:
-                hint = _did_you_mean(job.load.group, groups)
-                problems.append(
-                    entry.loc.problem(
-                        ("load", "group"), f"unknown group {_q(job.load.group)}{hint}"
-                    )
-                )
-            elif group.on_demand:
-                message = f"group {_q(job.load.group)} is on-demand: it is never stored"
-                problems.append(entry.loc.problem(("load", "group"), message))
-        if isinstance(job, BatchJob) and job.backfill is not None:
-            _check_backfill(entry, job, groups, rules, problems)
-        for i, name in enumerate(entry.after):
-            if name not in known:
-                hint = _did_you_mean(name, known)
-                problems.append(entry.loc.problem(("after", i), f"unknown job {_q(name)}{hint}"))
-    state: dict[str, int] = {}  # 1: being visited, 2: done
-
-    def visit(name: str, path: list[str]) -> None:
-        state[name] = 1
-        for up in known[name].after:
-            if up not in known:
-                continue
-            if state.get(up) == 1:
-                cycle = " -> ".join([*path[path.index(up) :], up])
-                where = known[name].after.index(up)
-                problems.append(known[name].loc.problem(("after", where), f"cycle: {cycle}"))
-            elif up not in state:
-                visit(up, [*path, up])
-        state[name] = 2
-
-    for name in known:
-        if name not in state:
-            visit(name, [name])
-
-
-def _check_backfill(
-    entry: _Entry,
-    job: BatchJob,
-    groups: Mapping[str, _Entry],
-    rules: list[_Entry],
-    problems: list[SpecProblem],
-) -> None:
-    assert job.backfill is not None
-    topic, wanted = job.backfill.topic, job.backfill.groups
-    for i, name in enumerate(wanted or ()):
-        if name not in groups:
-            hint = _did_you_mean(name, groups)
-            problems.append(
-                entry.loc.problem(("backfill", "groups", i), f"unknown group {_q(name)}{hint}")
-            )
-    feeding = {
-        r.model.group
-        for r in rules
-        if isinstance(r.model, IngestionRule) and r.model.topic == topic
-    }
-    if not feeding:
-        topics = sorted({r.model.topic for r in rules if isinstance(r.model, IngestionRule)})
-        hint = _did_you_mean(topic, topics)
-        problems.append(
-            entry.loc.problem(("backfill", "topic"), f"no ingestion rule reads {_q(topic)}{hint}")
-        )
-    elif wanted:
-        for i, name in enumerate(wanted):
-            if name in groups and name not in feeding:
-                message = f"topic {_q(topic)} does not feed group {_q(name)}"
-                problems.append(entry.loc.problem(("backfill", "groups", i), message))
-
-
-def _did_you_mean(word: Any, choices: Iterable[str]) -> str:
-    """` (did you mean 'x'?)` for the choice closest to `word`, if one is close; else ``."""
-    if not isinstance(word, str) or len(word) > 128:
-        return ""
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _q(name: str) -> str:
-    """A name for a message: as written when it fits a name's length, else cut short."""
-    return repr(name) if len(name) <= 128 else quote(name)
-
-
-class _Loc:
-    """Where one top-level object sits: file, its path in the document, line per sub-path."""
-
-    def __init__(self, file: str, prefix: tuple[Any, ...], lines: dict[tuple[Any, ...], int]):
-        self.file, self.prefix, self.lines = file, prefix, lines
-
-    def line(self, sub: tuple[Any, ...]) -> int:
-        path = self.prefix + sub
-        while path not in self.lines and path:
-            path = path[:-1]
-        return self.lines.get(path, 1)
-
-    def problem(self, sub: tuple[Any, ...], message: str) -> SpecProblem:
-        return SpecProblem(self.file, self.line(sub), field_of(self.prefix + sub), message)
-
-
-_Section = FeatureGroup | IngestionRule | BatchJob
-_SECTIONS: dict[str, type[_Section]] = {
-    "feature_groups": FeatureGroup,
-    "ingestion": IngestionRule,
-    "batch_jobs": BatchJob,
-}
-
-
-def _parse_file(file: Path, problems: list[SpecProblem]) -> Iterator[_Entry]:
+def _parse_file(file: Path, problems: list[SpecProblem]) -> Iterator[Entry]:
     name = str(file)
     try:
         doc = read_yaml(file)
@@ -438,17 +136,17 @@ def _parse_file(file: Path, problems: list[SpecProblem]) -> Iterator[_Entry]:
         )
         return
     for key in data:
-        if key not in _SECTIONS:
-            hint = _did_you_mean(key, _SECTIONS) or f" (expected one of {', '.join(_SECTIONS)})"
+        if key not in SECTIONS:
+            hint = did_you_mean(key, SECTIONS) or f" (expected one of {', '.join(SECTIONS)})"
             line = lines.get((key,), 1)
             problems.append(SpecProblem(name, line, field_of((key,)), "unknown section" + hint))
-    for section, model in _SECTIONS.items():
+    for section, model in SECTIONS.items():
         entries = data.get(section) or []
         if not isinstance(entries, list):
             problems.append(SpecProblem(name, lines.get((section,), 1), section, "must be a list"))
             continue
         for i, raw in enumerate(entries):
-            loc = _Loc(name, (section, i), lines)
+            loc = Loc(name, (section, i), lines)
             try:
                 yield _valid_entry(model.model_validate(raw), loc)
             except pydantic.ValidationError as exc:
@@ -465,22 +163,22 @@ def _parse_file(file: Path, problems: list[SpecProblem]) -> Iterator[_Entry]:
                     yield entry
 
 
-def _valid_entry(model: _Section, loc: _Loc) -> _Entry:
+def _valid_entry(model: Section, loc: Loc) -> Entry:
     if isinstance(model, FeatureGroup):
         names = tuple(f.name for f in model.features)
-        return _Entry(FeatureGroup, loc, model, model.name, names, None, bool(model.on_demand))
+        return Entry(FeatureGroup, loc, model, model.name, names, None, bool(model.on_demand))
     if isinstance(model, BatchJob):
-        return _Entry(BatchJob, loc, model, model.name, None, after=model.after)
-    return _Entry(IngestionRule, loc, model, model.name, tuple(model.features), model.group)
+        return Entry(BatchJob, loc, model, model.name, None, after=model.after)
+    return Entry(IngestionRule, loc, model, model.name, tuple(model.features), model.group)
 
 
 def _raw_entry(
-    model: type[_Section],
+    model: type[Section],
     raw: dict[Any, Any],
     renamed: dict[tuple[Any, ...], Any],
-    loc: _Loc,
+    loc: Loc,
     problems: list[SpecProblem],
-) -> _Entry:
+) -> Entry:
     """An entry that failed validation, from what it holds (a misspelled key read as the
     field it stands for), so that the checks across entries still see it."""
 
@@ -495,13 +193,13 @@ def _raw_entry(
     if model is BatchJob:
         after = get(raw, ("after",))
         ups = tuple(a for a in after if isinstance(a, str)) if isinstance(after, list) else ()
-        return _Entry(model, loc, None, text(get(raw, ("name",))), None, after=ups)
+        return Entry(model, loc, None, text(get(raw, ("name",))), None, after=ups)
     features = get(raw, ("features",))
     if model is IngestionRule:
         keys = None
         if isinstance(features, dict) and all(isinstance(k, str) for k in features):
             keys = tuple(features)
-        return _Entry(model, loc, None, text(get(raw, ("name",))), keys, text(get(raw, ("group",))))
+        return Entry(model, loc, None, text(get(raw, ("name",))), keys, text(get(raw, ("group",))))
     names = None
     if isinstance(features, list):
         found = [
@@ -511,18 +209,18 @@ def _raw_entry(
         seen: set[str] = set()
         for i, n in enumerate(found):
             if n in seen:
-                message = f"duplicate feature name {_q(n)}"
+                message = f"duplicate feature name {quote_name(n)}"
                 problems.append(loc.problem(("features", i, "name"), message))
             elif n is not None:
                 seen.add(n)
         if None not in found:  # else a rule's feature might be the one that cannot be read
             names = tuple(n for n in found if n is not None)
     on_demand = bool(text(get(raw, ("on_demand",))))
-    return _Entry(model, loc, None, text(get(raw, ("name",))), names, None, on_demand)
+    return Entry(model, loc, None, text(get(raw, ("name",))), names, None, on_demand)
 
 
 def _report(
-    model: type[BaseModel], exc: pydantic.ValidationError, loc: _Loc, problems: list[SpecProblem]
+    model: type[BaseModel], exc: pydantic.ValidationError, loc: Loc, problems: list[SpecProblem]
 ) -> dict[tuple[Any, ...], Any]:
     """Report a failed entry's errors, one per root cause; return the misspelled keys taken
     for a missing field (field path -> the key written)."""
@@ -532,7 +230,7 @@ def _report(
     found: list[tuple[tuple[Any, ...], str]] = []
     for err in errors:
         where = tuple(err["loc"])
-        if err["type"] == _DUPLICATE_FEATURE:
+        if err["type"] == DUPLICATE_FEATURE:
             continue  # reported per repeated name, at its line, by `_raw_entry`
         if err["type"] == "too_short" and any(
             e["loc"][: len(where)] == err["loc"] and e is not err for e in errors
@@ -540,7 +238,7 @@ def _report(
             continue  # "too short" only because its entries failed
         message = _message(err)
         if err["type"] == "extra_forbidden":
-            hint = _did_you_mean(where[-1], _keys_at(model, where[:-1]))
+            hint = did_you_mean(where[-1], _keys_at(model, where[:-1]))
             message += hint
             if hint:
                 meant = (*where[:-1], hint.split("'")[1])
