@@ -49,8 +49,9 @@ def kafka_service() -> Iterator[Service]:
         yield svc
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def pushgateway() -> Iterator[Service]:
+    """A Pushgateway of the test's own: what one test pushes, another must not read."""
     with running(start_pushgateway) as svc:
         yield svc
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from featureplane.batch import backfill
 from featureplane.cli import main, up
 from featureplane.errors import StartupError
 from featureplane.lifecycle import broker_error
+from featureplane.operators import kafka
 from featureplane.spec import load_catalog
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -76,7 +76,7 @@ def test_backfill_kafka_failure_is_one_line(
     listener: str,
     tmp_path: Path,
 ) -> None:
-    monkeypatch.setattr(backfill, "Consumer", _FailingConsumer)
+    monkeypatch.setattr(kafka, "Consumer", _FailingConsumer)  # what range_reader builds
     argv = ["backfill", "--topic", "user-actions", "--from", "0", "--to", "1"]
     argv += ["--spec", str(EXAMPLES), "--bootstrap", listener, "--data-dir", str(tmp_path)]
     assert main(argv) == 1
@@ -94,7 +94,7 @@ def test_backfill_dead_broker_is_reported_before_any_kafka_call(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
-    monkeypatch.setattr(backfill, "Consumer", None)  # never reached
+    monkeypatch.setattr(kafka, "Consumer", None)  # never reached
     argv = ["backfill", "--topic", "user-actions", "--from", "0", "--to", "1"]
     argv += ["--spec", str(EXAMPLES), "--bootstrap", dead, "--data-dir", str(tmp_path)]
     assert main(argv) == 1
