@@ -186,29 +186,31 @@ def main() -> int:
         def env(name: str) -> dict[str, str]:
             return base | {"FEATUREPLANE_DATA_DIR": str(work / f"data-{name}")}
 
-        if not args.skip_load:  # 1. load
-            single = args.rows / timed(
-                [*exe, "load", "--group", "bench_articles", str(dump)],
-                env("load-1"),
-                work / "load-1.log",
-            )
-            rows.append(("load Parquet, 1 worker", f"{single:,.0f} rows/s", "-"))
+        def single_and_sharded(
+            what: str, unit: str, count: int, argv: list[str], job: str, parallelism: str
+        ) -> float:
+            """One process running `argv`, then `batch run` of `job`: two rows; the single
+            rate."""
+            single = count / timed([*exe, *argv], env(f"{job}-1"), work / f"{job}-1.log")
+            rows.append((f"{what}, 1 worker", f"{single:,.0f} {unit}/s", "-"))
             print(rows[-1], flush=True)
-            n = shards_of(env("load-auto"), "articles_dump")
-            auto = args.rows / timed(
-                [*exe, "batch", "run", "articles_dump", "--workers", str(CORES)],
-                env("load-auto"),
-                work / "load-auto.log",
-            )
+            n = shards_of(env(f"{job}-n"), job)
+            run = [*exe, "batch", "run", job, "--workers", str(CORES)]
+            sharded = count / timed(run, env(f"{job}-n"), work / f"{job}-n.log")
             ideal = min(n, CORES) * single
             rows.append(
                 (
-                    f"load Parquet, auto: {n} shards on {CORES} workers",
-                    f"{auto:,.0f} rows/s",
-                    f"{auto / ideal:.0%} of ideal {ideal:,.0f}",
+                    f"{what}, {parallelism}: {n} shards on {CORES} workers",
+                    f"{sharded:,.0f} {unit}/s",
+                    f"{sharded / ideal:.0%} of ideal {ideal:,.0f}",
                 )
             )
             print(rows[-1], flush=True)
+            return single
+
+        if not args.skip_load:  # 1. load
+            load = ["load", "--group", "bench_articles", str(dump)]
+            single_and_sharded("load Parquet", "rows", args.rows, load, "articles_dump", "auto")
 
         # 2. backfill vs ingest
         t = time.perf_counter()
@@ -216,28 +218,14 @@ def main() -> int:
         print(f"produced {args.events:,} events in {time.perf_counter() - t:.1f}s", flush=True)
         end = count_end(kafka.address, topic)
         assert sum(end.values()) == args.events, end
-        single = args.events / timed(
-            [*exe, "backfill", "--topic", topic, "--from", "0"],
-            env("backfill-1"),
-            work / "backfill-1.log",
+        single = single_and_sharded(
+            "backfill",
+            "records",
+            args.events,
+            ["backfill", "--topic", topic, "--from", "0"],
+            "events_rebuild",
+            args.backfill_parallelism,
         )
-        rows.append(("backfill, 1 worker", f"{single:,.0f} records/s", "-"))
-        print(rows[-1], flush=True)
-        n = shards_of(env("backfill-auto"), "events_rebuild")
-        auto = args.events / timed(
-            [*exe, "batch", "run", "events_rebuild", "--workers", str(CORES)],
-            env("backfill-auto"),
-            work / "backfill-auto.log",
-        )
-        ideal = min(n, CORES) * single
-        rows.append(
-            (
-                f"backfill, {args.backfill_parallelism}: {n} shards on {CORES} workers",
-                f"{auto:,.0f} records/s",
-                f"{auto / ideal:.0%} of ideal {ideal:,.0f}",
-            )
-        )
-        print(rows[-1], flush=True)
         ing = Ingest(
             spec,
             kafka.address,

@@ -173,6 +173,11 @@ def test_cron_fires_latest_and_period() -> None:
     assert cron_period_ms("0 */6 * * *", at) == 6 * 3_600_000
     with pytest.raises(ValueError, match="bad cron line"):
         cron_latest("nope", at)
+    # hostile or impossible lines are refused at once, never stepped through for years
+    for bad in ("*/0 * * * *", "0 0 31 2 *", "1-1000000000 * * * *", "* " * 5000, "\x00 * * * *"):
+        with pytest.raises(ValueError, match="bad cron line"):
+            cron_latest(bad, at)
+    assert cron_period_ms("0 0 29 2 *", at) == 4 * 365 * DAY + DAY  # leap days only
 
 
 def test_schedule_runs_take_unscheduled_dependents_and_their_needs(tmp_path: Path) -> None:
