@@ -278,6 +278,9 @@ async def test_after_a_failover_the_promoted_replica_answers_with_its_scripts_lo
             replica = next(n for n in svc.nodes if _master_of(n) == lost.port)
             with redis.Redis(port=replica.port) as client:
                 assert client.script_exists(lua.CACHE_READ_SHA) == [False]
+            # Replication is asynchronous: a master killed before its replica has the fill
+            # loses it on failover, as Redis documents. Wait until the replica caught up.
+            _wait_caught_up(lost, replica)
             lost.kill()
             deadline = time.monotonic() + 20
             while True:
@@ -291,6 +294,15 @@ async def test_after_a_failover_the_promoted_replica_answers_with_its_scripts_lo
             with redis.Redis(port=replica.port) as client:
                 assert client.info("replication")["role"] == "master"
                 assert client.script_exists(lua.CACHE_READ_SHA) == [True]
+
+
+def _wait_caught_up(master: Service, replica: Service) -> None:
+    with redis.Redis(port=master.port) as m, redis.Redis(port=replica.port) as r:
+        wanted = m.info("replication")["master_repl_offset"]
+        deadline = time.monotonic() + 10
+        while r.info("replication")["slave_repl_offset"] < wanted:
+            assert time.monotonic() < deadline, "the replica never caught up"
+            time.sleep(0.05)
 
 
 def _master_of(node: Service) -> int | None:
