@@ -1,14 +1,22 @@
-"""The in-process tier: an LRU of `freshness.Entry` bounded by bytes."""
+"""The in-process tier: an LRU of `freshness.Entry` bounded by bytes.
+
+Invalidation (a write elsewhere made a key's value old) drops the key at once. A read of
+the tiers below that was already under way when the invalidation came may bring back the
+old value: so a reader takes a `token` before it reads, and `put` refuses a value for a
+key invalidated after that token was taken.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from featureplane.serving.freshness import Entry
 
 __all__ = ["LocalCache"]
 
 Key = tuple[str, str]
+_DROPPED_MAX = 65_536  # invalidated keys remembered for reads under way; then forgotten all
 
 
 class LocalCache:
@@ -18,6 +26,9 @@ class LocalCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._data: OrderedDict[Key, Entry] = OrderedDict()
+        self._seq = 0  # bumped by every invalidation
+        self._floor = 0  # a token below this is refused: its reads' keys were forgotten
+        self._dropped: dict[Key, int] = {}  # key -> seq of its last invalidation
 
     def __len__(self) -> int:
         return len(self._data)
@@ -28,7 +39,15 @@ class LocalCache:
             self._data.move_to_end(key)
         return entry
 
-    def put(self, key: Key, entry: Entry) -> None:
+    def token(self) -> int:
+        """Taken before reading the tiers below, and given to `put` with what was read."""
+        return self._seq
+
+    def put(self, key: Key, entry: Entry, token: int | None = None) -> None:
+        """Keep `entry` for `key`, unless `key` was invalidated since `token` was taken
+        (the value may predate the write that invalidated it)."""
+        if token is not None and (token < self._floor or self._dropped.get(key, -1) > token):
+            return
         size = entry.size
         if size > self.max_bytes:
             self.pop(key)
@@ -46,3 +65,24 @@ class LocalCache:
         old = self._data.pop(key, None)
         if old is not None:
             self.bytes -= old.size
+
+    def invalidate(self, keys: Iterable[Key]) -> None:
+        """Drop `keys`: they were written elsewhere. Reads under way keep out of them."""
+        if len(self._dropped) > _DROPPED_MAX:
+            self._dropped.clear()
+            self._floor = self._seq + 1
+        self._seq = seq = self._seq + 1
+        dropped, data = self._dropped, self._data
+        for key in keys:
+            dropped[key] = seq
+            old = data.pop(key, None)
+            if old is not None:
+                self.bytes -= old.size
+
+    def clear(self) -> None:
+        """Drop everything (invalidations may have been missed); reads under way too."""
+        self._data.clear()
+        self.bytes = 0
+        self._dropped.clear()
+        self._seq += 1
+        self._floor = self._seq

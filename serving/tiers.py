@@ -134,12 +134,14 @@ class TieredReader:
         now = self.clock()
         wanted = plan(self.catalog, queries, now)
         pending = wanted
+        token = 0
         if self.local is not None:
+            token = self.local.token()
             pending = self._from_local(self.local, pending, now)
         if pending and self._redis_batch is not None:
-            pending = await self._from_redis(self._redis_batch, pending, now)
+            pending = await self._from_redis(self._redis_batch, pending, now, token)
         if pending:
-            await self._from_store(pending)
+            await self._from_store(pending, token)
         return [w.records for w in wanted]
 
     def _from_local(self, local: LocalCache, pending: list[Wanted], now: int) -> list[Wanted]:
@@ -161,7 +163,7 @@ class TieredReader:
         return rest
 
     async def _from_redis(
-        self, batch: Coalescer[Key, Cached], pending: list[Wanted], now: int
+        self, batch: Coalescer[Key, Cached], pending: list[Wanted], now: int, token: int
     ) -> list[Wanted]:
         groups = {w.key: w.group for w in pending if "redis" in w.group.tiers}
         if not groups:
@@ -184,14 +186,14 @@ class TieredReader:
                 continue
             records = self._serve(entry, "redis", w, now)
             if self.local is not None and "local" in group.tiers and now < entry.hard_at:
-                self.local.put(w.key, rebased(entry, group, self.rand(), self.rand()))
+                self.local.put(w.key, rebased(entry, group, self.rand(), self.rand()), token)
             if records is None:
                 rest.append(w)
             else:
                 w.records = records
         return rest
 
-    async def _from_store(self, pending: list[Wanted]) -> None:
+    async def _from_store(self, pending: list[Wanted], token: int) -> None:
         sel: list[Wanted] = []
         for w in pending:
             if "store" in w.group.tiers:
@@ -203,7 +205,7 @@ class TieredReader:
         # A bounded range may reach past what an entry holds: asked of the store as is.
         ranged = [w for w in sel if w.ranged]
         entries, rows = await self._store_fetch(
-            {w.key: w.group for w in sel}, [w.query() for w in ranged]
+            {w.key: w.group for w in sel}, [w.query() for w in ranged], token
         )
         if rows is not None:
             for w, records in zip(ranged, rows, strict=True):
@@ -242,7 +244,9 @@ class TieredReader:
             return negative_entry(now, cached.negative_pttl)
         return None
 
-    def _store_entry(self, group: FeatureGroup, key: Key, recs: list[Record], now: int) -> Entry:
+    def _store_entry(
+        self, group: FeatureGroup, key: Key, recs: list[Record], now: int, token: int
+    ) -> Entry:
         """The entry of a store answer, put in the local tier and queued for Redis."""
         if recs:
             entry = entry_from_store(group, recs, now, self.rand(), self.rand())
@@ -250,7 +254,7 @@ class TieredReader:
             entry = negative_entry(now, min(self.config.negative_ttl_ms, group.ttl.hard))
         self.metrics.event("store", group.name, "hit" if recs else "negative_hit")
         if self.local is not None and "local" in group.tiers:
-            self.local.put(key, entry)
+            self.local.put(key, entry, token)
         if self._fills is not None and "redis" in group.tiers:
             negative_ttl = entry.hard_at - now if entry.negative else 0
             self._fills.put(CacheFill(group.name, key[1], recs, negative_ttl))
@@ -267,10 +271,11 @@ class TieredReader:
         return await guard.run("read", redis.read_cached(keys), self.config.redis_timeout_ms)
 
     async def _store_fetch(
-        self, groups: dict[Key, FeatureGroup], ranged: list[Query]
+        self, groups: dict[Key, FeatureGroup], ranged: list[Query], token: int
     ) -> tuple[dict[Key, Entry | None], list[list[Record]] | None]:
         """Entries of the newest `max_items` of `groups` (single-flight) and the rows of
-        the `ranged` queries (None when the store failed), in one store read."""
+        the `ranged` queries (None when the store failed), in one store read; `token` is
+        the local tier's, taken before the read began."""
         flight = self._flights.begin(groups)
         led: dict[Key, Entry] = {}
         ranged_rows: list[list[Record]] | None = None
@@ -284,7 +289,7 @@ class TieredReader:
             if rows is not None:
                 ranged_rows = rows[len(newest) :]
                 for key, recs in zip(flight.lead, rows, strict=False):
-                    led[key] = self._store_entry(groups[key], key, recs, now)
+                    led[key] = self._store_entry(groups[key], key, recs, now, token)
         finally:
             self._flights.end(flight, led)
         entries: dict[Key, Entry | None] = dict(led)
@@ -312,12 +317,13 @@ class TieredReader:
 
     async def _refresh(self, key: Key, group: FeatureGroup, tier: str) -> None:
         """Reload `key` from the tiers below `tier` (a fresh Redis value, else the store)."""
+        token = 0 if self.local is None else self.local.token()
         if tier == "local" and self._redis_batch is not None and "redis" in group.tiers:
             cached = await self._redis_batch([key])
             now = self.clock()
             entry = None if cached is None else self._entry_of(group, cached[0], now)
             if entry is not None and now < entry.soft_at and self.local is not None:
-                self.local.put(key, rebased(entry, group, self.rand(), self.rand()))
+                self.local.put(key, rebased(entry, group, self.rand(), self.rand()), token)
                 return
         if "store" in group.tiers:
-            await self._store_fetch({key: group}, [])
+            await self._store_fetch({key: group}, [], token)

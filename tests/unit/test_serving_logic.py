@@ -147,6 +147,41 @@ def test_local_cache_is_bounded_by_bytes_and_lru() -> None:
     assert cache.bytes == 3 * e.size
 
 
+def test_invalidation_drops_keys_and_keeps_reads_under_way_out() -> None:
+    e = entry_from_store(LATEST, newest(1), T0, 0, 0)
+    cache = LocalCache(1 << 20)
+    cache.put(("l", "a"), e)
+    cache.put(("l", "b"), e)
+    before = cache.token()  # a read of the tiers below starts
+    cache.invalidate([("l", "a"), ("l", "never-held")])
+    assert cache.get(("l", "a")) is None and cache.get(("l", "b")) is e
+    assert cache.bytes == e.size
+    cache.put(("l", "a"), e, before)  # the read brings the old value: refused
+    cache.put(("l", "never-held"), e, before)
+    assert cache.get(("l", "a")) is None and cache.get(("l", "never-held")) is None
+    cache.put(("l", "b"), e, before)  # not invalidated: taken
+    cache.put(("l", "a"), e, cache.token())  # a read begun after it: taken
+    assert cache.get(("l", "a")) is e
+    after = cache.token()
+    cache.clear()  # invalidations may have been missed: nothing held, no read under way kept
+    assert len(cache) == 0 and cache.bytes == 0
+    cache.put(("l", "b"), e, after)
+    assert cache.get(("l", "b")) is None
+
+
+def test_invalidation_forgets_old_keys_without_letting_old_reads_in() -> None:
+    e = entry_from_store(LATEST, newest(1), T0, 0, 0)
+    cache = LocalCache(1 << 20)
+    old = cache.token()
+    for n in range(70_000):  # past the bound of remembered keys
+        cache.invalidate([("l", str(n))])
+    cache.invalidate([("l", "x")])
+    cache.put(("l", "0"), e, old)  # its invalidation was forgotten: refused all the same
+    assert cache.get(("l", "0")) is None
+    cache.put(("l", "0"), e, cache.token())
+    assert cache.get(("l", "0")) is e
+
+
 def test_breaker_opens_then_half_opens_after_cooldown() -> None:
     now = [0]
     b = Breaker(failures=2, cooldown_ms=100, clock=lambda: now[0])
