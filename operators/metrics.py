@@ -91,6 +91,13 @@ class IngestMetrics:
             ["flow", "step"],
             registry=r,
         )
+        self.invalidations = Counter(
+            "featureplane_invalidations_published",
+            "Invalidation messages for serving's local tiers, by outcome (ok, failed: not "
+            "sent, serving keeps old values until their soft TTL)",
+            ["flow", "outcome"],
+            registry=r,
+        )
         self.committed_offset = Gauge(
             "featureplane_ingest_committed_offset",
             "Last committed offset (next to read), by topic-partition",
@@ -138,6 +145,8 @@ class IngestMetrics:
         for step in _STEPS:
             self.internal_errors.labels(flow, step)
         self.batch_write_seconds.labels(flow)
+        for outcome in ("ok", "failed"):
+            self.invalidations.labels(flow, outcome)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         """One sample's value (`name` as exposed, e.g. `..._total`), None when absent."""

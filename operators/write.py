@@ -38,6 +38,10 @@ retry policy's business:
 Writes are idempotent, so rewriting the items of a partly failed chunk
 duplicates nothing.
 
+Once a batch's records are in every tier they go to, their keys are
+published to serving's local tiers, one message a batch or a few
+(`featureplane.invalidation`); a failed publish never fails the write.
+
 The Redis tier is started on first use, under a lock so that concurrent
 chunks never race a failing start: Redis down at start-up is a transient
 write failure like any other, not a crash. Under `ToRetryTopic`, after a
@@ -64,6 +68,7 @@ from prometheus_client import Histogram
 from featureplane.backoff import backoff_ms
 from featureplane.codec import Item
 from featureplane.errors import TransientStoreError
+from featureplane.invalidation import publisher_of
 from featureplane.operators.metrics import IngestMetrics
 from featureplane.operators.policy import (
     Failure,
@@ -101,6 +106,7 @@ class _Unit:
 
 Outcome = tuple[Failure | None, Failure | None]
 """(store failure, cache failure) of one unit; None where the tier succeeded or was not used."""
+_OK: Outcome = (None, None)
 
 
 class Writer:
@@ -140,6 +146,8 @@ class Writer:
         self._pause_ms = 0
         self._paused_until = 0
         self._freshness: dict[str, Histogram] = {}
+        # Serving's local tiers hear of written keys through Redis (featureplane.invalidation).
+        self._publisher = publisher_of(catalog, cache)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -279,7 +287,26 @@ class Writer:
                     store_failed if to_store else None,
                     cache_failed if to_cache else None,
                 )
+        if self._publisher is not None and not skip_cache:  # skipped: Redis is failing
+            await self._invalidate([u for u, o in zip(units, outcomes, strict=True) if o == _OK])
         return outcomes
+
+    async def _invalidate(self, units: Sequence[_Unit]) -> None:
+        """Publish the keys of fully written units to serving's local tiers, once a batch.
+        A hint: a failure is counted and logged, never the write's (TTLs bound staleness)."""
+        publisher = self._publisher
+        assert publisher is not None
+        try:
+            await self._start_cache()
+            async with asyncio.timeout(self.timeout_s):
+                sent = await publisher.publish(it for u in units for it in u.items)
+        except Exception as exc:
+            publisher.failed(exc)
+            if self.metrics is not None:
+                self.metrics.invalidations.labels(self.flow, "failed").inc()
+            return
+        if self.metrics is not None and sent:
+            self.metrics.invalidations.labels(self.flow, "ok").inc(sent)
 
     def _pace_cache(self, failures: Sequence[Failure | None], pacing: ToRetryTopic) -> None:
         """Pause the cache tier after an outage-like failure; resume on a success."""
@@ -342,12 +369,16 @@ class Writer:
                 await self.store.write(items)
                 return
             assert self.cache is not None
-            if not self._cache_started:
-                async with self._cache_starting:  # concurrent chunks must not race a failing start
-                    if not self._cache_started:
-                        await self.cache.start()
-                        self._cache_started = True
+            await self._start_cache()
             await self.cache.write_through(items)
+
+    async def _start_cache(self) -> None:
+        assert self.cache is not None
+        if not self._cache_started:
+            async with self._cache_starting:  # concurrent chunks must not race a failing start
+                if not self._cache_started:
+                    await self.cache.start()
+                    self._cache_started = True
 
 
 def _error_of(failure: Failure) -> Exception:
