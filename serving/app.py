@@ -28,7 +28,7 @@ from featureplane.codec import Record
 from featureplane.errors import StoreError, UnknownGroupError, quote
 from featureplane.serving.api import ApiError, FeatureRequest, parse_body, parse_query, render
 from featureplane.serving.config import ServeConfig
-from featureplane.serving.local import LocalCache
+from featureplane.serving.invalidate import SUBSCRIBER, local_tier, subscriber_of
 from featureplane.serving.logs import RateLimitedLog
 from featureplane.serving.metrics import CONTENT_TYPE, Metrics
 from featureplane.serving.ondemand import OnDemandError, OnDemandFn, compute, load_functions
@@ -272,7 +272,7 @@ def create_app(
     config = config or ServeConfig()
     functions = load_functions(catalog)
     metrics = Metrics()
-    local = LocalCache(config.local_cache_mb * 1024 * 1024) if config.local_cache_mb else None
+    local = local_tier(config, redis)
     reader = TieredReader(
         catalog=catalog,
         store=store,
@@ -293,6 +293,9 @@ def create_app(
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY)
     app[METRICS] = metrics
     app[READER] = reader
+    subscriber = subscriber_of(catalog, redis, local, metrics, config)
+    if subscriber is not None:
+        app[SUBSCRIBER] = subscriber
     svc = app[_SERVICE] = _Service(
         reader, functions, clock, token, store, redis, config.body_timeout
     )
@@ -306,9 +309,13 @@ def create_app(
                     await tier.start()
                     started.append(tier)
             await reader.start()
+            if subscriber is not None:  # after the Redis tier: it asks it for cluster nodes
+                await subscriber.start()
             svc.phase = "serving"
             yield
         finally:
+            if subscriber is not None:
+                await subscriber.aclose()
             await reader.aclose()
             for tier in reversed(started):
                 await tier.aclose()

@@ -22,6 +22,13 @@ class ServeConfig(BaseSettings):
 
     local_cache_mb: int = Field(64, ge=0)
     """Size of the in-process tier in MiB; 0 turns the tier off."""
+    invalidation: bool = True
+    """Drop a (group, id) from the in-process tier as soon as a writer says it wrote it (a
+    Redis pub/sub channel, so only with a Redis tier); off, values live their soft TTL."""
+    local_soft_ttl: Duration = 0
+    """While invalidation is subscribed, how long a value in the in-process tier stays fresh
+    (never past its group's hard TTL; losing the subscription clears the tier); 0 = each
+    group's soft TTL."""
     negative_ttl: Duration = 5_000
     """How long a (group, id) the store lacks is remembered as missing."""
     redis_timeout: Duration = 100

@@ -72,6 +72,29 @@ class Metrics:
             "request line, header too long, ...), answered 400 before any route",
             registry=self.registry,
         )
+        # serving/invalidate.py: the local tier's invalidation channel
+        self.invalidation_messages = Counter(
+            "featureplane_invalidation_messages",
+            "Messages heard on the invalidation channel, by outcome (ok; garbled: not an "
+            "invalidation, ignored)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.invalidated_keys = Counter(
+            "featureplane_invalidated_keys",
+            "Keys the invalidation messages named",
+            registry=self.registry,
+        )
+        self.invalidation_subscribes = Counter(
+            "featureplane_invalidation_subscribes",
+            "(Re)subscriptions to the invalidation channel, each clearing the local tier",
+            registry=self.registry,
+        )
+        self.invalidation_subscribed = Gauge(
+            "featureplane_invalidation_subscribed",
+            "1 while subscribed to the invalidation channel (summed over workers)",
+            registry=self.registry,
+        )
         self._events: dict[tuple[str, str, str], Counter] = {}
         self._latency: dict[tuple[str, int], Histogram] = {}
 

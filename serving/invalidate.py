@@ -1,0 +1,258 @@
+"""Serving's side of invalidation: a task that drops written keys from the local tier.
+
+Writers publish the keys of every batch they wrote on a Redis channel (the mechanism,
+and why pub/sub rather than client-side tracking: featureplane/invalidation.py). Here
+one task per serving process listens on that channel with a connection of its own and
+calls `LocalCache.invalidate` with each message's keys, so the next read of a written
+(group, id) goes to Redis or the store and answers the new value; a read already under
+way cannot put the old value back (LocalCache's token).
+
+Pub/sub delivers at most once, so what a disconnected subscriber missed is unknown:
+
+- every (re)subscribe clears the whole local tier, after the subscription is confirmed
+  (a write published between the clear and the subscription would be lost otherwise);
+- the connection is PINGed when idle, so a silent network loses the subscription
+  after `2 * ping_s` at the latest, not never; it is reopened with capped backoff
+  (featureplane/backoff.py), rotating over the cluster's primaries under Redis Cluster;
+- while unsubscribed, the groups' TTLs bound staleness as without invalidation.
+
+A long local soft TTL (`ServeConfig.local_soft_ttl`): while subscribed, a value put in
+the local tier stays fresh that long (never past its hard TTL), instead of its group's
+soft TTL; the background refreshes that soft expiry costs are mostly wasted once writes
+invalidate. Since the promise rests on hearing every write, losing the subscription
+clears the local tier at once when it is set.
+
+A message that is not an invalidation (garbage, too large, another format) is counted
+(`featureplane_invalidation_messages{outcome="garbled"}`), logged at most once a minute
+and ignored; it never stops the task. Without a Redis tier there is no channel: the
+local tier stays TTL-bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from featureplane.backoff import backoff_ms
+from featureplane.cache import CacheTier
+from featureplane.errors import NotStartedError
+from featureplane.invalidation import InvalidMessageError, channel_of, decode, local_groups
+from featureplane.serving.config import ServeConfig
+from featureplane.serving.freshness import Entry
+from featureplane.serving.local import LocalCache
+from featureplane.serving.logs import RateLimitedLog
+from featureplane.serving.metrics import Metrics
+from featureplane.serving.plan import Key
+from featureplane.spec import Catalog
+from featureplane.stores.redis_cache import RedisCache
+
+__all__ = ["SUBSCRIBER", "InvalidatedCache", "Subscriber", "local_tier", "subscriber_of"]
+
+log = logging.getLogger(__name__)
+
+
+class InvalidatedCache(LocalCache):
+    """The local tier of a process that hears invalidations: while `subscribed`, a value
+    put stays fresh for `soft_ms` after it was stored (within its hard TTL)."""
+
+    def __init__(self, max_bytes: int, soft_ms: int) -> None:
+        super().__init__(max_bytes)
+        self.soft_ms = soft_ms
+        self.subscribed = False
+
+    def put(self, key: Key, entry: Entry, token: int | None = None) -> None:
+        if self.subscribed and not entry.negative:
+            soft = min(entry.hard_at, entry.stored_at + self.soft_ms)
+            if soft > entry.soft_at:
+                entry = replace(entry, soft_at=soft)
+        super().put(key, entry, token)
+
+
+def local_tier(config: ServeConfig, redis: CacheTier | None) -> LocalCache | None:
+    """The local tier `config` asks for: none, the plain one, or one with a long soft TTL
+    while subscribed (only with a Redis tier to subscribe on)."""
+    if not config.local_cache_mb:
+        return None
+    size = config.local_cache_mb * 1024 * 1024
+    if config.invalidation and config.local_soft_ttl and isinstance(redis, RedisCache):
+        return InvalidatedCache(size, config.local_soft_ttl)
+    return LocalCache(size)
+
+
+class Subscriber:
+    """Listens on the invalidation channel and drops the named keys from `local`."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        local: LocalCache,
+        urls: Callable[[], list[str]],
+        prefix: str,
+        metrics: Metrics,
+        *,
+        ping_s: float = 5.0,
+        backoff_cap_ms: float = 5_000.0,
+    ) -> None:
+        """`urls()`: the Redis servers to subscribe on, tried in turn after failures."""
+        self.local, self.urls, self.metrics = local, urls, metrics
+        self.channel = channel_of(prefix)
+        self.groups = local_groups(catalog)
+        self.ping_s, self.backoff_cap_ms = ping_s, backoff_cap_ms
+        self.subscribed = False
+        self.events = RateLimitedLog(log)
+        self._task: asyncio.Task[None] | None = None
+        metrics.invalidation_subscribed.set_function(lambda: 1.0 if self.subscribed else 0.0)
+
+    async def start(self) -> None:
+        """Start listening in the background: Redis down at start-up only delays it."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="invalidation subscriber")
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._set_subscribed(False)
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            urls = self.urls()
+            url = urls[attempt % len(urls)]
+            started = time.monotonic()
+            try:
+                await self._listen(url)
+            except Exception as exc:  # any failure: the subscription is gone, start again
+                self.events.event(
+                    "lost", f"invalidation channel on {_where(url)} lost or refused: {exc}"
+                )
+            self._lost()
+            if time.monotonic() - started > self.ping_s * 4:
+                attempt = 0  # it had been working: a blip, not a Redis that stays down
+            await asyncio.sleep(backoff_ms(attempt, 100.0, self.backoff_cap_ms) / 1000)
+            attempt += 1
+
+    async def _listen(self, url: str) -> None:
+        """Subscribe on `url` and handle messages until the connection fails."""
+        # No retries inside redis-py: its pub/sub would reconnect and resubscribe silently,
+        # and what was published in between would be missed without a clear.
+        client = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=5.0,
+            socket_timeout=5.0,
+            retry=Retry(NoBackoff(), 0),
+            client_name="featureplane-invalidation",  # to be found in CLIENT LIST
+        )
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(self.channel)
+            reply = await pubsub.get_message(timeout=self.ping_s)
+            if reply is None or reply["type"] != "subscribe":
+                raise ConnectionError(f"no subscribe confirmation: {reply!r}")
+            self.local.clear()  # whatever was published before now may have been missed
+            self.metrics.invalidation_subscribes.inc()
+            self._set_subscribed(True)
+            heard = time.monotonic()
+            while True:
+                msg = await pubsub.get_message(timeout=self.ping_s)
+                now = time.monotonic()
+                if msg is None:
+                    if now - heard > 2 * self.ping_s:
+                        raise ConnectionError(f"no answer to PING within {2 * self.ping_s:g} s")
+                    await pubsub.ping()
+                    continue
+                heard = now
+                if msg["type"] == "message":
+                    self.handle(msg["data"])
+        finally:
+            try:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            finally:
+                await client.aclose()
+
+    def handle(self, data: object) -> None:
+        """Drop the keys one message names; count and ignore anything else."""
+        try:
+            keys = decode(data, self.groups)
+        except InvalidMessageError as exc:
+            self.metrics.invalidation_messages.labels("garbled").inc()
+            self.events.event("garbled", f"ignored a message on the invalidation channel: {exc}")
+            return
+        self.local.invalidate(keys)
+        self.metrics.invalidation_messages.labels("ok").inc()
+        self.metrics.invalidated_keys.inc(len(keys))
+
+    def _lost(self) -> None:
+        was = self.subscribed
+        self._set_subscribed(False)
+        if was and isinstance(self.local, InvalidatedCache):
+            # Its values were kept fresh past their groups' soft TTL on the promise of
+            # hearing every write; that promise is gone.
+            self.local.clear()
+
+    def _set_subscribed(self, on: bool) -> None:
+        self.subscribed = on
+        if isinstance(self.local, InvalidatedCache):
+            self.local.subscribed = on
+
+
+SUBSCRIBER = web.AppKey("invalidation_subscriber", Subscriber)
+"""The app's subscriber, when it has one."""
+
+
+def subscriber_of(
+    catalog: Catalog,
+    redis: CacheTier | None,
+    local: LocalCache | None,
+    metrics: Metrics,
+    config: ServeConfig,
+) -> Subscriber | None:
+    """The subscriber for a local tier over a Redis tier; None without either, with
+    `invalidation` off, or when no group has a local tier."""
+    if local is None or not config.invalidation or not isinstance(redis, RedisCache):
+        return None
+    if not local_groups(catalog):
+        return None
+    url = redis.url
+
+    def urls() -> list[str]:
+        """The configured node first, then (Redis Cluster) every primary the cache's client
+        knows: any node hears every PUBLISH, so any reachable one will do."""
+        found = [url]
+        try:
+            client = redis.connection.client if redis.connection.cluster else None
+        except NotStartedError:  # the Redis tier failed to start or was closed
+            client = None
+        if isinstance(client, RedisCluster):
+            found += [_at(url, node.host, int(node.port)) for node in client.get_primaries()]
+        return found
+
+    return Subscriber(catalog, local, urls, redis.prefix, metrics)
+
+
+def _at(url: str, host: str, port: int) -> str:
+    """`url` (its scheme, credentials and options) pointed at another host and port."""
+    parts = urlsplit(url)
+    auth = parts.netloc.rpartition("@")[0]
+    netloc = f"{auth}@{host}:{port}" if auth else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _where(url: str) -> str:
+    """host:port of `url`, never its password."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}"
