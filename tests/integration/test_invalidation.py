@@ -33,6 +33,7 @@ from featureplane.spec import Catalog, load_catalog
 from featureplane.stores.base import Query
 from featureplane.stores.embedded import EmbeddedStore
 from featureplane.stores.redis_cache import RedisCache
+from tests.services import running, start_redis_cluster
 
 SPEC = """
 feature_groups:
@@ -251,3 +252,43 @@ async def test_garbage_on_the_channel_is_counted_and_ignored(env: Env) -> None:
     assert garbled == len(junk)
     assert env.sample("featureplane_invalidation_subscribes_total") == 1  # never reconnected
     assert env.sample("featureplane_invalidation_subscribed") == 1
+
+
+async def test_under_redis_cluster_a_subscriber_on_any_node_hears(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    """The writer publishes through its cluster client; the server subscribes on another
+    node given as its URL: PUBLISH reaches every node."""
+    with running(start_redis_cluster) as cluster:
+        prefix = "c:"
+        app = create_app(
+            catalog,
+            store=EmbeddedStore(catalog, tmp_path),
+            redis=RedisCache(
+                catalog, f"redis://{cluster.nodes[-1].address}/0", prefix=prefix, cluster=True
+            ),
+        )
+        writer = Writer(
+            catalog,
+            EmbeddedStore(catalog, tmp_path),
+            RedisCache(
+                catalog, f"redis://{cluster.nodes[0].address}/0", prefix=prefix, cluster=True
+            ),
+            policy=RetryInPlace(),
+        )
+        async with writer, TestClient(TestServer(app)) as http:
+            env = Env(http, writer, IngestMetrics(), GatedStore(catalog, tmp_path), prefix, "")
+
+            async def subscribed() -> bool:
+                return app[SUBSCRIBER].subscribed
+
+            await _until(subscribed)
+            for group in ("last", "last_ls"):
+                await env.write(group, "u1", "a1")
+                assert await env.article(group, "u1") == "a1"
+                await env.write(group, "u1", "a2")
+
+                async def new_value(group: str = group) -> bool:
+                    return await env.article(group, "u1") == "a2"
+
+                assert await _until(new_value, timeout_s=5) < BOUND_S + MARGIN_S
