@@ -1,26 +1,50 @@
-"""Item codec: feature values by spec index, encoded with orjson.
+"""Item codec: feature values by spec index, encoded with orjson, vectors packed.
 
 An item's value is the JSON array of its features' wire forms in spec
 order (`["a", "1111"]`), Karrot's `{"0": "a", "1": "1111"}` without the
 keys. Features appended to a spec later decode as `None` for old items.
 One encoded item is at most 8 KiB (`MAX_ITEM_BYTES`).
+
+An item with a `vector<float,N>` feature set is written *packed*, so that a
+768-d embedding takes 3,072 bytes, not ~15 KiB of JSON floats:
+
+    offset     size     what
+    0          1        0x01, the format byte of this layout
+    1          2        K, how many vectors are packed (uint16, little-endian)
+    3          4 K      per vector, in spec order: its feature's index, then its
+                        dimension N (two uint16, little-endian)
+    3 + 4 K    ...      the JSON array above, `null` where a packed vector goes
+    ...        4 N a    each vector's floats in the table's order: float32,
+               vector   little-endian, ending the value
+
+The JSON part ends where the floats begin: the value's length minus 4 bytes a
+float of the table. The first byte tells the two forms apart: orjson writes
+an array starting with `[` (0x5B), so every item written before this layout,
+and every item still written without a vector, starts with `[`, and no packed
+one does. A later layout takes another byte below 0x5B; `decode` refuses a
+byte it does not know (`StoreError`) rather than guess. Only a feature whose
+type is `vector<float,N>` is packed; a vector inside a list or map is JSON,
+rounded to float32 all the same (`featureplane.types`). `decode` is the one
+reader of both forms, and reads them forever.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from featureplane.errors import ItemTooLargeError, ValidationError, quote
+from featureplane.errors import ItemTooLargeError, StoreError, ValidationError, quote
 from featureplane.keys import check_id, version
 from featureplane.spec import FeatureGroup
-from featureplane.types import INT_MAX, INT_MIN, coerce, to_python
+from featureplane.types import INT_MAX, INT_MIN, coerce, pack_vector, to_python, unpack_vector
 
 __all__ = [
     "MAX_ITEM_BYTES",
+    "PACKED",
     "Item",
     "Record",
     "decode",
@@ -31,6 +55,9 @@ __all__ = [
 ]
 
 MAX_ITEM_BYTES = 8 * 1024
+PACKED = 0x01
+"""The first byte of a packed item (the layout in the module docstring)."""
+_HEAD = struct.Struct("<BH")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +84,7 @@ def encode(group: FeatureGroup, features: Mapping[str, Any]) -> bytes:
     """Check `features` (name -> value) against `group` and encode them by index."""
     values: list[Any] = [None] * len(group.features)
     index, specs = group.index, group.features
+    packed: list[tuple[int, bytes]] = []
     for name, value in features.items():
         i = index.get(name)
         if i is None:
@@ -70,17 +98,29 @@ def encode(group: FeatureGroup, features: Mapping[str, Any]) -> bytes:
             type(value) is int and t.kind == "int" and INT_MIN <= value <= INT_MAX
         ):
             values[i] = value
+        elif t.kind == "vector":
+            packed.append((i, pack_vector(t, value, name)))
         else:
             values[i] = coerce(t, value, name)
     try:
         data = orjson.dumps(values)
     except TypeError as exc:  # e.g. an int beyond 64 bits inside a container
         raise ValidationError(f"cannot encode features: {exc}") from None
-    if len(data) > MAX_ITEM_BYTES:
+    # The size is checked before the table is packed: within the limit, every index and
+    # dimension fits its uint16 whatever the spec holds.
+    vectors = sum(len(floats) for _, floats in packed)
+    size = len(data) + (_HEAD.size + 4 * len(packed) + vectors if packed else 0)
+    if size > MAX_ITEM_BYTES:
         raise ItemTooLargeError(
-            f"item of group {group.name!r} is {len(data)} bytes encoded, "
+            f"item of group {group.name!r} is {size} bytes encoded, "
             f"over the {MAX_ITEM_BYTES}-byte limit"
+            + (f" (its vectors take {vectors} bytes, 4 a float)" if vectors else "")
         )
+    if packed:
+        packed.sort()  # spec order, whatever order `features` named them in
+        table = [n for i, floats in packed for n in (i, len(floats) // 4)]
+        head = _HEAD.pack(PACKED, len(packed)) + struct.pack(f"<{len(table)}H", *table)
+        data = b"".join([head, data, *(floats for _, floats in packed)])
     return data
 
 
@@ -95,10 +135,36 @@ def make_item(
 
 
 def decode(group: FeatureGroup, value: bytes) -> list[Any]:
-    """Stored bytes -> wire values, one per feature of the current spec."""
-    values: list[Any] = orjson.loads(value)
+    """Stored bytes (either form) -> wire values, one per feature of the current spec."""
+    # `[` starts every item written as a JSON array (old items, items without a vector).
+    values: list[Any] = orjson.loads(value) if value[:1] == b"[" else _unpack(group, value)
     missing = len(group.features) - len(values)
     return values + [None] * missing if missing > 0 else values[: len(group.features)]
+
+
+def _unpack(group: FeatureGroup, value: bytes) -> list[Any]:
+    """A packed item -> its wire values (the layout in the module docstring)."""
+    try:
+        marker, count = _HEAD.unpack_from(value)
+        if marker != PACKED:
+            raise ValueError(f"unknown format byte {marker:#04x} (a newer featureplane's?)")
+        table = struct.unpack_from(f"<{2 * count}H", value, _HEAD.size)
+        start = _HEAD.size + 4 * count
+        end = len(value) - 4 * sum(table[1::2])
+        if end <= start:
+            raise ValueError("its vectors' table says more floats than it holds")
+        view = memoryview(value)
+        values = orjson.loads(view[start:end])
+        if not isinstance(values, list):
+            raise ValueError("its JSON part is not an array")
+        for slot, dim in zip(table[::2], table[1::2], strict=True):
+            values[slot] = unpack_vector(view[end : end + 4 * dim])
+            end += 4 * dim
+    except (ValueError, LookupError, TypeError, struct.error) as exc:
+        raise StoreError(
+            f"a stored item of group {group.name!r} is not a valid encoding: {exc}"
+        ) from None
+    return values
 
 
 def decode_python(group: FeatureGroup, value: bytes) -> dict[str, Any]:

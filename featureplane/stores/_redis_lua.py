@@ -15,7 +15,10 @@ import hashlib
 # numbers (ts, then the hex hash), not with Lua's `<`, which follows the server's locale
 # collation; an equal version is the same event, so it is rewritten.
 # add_members: ARGV[first..last] are members (version .. value); a replayed version first
-# removes itself, so it overwrites instead of duplicating.
+# removes itself, so it overwrites instead of duplicating. Its members are those from the
+# version up to, not including, the version with its last character (a hex digit) one
+# higher, whatever bytes the value holds (a bound of version .. 0xff kept the old member
+# of a value starting with 0xff).
 _SHARED = """
 local function stored_is_newer(cur, new)
   local cts, nts = tonumber(string.sub(cur, 1, 13)), tonumber(string.sub(new, 1, 13))
@@ -25,7 +28,8 @@ end
 local function add_members(key, first, last)
   for i = first, last do
     local v = string.sub(ARGV[i], 1, 26)
-    redis.call('ZREMRANGEBYLEX', key, '[' .. v, '[' .. v .. '\\255')
+    local after = string.sub(v, 1, 25) .. string.char(string.byte(v, 26) + 1)
+    redis.call('ZREMRANGEBYLEX', key, '[' .. v, '(' .. after)
     redis.call('ZADD', key, 0, ARGV[i])
   end
 end

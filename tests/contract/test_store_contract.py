@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import struct
 from typing import Any
 
 import pytest
 
-from featureplane.codec import MAX_ITEM_BYTES, Item, decode, decode_python, make_item
+from featureplane.codec import MAX_ITEM_BYTES, PACKED, Item, decode, decode_python, make_item
 from featureplane.errors import (
     ItemTooLargeError,
     NotStartedError,
@@ -266,11 +267,49 @@ async def test_every_type_round_trips(store: Store) -> None:
     item = make_item(group, "article-1", T0, "e1", values)
     await store.write([item])
     got = await read_one(store, Query("everything", "article-1"))
-    assert decode_python(group, got[0].value) == values
+    emb = list(struct.unpack("<8f", struct.pack("<8f", *values["emb"])))  # float32 rounded
+    assert decode_python(group, got[0].value) == values | {"emb": emb}
     partial = make_item(group, "article-2", T0, "e2", {"i": 2**63 - 1})
     await store.write([partial])
     back = decode_python(group, (await read_one(store, Query("everything", "article-2")))[0].value)
     assert back["i"] == 2**63 - 1 and back["s"] is None
+
+
+def _every_byte() -> list[float]:
+    """64 finite float32s whose little-endian bytes hold each byte 0x00-0xff once: the
+    high byte of each is 0x00-0x3f (no NaN or infinity), the other 192 bytes the rest."""
+    high, low = bytes(range(64)), bytes(range(64, 256))
+    packed = b"".join(low[3 * k : 3 * k + 3] + high[k : k + 1] for k in range(64))
+    return list(struct.unpack("<64f", packed))
+
+
+async def test_a_packed_vector_item_and_any_bytes_round_trip(store: Store) -> None:
+    """Stores keep values as opaque bytes: a packed item (every byte 0x00-0xff, a 768-d
+    embedding with scalars) and raw values that are not UTF-8, replayed with other bytes."""
+    group = CATALOG.group("embeddings")
+    embedding = _every_byte() + [i / 704 - 0.5 for i in range(704)]
+    values = {"embedding": embedding, "model": "m-\u00e9", "score": 0.25, "version": 3}
+    item = make_item(group, "a1", T0, "e1", values)
+    assert item.value[0] == PACKED and set(item.value) == set(range(256))
+    raw = bytes(range(255, -1, -1))  # starts with 0xff: after any version in byte order
+    firsts = [raw, b"\x00" + raw, b"\x80\xfe"]
+    # The same events again with other bytes (a replay after a spec change): each
+    # overwrites its first value, whatever bytes either holds.
+    agains = [b"\xfe\xff", raw, raw[1:]]
+    for values_ in (firsts, agains):
+        ts_items = [
+            Item("clicks", "raw", T0 + k, version(T0 + k, "r"), v) for k, v in enumerate(values_)
+        ]
+        latest = Item("profile", "raw", T0, version(T0, "r"), values_[0])
+        await store.write([item, latest, *ts_items])
+    got, ts, last = await store.read(
+        [Query("embeddings", "a1"), Query("clicks", "raw", limit=50), Query("profile", "raw")]
+    )
+    assert got[0].value == item.value
+    rounded = list(struct.unpack("<768f", struct.pack("<768f", *embedding)))
+    assert decode_python(group, got[0].value) == values | {"embedding": rounded}
+    assert [r.value for r in ts] == agains[::-1]
+    assert [r.value for r in last] == [agains[0]]
 
 
 async def test_retention_hides_old_items(store: Store, clock: FakeClock) -> None:
