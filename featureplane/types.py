@@ -187,7 +187,6 @@ def to_python(t: FeatureType, wire: Any) -> Any:
 
 
 _FLOAT = FeatureType("float")
-_PLAIN = frozenset({float, int})
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
@@ -216,23 +215,26 @@ def pack_vector(t: FeatureType, value: Any, where: str = "value") -> bytes:
         )
     if len(value) != t.dim:
         raise ValidationError(f"{where}: vector must have {t.dim} floats, got {len(value)}")
-    # Fast path, one C loop each: plain floats and ints only (not bools), a finite sum (a
-    # NaN or an infinity makes the sum one), and the packer's own range check.
-    if _PLAIN.issuperset(map(type, value)):
+    # Fast path, C loops only: plain floats and ints (not bools: counting types is twice
+    # as fast as a set of them), a finite sum (a NaN or an infinity makes the sum one), and
+    # the packer's own range check.
+    types = list(map(type, value))
+    floats = types.count(float)
+    if floats == len(types) or floats + types.count(int) == len(types):
         try:
             if math.isfinite(sum(value)):
                 return _f32(t.dim).pack(*value)
         except (OverflowError, struct.error):
             pass  # an int beyond float, a float beyond float32: say which, below
-    floats = [coerce(_FLOAT, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    for i, f in enumerate(floats):
+    checked = [coerce(_FLOAT, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    for i, f in enumerate(checked):
         try:
             _f32(1).pack(f)
         except OverflowError:
             raise ValidationError(
                 f"{where}[{i}]: {f} is beyond the float32 range of a vector"
             ) from None
-    return _f32(t.dim).pack(*floats)
+    return _f32(t.dim).pack(*checked)
 
 
 def unpack_vector(data: bytes | memoryview) -> list[float]:
