@@ -293,7 +293,7 @@ def create_app(
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY)
     app[METRICS] = metrics
     app[READER] = reader
-    subscriber = subscriber_of(catalog, redis, local, metrics, config)
+    subscriber = subscriber_of(catalog, redis, local, metrics, config, clock, rand)
     if subscriber is not None:
         app[SUBSCRIBER] = subscriber
     svc = app[_SERVICE] = _Service(

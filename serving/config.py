@@ -5,6 +5,8 @@ Each field's docstring is its flag's help; a flag wins over a variable.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -22,9 +24,10 @@ class ServeConfig(BaseSettings):
 
     local_cache_mb: int = Field(64, ge=0)
     """Size of the in-process tier in MiB; 0 turns the tier off."""
-    invalidation: bool = True
-    """Drop a (group, id) from the in-process tier as soon as a writer says it wrote it (a
-    Redis pub/sub channel, so only with a Redis tier); off, values live their soft TTL."""
+    invalidation: Literal["drop", "refresh", "off"] = "drop"
+    """When a writer says it wrote a (group, id) (a Redis pub/sub channel, so only with a
+    Redis tier): drop it from the in-process tier; refresh: drop it and read it again from
+    Redis if this process held it; off: values live their soft TTL."""
     local_soft_ttl: Duration = 0
     """While invalidation is subscribed, how long a value in the in-process tier stays fresh
     (never past its group's hard TTL; losing the subscription clears the tier); 0 = each

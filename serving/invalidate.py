@@ -16,6 +16,15 @@ Pub/sub delivers at most once, so what a disconnected subscriber missed is unkno
   (featureplane/backoff.py), rotating over the cluster's primaries under Redis Cluster;
 - while unsubscribed, the groups' TTLs bound staleness as without invalidation.
 
+Drop or refresh (`ServeConfig.invalidation`): `drop` only drops, so the next read of a
+written key misses the local tier and reads Redis (or the store). `refresh` also re-reads
+from Redis, in the background and in one call a batch, the keys of a message that this
+process held (groups with a Redis tier; the others are dropped), so a key read more
+often than it is written keeps hitting the local tier. Its cost: every process reads
+every written key it holds, read again or not; with many processes behind a load
+balancer that is most of the write rate times the processes, where `drop` reads only
+the keys read again.
+
 A long local soft TTL (`ServeConfig.local_soft_ttl`): while subscribed, a value put in
 the local tier stays fresh that long (never past its hard TTL), instead of its group's
 soft TTL; the background refreshes that soft expiry costs are mostly wasted once writes
@@ -31,9 +40,11 @@ local tier stays TTL-bound.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
 
@@ -48,15 +59,23 @@ from featureplane.cache import CacheTier
 from featureplane.errors import NotStartedError
 from featureplane.invalidation import InvalidMessageError, channel_of, decode, local_groups
 from featureplane.serving.config import ServeConfig
-from featureplane.serving.freshness import Entry
+from featureplane.serving.freshness import Entry, entry_from_cache, rebased
 from featureplane.serving.local import LocalCache
 from featureplane.serving.logs import RateLimitedLog
 from featureplane.serving.metrics import Metrics
 from featureplane.serving.plan import Key
 from featureplane.spec import Catalog
+from featureplane.stores.base import Clock, wall_clock_ms
 from featureplane.stores.redis_cache import RedisCache
 
-__all__ = ["SUBSCRIBER", "InvalidatedCache", "Subscriber", "local_tier", "subscriber_of"]
+__all__ = [
+    "SUBSCRIBER",
+    "InvalidatedCache",
+    "Refresher",
+    "Subscriber",
+    "local_tier",
+    "subscriber_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +103,81 @@ def local_tier(config: ServeConfig, redis: CacheTier | None) -> LocalCache | Non
     if not config.local_cache_mb:
         return None
     size = config.local_cache_mb * 1024 * 1024
-    if config.invalidation and config.local_soft_ttl and isinstance(redis, RedisCache):
+    if config.invalidation != "off" and config.local_soft_ttl and isinstance(redis, RedisCache):
         return InvalidatedCache(size, config.local_soft_ttl)
     return LocalCache(size)
 
 
+class Refresher:
+    """Re-reads from Redis, in the background, keys dropped from `local` that it held."""
+
+    BATCH = 1_000
+    """Keys a Redis call reads at most."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        local: LocalCache,
+        redis: CacheTier,
+        metrics: Metrics,
+        *,
+        timeout_ms: int = 100,
+        clock: Clock = wall_clock_ms,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.catalog, self.local, self.redis, self.metrics = catalog, local, redis, metrics
+        self.timeout_s = timeout_ms / 1000
+        self.clock, self.rand = clock, rand
+        self.groups = frozenset(
+            n for n in local_groups(catalog) if "redis" in catalog.group(n).tiers
+        )
+        self._pending: dict[Key, None] = {}  # insertion-ordered, deduplicated
+        self._wake = asyncio.Event()
+
+    def held(self, keys: Sequence[Key]) -> list[Key]:
+        """The `keys` to refresh: held in the local tier now, of a group Redis has."""
+        local, groups = self.local, self.groups
+        return [k for k in keys if k[0] in groups and local.get(k) is not None]
+
+    def add(self, keys: Sequence[Key]) -> None:
+        if keys:
+            self._pending.update(dict.fromkeys(keys))
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Until cancelled: read what is pending, a batch at a time (what arrives meanwhile
+        waits for the next call: one call in flight at most)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = list(itertools.islice(self._pending, self.BATCH))
+                for key in batch:
+                    del self._pending[key]
+                await self.refresh(batch)
+
+    async def refresh(self, keys: list[Key]) -> None:
+        """Put Redis's values of `keys` in the local tier, unless invalidated meanwhile.
+        A failure leaves them dropped: the next read reads them."""
+        token = self.local.token()  # after their invalidation, before the read
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                cached = await self.redis.read_cached(keys)
+        except Exception:
+            self.metrics.errors.labels("redis", "invalidation refresh").inc()
+            return
+        now = self.clock()
+        for key, c in zip(keys, cached, strict=True):
+            if c.records and c.pttl is not None:  # what tiers.py's Redis path puts, the same way
+                group = self.catalog.group(key[0])
+                entry = entry_from_cache(group, list(c.records), c.pttl, now, self.rand())
+                if now < entry.hard_at:
+                    self.local.put(key, rebased(entry, group, self.rand(), self.rand()), token)
+
+
 class Subscriber:
-    """Listens on the invalidation channel and drops the named keys from `local`."""
+    """Listens on the invalidation channel and drops the named keys from `local` (and
+    has a `Refresher` read again those it held)."""
 
     def __init__(
         self,
@@ -102,30 +189,38 @@ class Subscriber:
         *,
         ping_s: float = 5.0,
         backoff_cap_ms: float = 5_000.0,
+        refresher: Refresher | None = None,
     ) -> None:
         """`urls()`: the Redis servers to subscribe on, tried in turn after failures."""
         self.local, self.urls, self.metrics = local, urls, metrics
+        self.refresher = refresher
         self.channel = channel_of(prefix)
         self.groups = local_groups(catalog)
         self.ping_s, self.backoff_cap_ms = ping_s, backoff_cap_ms
         self.subscribed = False
         self.events = RateLimitedLog(log)
         self._task: asyncio.Task[None] | None = None
+        self._refreshing: asyncio.Task[None] | None = None
         metrics.invalidation_subscribed.set_function(lambda: 1.0 if self.subscribed else 0.0)
 
     async def start(self) -> None:
         """Start listening in the background: Redis down at start-up only delays it."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="invalidation subscriber")
+        if self.refresher is not None and self._refreshing is None:
+            self._refreshing = asyncio.create_task(
+                self.refresher.run(), name="invalidation refresh"
+            )
 
     async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._task, self._refreshing):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._task = self._refreshing = None
         self._set_subscribed(False)
 
     async def _run(self) -> None:
@@ -192,7 +287,10 @@ class Subscriber:
             self.metrics.invalidation_messages.labels("garbled").inc()
             self.events.event("garbled", f"ignored a message on the invalidation channel: {exc}")
             return
+        held = self.refresher.held(keys) if self.refresher is not None else []
         self.local.invalidate(keys)
+        if self.refresher is not None:
+            self.refresher.add(held)
         self.metrics.invalidation_messages.labels("ok").inc()
         self.metrics.invalidated_keys.inc(len(keys))
 
@@ -220,10 +318,12 @@ def subscriber_of(
     local: LocalCache | None,
     metrics: Metrics,
     config: ServeConfig,
+    clock: Clock = wall_clock_ms,
+    rand: Callable[[], float] = random.random,
 ) -> Subscriber | None:
     """The subscriber for a local tier over a Redis tier; None without either, with
     `invalidation` off, or when no group has a local tier."""
-    if local is None or not config.invalidation or not isinstance(redis, RedisCache):
+    if local is None or config.invalidation == "off" or not isinstance(redis, RedisCache):
         return None
     if not local_groups(catalog):
         return None
@@ -241,7 +341,12 @@ def subscriber_of(
             found += [_at(url, node.host, int(node.port)) for node in client.get_primaries()]
         return found
 
-    return Subscriber(catalog, local, urls, redis.prefix, metrics)
+    refresher = None
+    if config.invalidation == "refresh":
+        refresher = Refresher(
+            catalog, local, redis, metrics, timeout_ms=config.redis_timeout, clock=clock, rand=rand
+        )
+    return Subscriber(catalog, local, urls, redis.prefix, metrics, refresher=refresher)
 
 
 def _at(url: str, host: str, port: int) -> str:

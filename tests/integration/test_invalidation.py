@@ -29,6 +29,7 @@ from featureplane.operators.write import Writer
 from featureplane.serving.app import METRICS, READER, create_app
 from featureplane.serving.config import ServeConfig
 from featureplane.serving.invalidate import SUBSCRIBER
+from featureplane.serving.local import LocalCache
 from featureplane.spec import Catalog, load_catalog
 from featureplane.stores.base import Query
 from featureplane.stores.embedded import EmbeddedStore
@@ -121,14 +122,16 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) 
     return time.monotonic() - start
 
 
-async def _env(catalog: Catalog, tmp_path: Path, redis_url: str) -> AsyncIterator[Env]:
+async def _env(
+    catalog: Catalog, tmp_path: Path, redis_url: str, config: ServeConfig | None = None
+) -> AsyncIterator[Env]:
     prefix = f"i{uuid.uuid4().hex[:8]}:"
     store = GatedStore(catalog, tmp_path)
     app = create_app(
         catalog,
         store=store,
         redis=RedisCache(catalog, redis_url, prefix=prefix),
-        config=ServeConfig(),
+        config=config or ServeConfig(),
     )
     metrics = IngestMetrics()
     writer = Writer(
@@ -176,6 +179,29 @@ async def test_a_write_reaches_a_warm_local_tier_within_the_bound(env: Env, grou
         "featureplane_invalidations_published_total", {"flow": "load", "outcome": "ok"}
     )
     assert sent == 2
+
+
+async def test_refresh_reads_again_what_it_held(
+    catalog: Catalog, tmp_path: Path, redis_url: str
+) -> None:
+    """invalidation=refresh: the new value is in the local tier before anyone reads it."""
+    async for env in _env(catalog, tmp_path, redis_url, ServeConfig(invalidation="refresh")):
+        await env.write("last", "u5", "a1")
+        assert await env.article("last", "u5") == "a1"
+        local = env.http.app[READER].local
+        assert local is not None
+        first = local.get(("last", "u5"))
+        assert first is not None
+
+        async def refreshed(local: LocalCache = local, old: int = first.records[0].ts) -> bool:
+            entry = local.get(("last", "u5"))
+            return entry is not None and entry.records[0].ts > old
+
+        await env.write("last", "u5", "a2")
+        await _until(refreshed)
+        hits = env.served("local", "last")
+        assert await env.article("last", "u5") == "a2"
+        assert env.served("local", "last") == hits + 1
 
 
 async def test_a_read_under_way_does_not_put_the_old_value_back(env: Env) -> None:

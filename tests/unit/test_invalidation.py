@@ -134,7 +134,7 @@ def test_the_local_tier_config_asks_for(catalog: Catalog) -> None:
     assert type(local_tier(ServeConfig(local_soft_ttl="2m"), None)) is LocalCache  # no channel
     long = local_tier(ServeConfig(local_soft_ttl="2m"), redis)
     assert isinstance(long, InvalidatedCache) and long.soft_ms == 120_000
-    off = ServeConfig(local_soft_ttl="2m", invalidation=False)
+    off = ServeConfig(local_soft_ttl="2m", invalidation="off")
     assert type(local_tier(off, redis)) is LocalCache
 
 
