@@ -103,7 +103,9 @@ def test_round_trip_is_the_float32_rounding_of_the_input(
     vector = (drawn * (dim // len(drawn) + 1))[:dim]
     scalars = ["m", 0.5, 3] if with_scalars else [None, None, None]
     g = embedding_group(dim)
-    features = dict(zip(("embedding", "model", "score", "version"), [vector, *scalars], strict=True))
+    features = dict(
+        zip(("embedding", "model", "score", "version"), [vector, *scalars], strict=True)
+    )
     size = 7 + len(orjson.dumps([None, *scalars])) + 4 * dim  # the layout's arithmetic
     if size > MAX_ITEM_BYTES:
         with pytest.raises(ItemTooLargeError, match=f"is {size} bytes encoded"):
