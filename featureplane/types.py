@@ -215,9 +215,9 @@ def pack_vector(t: FeatureType, value: Any, where: str = "value") -> bytes:
         )
     if len(value) != t.dim:
         raise ValidationError(f"{where}: vector must have {t.dim} floats, got {len(value)}")
-    # Fast path, C loops only: plain floats and ints (not bools: counting types is twice
-    # as fast as a set of them), a finite sum (a NaN or an infinity makes the sum one), and
-    # the packer's own range check.
+    # Fast path, C loops only: plain floats and ints (not bools; counting types took a
+    # third less time than a set of them), a finite sum (a NaN or an infinity makes the sum
+    # one), and the packer's own range check.
     types = list(map(type, value))
     floats = types.count(float)
     if floats == len(types) or floats + types.count(int) == len(types):
