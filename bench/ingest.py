@@ -10,9 +10,14 @@ keyword changes: 5 groups, M:N) into one 4-partition topic, then measures:
   3. ingest -> embedded store alone, the first --store-only-events events
   4. ingest -> DynamoDB (dynalite) + Redis, the first --dynamo-events events
   5. freshness (write time - event ts) p50/p99 at fixed --rates events/s for --seconds
+  6. 2 ingest processes (one consumer group, the same topic, one embedded store and
+     Redis) against 1: the aggregate events/s and the ratio
 
 Throughput counts from the first committed offset to the last, so the consumer-group
-join time (3 s on tansu) is excluded. Run: python bench/ingest.py [--events 1000000]
+join time (3 s on tansu) is excluded; with several processes, from the moment every
+partition has a commit and every process has its share. Each row also gives the CPU the
+ingest process(es) spent per event over the same span (user + system, all threads), the
+figure that stays comparable on a busy machine. Run: python bench/ingest.py [--events N]
 """
 
 from __future__ import annotations
@@ -236,25 +241,46 @@ class Ingest:
             self.proc.kill()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def all_assigned(ings: list[Ingest], c: dict[int, int]) -> bool:
+    """Every partition has a commit and every process reports committed partitions."""
+    if len(c) < PARTITIONS or min(c.values()) <= 0:
+        return False
+    if len(ings) == 1:
+        return True
+    return all("featureplane_ingest_committed_offset{" in i.metric_text() for i in ings)
+
+
 def run_to_end(
-    ing: Ingest,
+    ing: Ingest | list[Ingest],
     bootstrap: str,
     group: str,
     topic: str,
     end: dict[int, int],
     profile: Path | None = None,
-) -> tuple[float, int]:
+) -> tuple[float, int, float]:
+    """(events/s, events in all, CPU us an event) of a run to the end of `end`."""
+    ings = ing if isinstance(ing, list) else [ing]
     total = sum(end.values())
     t0 = None
     base = 0
+    cpu0 = 0.0
     spy = None
     while True:
-        if ing.proc.poll() is not None:
-            raise SystemExit(f"ingest exited with {ing.proc.returncode}")
+        for i in ings:
+            if i.proc.poll() is not None:
+                raise SystemExit(f"ingest exited with {i.proc.returncode}")
         c = committed(bootstrap, group, topic)
         done = sum(min(c.get(p, 0), e) for p, e in end.items())
-        if t0 is None and done > 0:
+        started = done > 0 if len(ings) == 1 else done < total and all_assigned(ings, c)
+        if t0 is None and started:
             t0, base = time.perf_counter(), done
+            cpu0 = sum(cpu_seconds(i.proc.pid) for i in ings)
             if profile and shutil.which("py-spy"):
                 spy = subprocess.Popen(
                     [
@@ -269,7 +295,7 @@ def run_to_end(
                         "-o",
                         str(profile),
                         "-p",
-                        str(ing.proc.pid),
+                        str(ings[0].proc.pid),
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -277,10 +303,13 @@ def run_to_end(
         if done >= total:
             break
         time.sleep(0.25)
-    assert t0 is not None
+    if t0 is None:
+        raise SystemExit(f"{group}: done before every process had its partitions; more --events")
+    elapsed, cpu = time.perf_counter() - t0, sum(cpu_seconds(i.proc.pid) for i in ings) - cpu0
     if spy is not None:
         spy.wait(60)
-    return (total - base) / (time.perf_counter() - t0), total
+    n = max(total - base, 1)
+    return n / elapsed, total, cpu / n * 1e6
 
 
 def quantile(text: str, q: float) -> float:
@@ -392,9 +421,10 @@ def main() -> int:
             work / "embedded.log",
         )
         prof = work / "profile.txt" if args.profile else None
-        rate, _ = run_to_end(ing, bs, "bench-embedded", topic, end, prof)
+        rate, _, cpu = run_to_end(ing, bs, "bench-embedded", topic, end, prof)
         ing.stop()
-        rows.append(("ingest -> embedded store + Redis", f"{rate:,.0f}", "-"))
+        one_process = rate
+        rows.append(("ingest -> embedded store + Redis", f"{rate:,.0f}", f"cpu {cpu:.0f} us/ev"))
         print(rows[-1], flush=True)
         if prof is not None:
             print("profile of the embedded + Redis run (self time, top frames):")
@@ -415,10 +445,14 @@ def main() -> int:
             },
             work / "store-only.log",
         )
-        rate, n = run_to_end(ing, bs, "bench-store-only", "bench-store-only", part_end)
+        rate, n, cpu = run_to_end(ing, bs, "bench-store-only", "bench-store-only", part_end)
         ing.stop()
         rows.append(
-            (f"ingest -> embedded store only (no Redis), {n:,} events", f"{rate:,.0f}", "-")
+            (
+                f"ingest -> embedded store only (no Redis), {n:,} events",
+                f"{rate:,.0f}",
+                f"cpu {cpu:.0f} us/ev",
+            )
         )
         print(rows[-1], flush=True)
 
@@ -441,9 +475,15 @@ def main() -> int:
             },
             work / "dynamo.log",
         )
-        rate, n = run_to_end(ing, bs, "bench-dynamo", "bench-dynamo", dyn_end)
+        rate, n, cpu = run_to_end(ing, bs, "bench-dynamo", "bench-dynamo", dyn_end)
         ing.stop()
-        rows.append((f"ingest -> DynamoDB (dynalite) + Redis, {n:,} events", f"{rate:,.0f}", "-"))
+        rows.append(
+            (
+                f"ingest -> DynamoDB (dynalite) + Redis, {n:,} events",
+                f"{rate:,.0f}",
+                f"cpu {cpu:.0f} us/ev",
+            )
+        )
         print(rows[-1], flush=True)
 
         for k, rate_s in enumerate(args.rates.split(",")):
@@ -476,9 +516,31 @@ def main() -> int:
             )
             print(rows[-1], flush=True)
 
+        # 2 processes in one group on the whole topic, sharing one embedded store and Redis
+        shared = {
+            "FEATUREPLANE_DATA_DIR": str(work / "data-two"),
+            "FEATUREPLANE_REDIS_URL": redis_url,
+            "FEATUREPLANE_BATCH_SIZE": args.batch_size,
+        }
+        two = [
+            Ingest(spec_for(topic), bs, "bench-two", shared, work / f"two-{k}.log")
+            for k in range(2)
+        ]
+        rate, _, cpu = run_to_end(two, bs, "bench-two", topic, end)
+        for i in two:
+            i.stop()
+        rows.append(
+            (
+                "ingest -> embedded + Redis, 2 processes (1 group)",
+                f"{rate:,.0f}",
+                f"cpu {cpu:.0f} us/ev; {rate / one_process:.2f}x 1 process",
+            )
+        )
+        print(rows[-1], flush=True)
+
         print()
-        print(f"{'run':<52} {'events/s':>10}  freshness")
-        print("-" * 90)
+        print(f"{'run':<52} {'events/s':>10}  CPU an event / freshness")
+        print("-" * 100)
         for name, r, f in rows:
             print(f"{name:<52} {r:>10}  {f}")
     finally:

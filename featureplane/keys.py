@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Protocol, TypeVar
 
 from featureplane.errors import ValidationError, quote
@@ -60,6 +61,9 @@ def partition_key(group: str, entity_id: str) -> str:
     return f"{group}{_SEP}{entity_id}"
 
 
+# Memoised: one event feeds several rules (M:N), whose items share its version, and the
+# hash is most of an item's key cost (~1 us, against ~0.1 us for a hit).
+@lru_cache(maxsize=4096)
 def version(ts: int, event_id: str) -> str:
     """The unique, time-ordered sort key of one event."""
     digest = _blake2b(event_id.encode("utf-8"), digest_size=6).hexdigest()

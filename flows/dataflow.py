@@ -1,6 +1,6 @@
 """Builds and runs the ingest and retry dataflows (the thin Bytewax layer).
 
-    kafka (GroupSource) -> batch -> decode -> dispatch -> aggregate -> write -> route -> ack
+    kafka (GroupSource) -> batch -> prepare (decode, dispatch, aggregate) -> write -> route -> ack
 
 Both flows share every step; they differ in what they read (event topics,
 or `<topic>.retry` with a backoff hold) and in their consumer group.
@@ -263,9 +263,7 @@ def build(
     flow = Dataflow(f"featureplane_{kind}")
     s = op.input("kafka", flow, GroupSource(partition))
     b = op.flat_map_batch("batch", s, pipeline.to_batch)
-    b = op.map("decode", b, pipeline.decode)
-    b = op.map("dispatch", b, pipeline.dispatch)
-    b = op.map("aggregate", b, pipeline.aggregate)
+    b = op.map("prepare", b, pipeline.prepare)  # decode -> dispatch -> aggregate
     b = op.map("write", b, pipeline.write)
     b = op.map("route", b, pipeline.route)
     op.inspect("ack", b, lambda _step, batch: pipeline.ack(batch))

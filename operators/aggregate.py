@@ -67,22 +67,27 @@ class Aggregator:
             features[name] = None if value is MISSING else value
         return make_item(plan.group, raw, event.ts, event.event_id, features)
 
+    def items(
+        self, rules: Iterable[IngestionRule], event: Event
+    ) -> tuple[tuple[Item, ...], str | None]:
+        """The items of `event` under each rule, or () and why the record is malformed."""
+        items: list[Item] = []
+        for rule in rules:
+            try:
+                items.append(self.item(rule, event))
+            except ValidationError as exc:
+                return (), f"rule {rule.name}: {exc}"
+        return tuple(items), None
+
     def aggregate(self, works: Iterable[Work]) -> list[Work]:
         out: list[Work] = []
         for work in works:
             if work.status != "pending" or work.event is None:
                 out.append(work)
                 continue
-            items: list[Item] = []
-            reason = None
-            for rule in work.rules:
-                try:
-                    items.append(self.item(rule, work.event))
-                except ValidationError as exc:
-                    reason = f"rule {rule.name}: {exc}"
-                    break
+            items, reason = self.items(work.rules, work.event)
             if reason is None:
-                out.append(work.with_items(tuple(items)))
+                out.append(work.with_items(items))
             else:
                 out.append(work.with_status("malformed", reason))
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterable, Sequence
 
 __all__ = ["OffsetTracker"]
 
@@ -30,18 +31,31 @@ class OffsetTracker:
 
     def track(self, offset: int) -> None:
         """Record that `offset` was read; offsets must be read in increasing order."""
+        self.track_many((offset,))
+
+    def track_many(self, offsets: Sequence[int]) -> None:
+        """`track` each of `offsets`, in order (a poll's: one lock, not one an offset)."""
+        if not offsets:
+            return
         with self._lock:
-            if self._last is not None and offset <= self._last:
-                raise ValueError(f"offset {offset} read after {self._last}")
-            self._last = offset
+            last = self._last
+            for offset in offsets:
+                if last is not None and offset <= last:
+                    raise ValueError(f"offset {offset} read after {last}")
+                last = offset
+            self._last = last
             if self._first is None:
-                self._first = offset
-            self._read.append(offset)
+                self._first = offsets[0]
+            self._read.extend(offsets)
 
     def ack(self, offset: int) -> None:
         """Mark `offset` done and advance the committable position."""
+        self.ack_many((offset,))
+
+    def ack_many(self, offsets: Iterable[int]) -> None:
+        """Mark every offset of `offsets` done (a batch's: one lock, not one an offset)."""
         with self._lock:
-            self._done.add(offset)
+            self._done.update(offsets)
             read, done = self._read, self._done
             while read and read[0] in done:
                 first = read.popleft()

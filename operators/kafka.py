@@ -121,6 +121,7 @@ class GroupConsumer:
         """Up to `max_records` records, each tracked before it is returned."""
         out: list[Message] = []
         counts: dict[str, int] = {}
+        read: dict[OffsetTracker, list[int]] = {}
         for m in self._consumer.consume(max_records, timeout_s):
             err = m.error()
             if err is not None:
@@ -133,9 +134,14 @@ class GroupConsumer:
             tracker = self.trackers.get((topic, partition))
             if tracker is None:  # assigned outside the callback (should not happen)
                 tracker = self.trackers[(topic, partition)] = OffsetTracker(topic, partition)
-            tracker.track(offset)
+            offsets = read.get(tracker)
+            if offsets is None:
+                offsets = read[tracker] = []
+            offsets.append(offset)
             counts[topic] = counts.get(topic, 0) + 1
             out.append(self.convert(m, tracker))
+        for tracker, offsets in read.items():  # one lock a partition, not one a record
+            tracker.track_many(offsets)
         for topic, n in counts.items():
             self.metrics.records_in.labels(self.flow, topic).inc(n)
         return out

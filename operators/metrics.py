@@ -11,13 +11,18 @@ start-up error) and `FEATUREPLANE_METRICS_HOST`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from featureplane.lifecycle import cannot_listen
 
-__all__ = ["IngestMetrics", "serve_metrics"]
+__all__ = ["BulkHistogram", "IngestMetrics", "serve_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +122,11 @@ class IngestMetrics:
             buckets=_WRITE_BUCKETS,
             registry=r,
         )
-        self.freshness_seconds = Histogram(
+        self.freshness_seconds = BulkHistogram(
             "featureplane_ingest_freshness_seconds",
             "Write time minus event ts, by feature group",
             ["flow", "group"],
-            buckets=_FRESHNESS_BUCKETS,
+            _FRESHNESS_BUCKETS,
             registry=r,
         )
 
@@ -151,6 +156,67 @@ class IngestMetrics:
     def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         """One sample's value (`name` as exposed, e.g. `..._total`), None when absent."""
         return self.registry.get_sample_value(name, labels or {})
+
+
+class BulkHistogram(Collector):
+    """A Prometheus histogram (`<name>_bucket`, `_count`, `_sum`) observed a batch at a time.
+
+    `prometheus_client`'s `Histogram` takes a lock and walks its buckets in Python on every
+    observation (~1.5 us); ingestion observes the freshness of every item it writes, 2-3 an
+    event, so that was a few percent of an event's cost. Here one call takes a batch of
+    values of one label set: one lock, one bisect a value.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        *,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self.bounds = sorted(float(b) for b in buckets)
+        self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+        """labels -> (count of each bucket and of +Inf, not cumulative; [sum])"""
+        self._lock = threading.Lock()
+        if registry is not None:
+            registry.register(self)
+
+    def observe_many(self, labels: Sequence[str], values: Sequence[float]) -> None:
+        """Observe each of `values` under `labels` (one value a label name)."""
+        if not values:
+            return
+        bounds = self.bounds
+        key = tuple(labels)
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = ([0] * (len(bounds) + 1), [0.0])
+            counts = series[0]
+            for v in values:
+                counts[bisect_left(bounds, v)] += 1  # the first bound >= v: le is inclusive
+            series[1][0] += sum(values)
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            series = [(k, list(c), s[0]) for k, (c, s) in self._series.items()]
+        les: list[str] = [floatToGoString(b) for b in self.bounds]  # type: ignore[no-untyped-call]
+        les.append("+Inf")
+        for key, counts, total in series:
+            cumulative, buckets = 0, []
+            for le, n in zip(les, counts, strict=True):
+                cumulative += n
+                buckets.append((le, float(cumulative)))
+            family.add_metric(list(key), buckets, total)
+        return [family]
 
 
 def serve_metrics(

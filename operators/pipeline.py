@@ -1,6 +1,7 @@
 """The ingestion steps over batches, as plain functions a dataflow engine calls.
 
     to_batch -> decode -> dispatch -> aggregate -> write -> route -> ack
+                `prepare`: the three in one pass
 
 Each step takes and returns one batch (a list of `Work`). The steps build no
 clients: a worker thread's I/O (an asyncio loop, a `Writer`, a `Delivery` to
@@ -25,9 +26,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from featureplane.errors import quote
+from featureplane.errors import MalformedError, quote
 from featureplane.operators.aggregate import Aggregator
-from featureplane.operators.decode import decode_works
+from featureplane.operators.commit import OffsetTracker
+from featureplane.operators.decode import decode_event, decode_works
 from featureplane.operators.dispatch import Dispatcher
 from featureplane.operators.handoff import Delivery, HandOff, abandon
 from featureplane.operators.metrics import IngestMetrics
@@ -145,6 +147,41 @@ class Pipeline:
         """Bytewax `flat_map_batch`: a source batch -> one batch of works."""
         return [[Work(m) for m in messages]] if messages else []
 
+    def prepare(self, batch: Batch) -> Batch:
+        """decode, dispatch and aggregate in one pass, one new `Work` a record, not three.
+
+        Should the pass raise (a bug: bad records are statuses, not exceptions), the batch
+        goes through the three steps one by one, which decide the culprit alone."""
+        try:
+            return self._prepare(batch)
+        except Exception:
+            log.exception("step prepare failed on a batch of %d; rerun step by step", len(batch))
+        return self.aggregate(self.dispatch(self.decode(batch)))
+
+    def _prepare(self, batch: Batch) -> Batch:
+        match, build = self.dispatcher.match, self.aggregator.items
+        out: Batch = []
+        for w in batch:
+            if w.status != "pending" or w.event is not None:
+                out.append(w)
+                continue
+            m = w.message
+            try:
+                event = decode_event(m.value)
+            except MalformedError as exc:
+                out.append(w.with_status("malformed", str(exc)))
+                continue
+            rules = match(m.topic, event.event_type, event.body)
+            if not rules:
+                out.append(Work(m, event, rules, (), "done"))
+                continue
+            items, reason = build(rules, event)
+            if reason is None:
+                out.append(Work(m, event, rules, items))
+            else:
+                out.append(Work(m, event, rules, (), "malformed", reason))
+        return out
+
     def decode(self, batch: Batch) -> Batch:
         return self._guarded("decode", batch, decode_works, "malformed")
 
@@ -186,9 +223,17 @@ class Pipeline:
 
     def ack(self, batch: Batch) -> None:
         """Acknowledge every record that is written or handed over."""
+        done: dict[OffsetTracker, list[int]] = {}
         for w in batch:
-            if w.status in ("done", "routed"):
-                w.message.ack()
+            if w.status == "done" or w.status == "routed":
+                m = w.message
+                if m.tracker is not None:
+                    offsets = done.get(m.tracker)
+                    if offsets is None:
+                        offsets = done[m.tracker] = []
+                    offsets.append(m.offset)
+        for tracker, offsets in done.items():  # one lock a partition, not one a record
+            tracker.ack_many(offsets)
 
     def _guarded(
         self, step: str, batch: Batch, fn: Callable[[Batch], Batch], failed: Status

@@ -63,8 +63,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from prometheus_client import Histogram
-
 from featureplane.backoff import backoff_ms
 from featureplane.codec import Item
 from featureplane.errors import TransientStoreError
@@ -145,7 +143,6 @@ class Writer:
         self._cache_starting = asyncio.Lock()
         self._pause_ms = 0
         self._paused_until = 0
-        self._freshness: dict[str, Histogram] = {}
         # Serving's local tiers hear of written keys through Redis (featureplane.invalidation).
         self._publisher = publisher_of(catalog, cache)
 
@@ -183,8 +180,8 @@ class Writer:
         units = [_Unit(works[i].items, works[i].message.cache_only) for i in pending]
         outcomes = await self._settle(units)
         out = list(works)
-        now = self.clock()
         m = self.metrics
+        written: list[Item] = []
         for i, unit, (store_failed, cache_failed) in zip(pending, units, outcomes, strict=True):
             work = works[i]
             if store_failed is not None:
@@ -199,8 +196,9 @@ class Writer:
                     m.failures.labels(self.flow, "cache").inc()
             else:
                 out[i] = work.with_status("done")
-                if m is not None:
-                    self._observe_freshness(m, unit.items, now)
+                written.extend(unit.items)
+        if m is not None and written:
+            self._observe_freshness(m, written, self.clock())
         return out
 
     async def write_items(self, items: Sequence[Item]) -> None:
@@ -212,12 +210,15 @@ class Writer:
                 raise _error_of(failed)
 
     def _observe_freshness(self, m: IngestMetrics, items: Sequence[Item], now: int) -> None:
-        fresh = self._freshness
+        """Write time minus event ts of every written item: one observation call a group."""
+        ages: dict[str, list[float]] = {}
         for item in items:
-            hist = fresh.get(item.group)
-            if hist is None:
-                hist = fresh[item.group] = m.freshness_seconds.labels(self.flow, item.group)
-            hist.observe(max(0, now - item.ts) / 1000)
+            age = ages.get(item.group)
+            if age is None:
+                age = ages[item.group] = []
+            age.append((now - item.ts) / 1000 if item.ts < now else 0.0)
+        for group, values in ages.items():
+            m.freshness_seconds.observe_many((self.flow, group), values)
 
     async def _settle(self, units: list[_Unit]) -> list[Outcome]:
         """The outcome of every unit under the policy."""

@@ -44,7 +44,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -111,6 +111,7 @@ _WRITER_PRAGMAS = ("PRAGMA cache_size = -65536", "PRAGMA journal_size_limit = 67
 
 
 _ROW_KEY = itemgetter(0, 1)
+_TAIL = attrgetter("ts", "version", "value")
 
 
 def _pk(group: str, entity_id: str) -> bytes:
@@ -149,6 +150,8 @@ class EmbeddedStore(Store):
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._known = frozenset(catalog.groups)
+        self._latest = frozenset(n for n, g in catalog.groups.items() if g.kind == "latest")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
@@ -195,10 +198,13 @@ class EmbeddedStore(Store):
     async def write(self, items: Sequence[Item]) -> None:
         if not items:
             return
-        rows = []
-        for it in items:
-            sk = NULL_SK if self.group(it.group).kind == "latest" else it.version
-            rows.append((_pk(it.group, it.id), sk, it.ts, it.version, it.value))
+        if unknown := {it.group for it in items} - self._known:
+            self.group(unknown.pop())  # raises UnknownGroupError
+        latest = self._latest  # a set lookup an item, not a catalog lookup
+        rows = [
+            (_pk(it.group, it.id), NULL_SK if it.group in latest else it.version, *_TAIL(it))
+            for it in items
+        ]
         # Key order makes neighbouring upserts share B-tree pages. The sort is stable, so
         # rows of one key keep their batch order (it decides ties of equal versions).
         rows.sort(key=_ROW_KEY)

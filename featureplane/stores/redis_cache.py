@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from featureplane.cache import Cached, CacheFill, CacheTier
 from featureplane.codec import Item
@@ -129,29 +130,43 @@ class RedisCache:
         """
         by_key: dict[tuple[str, str], list[Item]] = {}
         for item in items:
-            by_key.setdefault((item.group, item.id), []).append(item)
+            pair = (item.group, item.id)
+            same = by_key.get(pair)
+            if same is None:
+                by_key[pair] = [item]
+            else:
+                same.append(item)
         if not by_key:
             return
         slot_of = self.connection.slot_of()
-        now = self.clock()
+        now, rand, prefix = self.clock(), self.rand, self.prefix
+        # A group's rules, worked out once a call rather than once a key (the client's
+        # CPU per key bounds ingestion, not Redis).
+        plans: dict[str, _Through | None] = {}
         entries: list[ThroughEntry] = []
         for (group_name, entity_id), batch in by_key.items():
-            group = group_of(self.catalog, group_name)
-            neg = negative_key_of(self.prefix, group_name, entity_id)
-            if group.on_demand or group.write == "around" or "redis" not in group.tiers:
+            if group_name in plans:
+                plan = plans[group_name]
+            else:
+                plan = plans[group_name] = _through(group_of(self.catalog, group_name), now)
+            key = key_of(prefix, group_name, entity_id)
+            neg = key + NEGATIVE_SUFFIX
+            if plan is None:
                 entries.append((None, neg, []))
                 continue
-            key = key_of(self.prefix, group_name, entity_id)
-            if group.kind == "latest":
-                entries.append((key, neg, [b"l", self._ttl(group), member_of(newest(batch))]))
+            if plan.kind is None:  # latest
+                best = batch[0] if len(batch) == 1 else newest(batch)
+                ttl = jittered(plan.hard_ms, plan.jitter, rand())
+                entries.append((key, neg, [b"l", ttl, member_of(best)]))
                 continue
-            members = timeseries_members(batch, group.max_items, cutoff(group, now))
+            members = timeseries_members(batch, plan.max_items, plan.cutoff)
             if not members:
                 entries.append((None, neg, []))
                 continue
-            ttl, low = self._ttl(group), oldest_kept(group, now)
-            kind = b"t" if "store" in group.tiers else b"T"
-            entries.append((key, neg, [kind, ttl, group.max_items, low, len(members), *members]))
+            ttl = jittered(plan.hard_ms, plan.jitter, rand())
+            args: list[bytes | int | str] = [plan.kind, ttl, plan.max_items, plan.low]
+            args += [len(members), *members]
+            entries.append((key, neg, args))
         calls = [through_call(chunk) for chunk in through_chunks(entries, THROUGH_KEYS, slot_of)]
         await self.connection.run(calls, "cache write")
 
@@ -215,6 +230,34 @@ class RedisCache:
                     int(neg) if neg >= 0 else None,
                 )
         return [out[i] for i in range(len(keys))]
+
+
+@dataclass(frozen=True, slots=True)
+class _Through:
+    """How `write_through` writes the keys of one group (at one `now`)."""
+
+    kind: bytes | None
+    """None: latest; b"t": timeseries appended to existing keys; b"T": created too."""
+    hard_ms: int
+    jitter: float
+    max_items: int
+    cutoff: int | None
+    low: str
+
+
+def _through(group: FeatureGroup, now: int) -> _Through | None:
+    """The group's write-through, or None when it only loses its negative markers."""
+    if group.on_demand or group.write == "around" or "redis" not in group.tiers:
+        return None
+    kind = None if group.kind == "latest" else (b"t" if "store" in group.tiers else b"T")
+    return _Through(
+        kind,
+        group.ttl.hard,
+        group.ttl.jitter,
+        group.max_items,
+        cutoff(group, now),
+        oldest_kept(group, now),
+    )
 
 
 def _implements_the_protocol(cache: RedisCache) -> CacheTier:

@@ -156,6 +156,9 @@ def timeseries_members(items: Sequence[Item], max_items: int, cutoff: int | None
     One per version (the last in the batch wins), none older than `cutoff`, and at most
     `max_items`: older ones could not survive the cap whatever the key already holds.
     """
+    if len(items) == 1:  # the common case: one event of a key in a batch
+        only = items[0]
+        return [member_of(only)] if (cutoff is None or only.ts >= cutoff) and max_items else []
     by_version = {i.version: i for i in items if cutoff is None or i.ts >= cutoff}
     newest = sorted(by_version)[-max_items:]
     return [member_of(by_version[v]) for v in newest]

@@ -99,3 +99,45 @@ def test_kill_9_loses_nothing_acknowledged_and_readers_share_the_file(tmp_path: 
 
     assert acked >= 300
     asyncio.run(check())
+
+
+TWO_WRITERS = textwrap.dedent(
+    """
+    import asyncio, sys
+    from featureplane.codec import make_item
+    from featureplane.stores.embedded import EmbeddedStore
+    from tests.contract.conftest import CATALOG
+
+    async def main():
+        g, p, w = CATALOG.group("clicks"), CATALOG.group("profile"), sys.argv[2]
+        async with EmbeddedStore(CATALOG, sys.argv[1]) as store:
+            for b in range(100):
+                items = [make_item(g, f"{w}-u{k}", 1_000 + b, f"{w}{b}-{k}", {"n": b})
+                         for k in range(40)]
+                # one key both write: the newest version wins whichever process wrote last
+                items.append(make_item(p, "shared", 1_000 + 2 * b + (w == "b"), f"{w}{b}", {}))
+                await store.write(items)
+        print("ok", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_two_writing_processes_share_one_store_and_lose_nothing(tmp_path: Path) -> None:
+    """Two ingest processes on one machine write one embedded store: SQLite lets one write
+    transaction in at a time and the other waits (busy timeout), never failing."""
+    writers = [_python(TWO_WRITERS, str(tmp_path), w) for w in ("a", "b")]
+    for w in writers:
+        out, err = w.communicate(timeout=120)
+        assert w.returncode == 0 and out.strip() == "ok", err
+
+    async def check() -> None:
+        async with EmbeddedStore(CATALOG, tmp_path) as store:
+            keys = [f"{w}-u{k}" for w in ("a", "b") for k in range(40)]
+            got = await store.read([Query("clicks", k, limit=50) for k in keys])
+            shared = (await store.read([Query("profile", "shared")]))[0]
+        assert all(len(records) == 50 and records[0].ts == 1_099 for records in got)
+        assert shared[0].ts == 1_000 + 2 * 99 + 1  # b's last, the newest of all
+
+    asyncio.run(check())
