@@ -24,10 +24,12 @@ class ServeConfig(BaseSettings):
 
     local_cache_mb: int = Field(64, ge=0)
     """Size of the in-process tier in MiB; 0 turns the tier off."""
-    invalidation: Literal["drop", "refresh", "off"] = "drop"
+    invalidation: Literal["refresh", "drop", "off"] = "refresh"
     """When a writer says it wrote a (group, id) (a Redis pub/sub channel, so only with a
-    Redis tier): drop it from the in-process tier; refresh: drop it and read it again from
-    Redis if this process held it; off: values live their soft TTL."""
+    Redis tier): refresh drops it from the in-process tier and reads it again from Redis if
+    this process held it (the hit rate stays); drop only drops it (the next read of it goes
+    to Redis: fewer Redis reads when keys are written more often than read); off: values
+    live their soft TTL."""
     local_soft_ttl: Duration = 0
     """While invalidation is subscribed, how long a value in the in-process tier stays fresh
     (never past its group's hard TTL; losing the subscription clears the tier); 0 = each

@@ -131,7 +131,7 @@ async def _env(
         catalog,
         store=store,
         redis=RedisCache(catalog, redis_url, prefix=prefix),
-        config=config or ServeConfig(),
+        config=config or ServeConfig(invalidation="drop"),
     )
     metrics = IngestMetrics()
     writer = Writer(
@@ -154,12 +154,22 @@ async def _env(
 
 @pytest.fixture
 async def env(catalog: Catalog, tmp_path: Path, redis_url: str) -> AsyncIterator[Env]:
+    """A server whose invalidation only drops (what the tests below watch for)."""
     async for e in _env(catalog, tmp_path, redis_url):
         yield e
 
 
+@pytest.fixture(params=["drop", "refresh"])
+async def either(
+    request: pytest.FixtureRequest, catalog: Catalog, tmp_path: Path, redis_url: str
+) -> AsyncIterator[Env]:
+    async for e in _env(catalog, tmp_path, redis_url, ServeConfig(invalidation=request.param)):
+        yield e
+
+
 @pytest.mark.parametrize("group", ["last", "last_ls"])
-async def test_a_write_reaches_a_warm_local_tier_within_the_bound(env: Env, group: str) -> None:
+async def test_a_write_reaches_a_warm_local_tier_within_the_bound(either: Env, group: str) -> None:
+    env = either
     await env.write(group, "u1", "a1")
     assert await env.article(group, "u1") == "a1"
     hits = env.served("local", group)
