@@ -2,6 +2,10 @@
 
     kafka (GroupSource) -> batch -> prepare (decode, dispatch, aggregate) -> write -> route -> ack
 
+The write step is `Pipeline.write_behind`: it starts a batch's writes and passes on the
+batch before it, written, so the store and Redis work while the next batch is read and
+prepared; the source calls `Pipeline.flush` when it reads nothing new.
+
 Both flows share every step; they differ in what they read (event topics,
 or `<topic>.retry` with a backoff hold) and in their consumer group.
 
@@ -258,13 +262,14 @@ def build(
             commit_interval_s=options.commit_interval / 1000,
             drain_timeout_s=options.drain_timeout / 1000,
             hold=hold,
+            on_idle=pipeline.flush,
         )
 
     flow = Dataflow(f"featureplane_{kind}")
     s = op.input("kafka", flow, GroupSource(partition))
     b = op.flat_map_batch("batch", s, pipeline.to_batch)
     b = op.map("prepare", b, pipeline.prepare)  # decode -> dispatch -> aggregate
-    b = op.map("write", b, pipeline.write)
+    b = op.map("write", b, pipeline.write_behind)  # returns the batch written before
     b = op.map("route", b, pipeline.route)
     op.inspect("ack", b, lambda _step, batch: pipeline.ack(batch))
     return Built(flow, pipeline)

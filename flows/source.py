@@ -46,7 +46,10 @@ class GroupPartition(StatelessSourcePartition[Message]):
         drain_timeout_s: float,
         hold: RetryHold | None = None,
         max_held: int = 50_000,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
+        """`on_idle`: called when a read brings nothing new (`Pipeline.flush`: the batch
+        still being written is finished and acknowledged, not left for the next one)."""
         self.consumer = consumer
         self.stop = stop
         self.batch_size = batch_size
@@ -54,6 +57,7 @@ class GroupPartition(StatelessSourcePartition[Message]):
         self.drain_timeout_s = drain_timeout_s
         self.hold = hold
         self.max_held = max_held
+        self.on_idle = on_idle
         self._next_commit = time.monotonic() + commit_interval_s
         self._drain_deadline: float | None = None
         self._idle = False
@@ -78,9 +82,13 @@ class GroupPartition(StatelessSourcePartition[Message]):
                 self.consumer.resume()
             messages = self.hold.pop_due(self.batch_size)
         self._idle = not messages
+        if self._idle and self.on_idle is not None:
+            self.on_idle()
         return messages
 
     def _drain(self, now: float) -> list[Message]:
+        if self.on_idle is not None:
+            self.on_idle()
         if self._drain_deadline is None:
             self._drain_deadline = now + self.drain_timeout_s
             log.info("stopping: no more reads; waiting for records in flight")

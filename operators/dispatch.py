@@ -70,12 +70,17 @@ class Dispatcher:
     def match(
         self, topic: str, event_type: str, body: Mapping[str, Any]
     ) -> tuple[IngestionRule, ...]:
-        candidates = self._index.get((topic, event_type), ())
-        return tuple(
-            rule
-            for rule, where in candidates
-            if not where or all(_equal(get_parts(body, p), v) for p, v in where)
-        )
+        candidates = self._index.get((topic, event_type))
+        if candidates is None:
+            return ()
+        matched: list[IngestionRule] = []
+        for rule, where in candidates:  # loops, not generators: this runs for every event
+            for parts, expected in where:
+                if not _equal(get_parts(body, parts), expected):
+                    break
+            else:
+                matched.append(rule)
+        return tuple(matched)
 
     def dispatch(self, works: Iterable[Work]) -> list[Work]:
         """Attach matching rules to each decoded work; one matching nothing is done."""

@@ -1,7 +1,7 @@
 """The ingestion steps over batches, as plain functions a dataflow engine calls.
 
     to_batch -> decode -> dispatch -> aggregate -> write -> route -> ack
-                `prepare`: the three in one pass
+                `prepare`: the three in one pass; `write_behind`: write, overlapped
 
 Each step takes and returns one batch (a list of `Work`). The steps build no
 clients: a worker thread's I/O (an asyncio loop, a `Writer`, a `Delivery` to
@@ -22,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 from featureplane.errors import MalformedError, quote
 from featureplane.operators.aggregate import Aggregator
@@ -44,6 +45,7 @@ __all__ = ["Pipeline", "PipelineConfig", "Worker"]
 log = logging.getLogger(__name__)
 
 Batch = list[Work]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,28 +66,65 @@ class PipelineConfig:
     batches): its offset, and so the commit, waits for it."""
 
 
+class _LoopThread:
+    """A thread running an event loop forever, started on first use and stopped by `stop`."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+
+    def submit(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        if self.thread is None:
+            self.thread = threading.Thread(target=loop.run_forever, name="fp-writes", daemon=True)
+            self.thread.start()
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    def stop(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            self.thread.join()
+            self.thread = None
+
+
 @dataclass(frozen=True, slots=True)
 class Worker:
-    """One worker thread's I/O, made by the flow: its loop runs the writer's calls."""
+    """One worker thread's I/O, made by the flow: its loop runs the writer's calls.
+
+    `run` runs a call on the caller's thread; `submit` hands a batch's write to a thread
+    that runs the loop from then on, so the store's and Redis's work on one batch goes on
+    while the dataflow thread prepares the next (`Pipeline.write_behind`).
+    """
 
     loop: asyncio.AbstractEventLoop
     writer: Writer
     delivery: Delivery
+    background: _LoopThread = field(default_factory=_LoopThread, compare=False, repr=False)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self.background.thread is None:
+            return self.loop.run_until_complete(coro)
+        return self.background.submit(self.loop, coro).result()
+
+    def submit(self, works: Sequence[Work]) -> Future[list[Work]]:
+        """The writer's `write(works)`, under way on the loop's thread."""
+        return self.background.submit(self.loop, self.writer.write(works))
 
     def close(self) -> None:
         try:
             self.delivery.close()
         finally:
             try:
-                self.loop.run_until_complete(self.writer.aclose())
+                self.run(self.writer.aclose())
             finally:
+                self.background.stop(self.loop)
                 self.loop.close()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Thread:
     worker: Worker
     handoff: HandOff
+    in_flight: tuple[Batch, Future[Batch]] | None = None
+    """The batch being written by `write_behind`, and its outcome to come."""
 
 
 class Pipeline:
@@ -192,14 +231,57 @@ class Pipeline:
         return self._guarded("aggregate", batch, self.aggregator.aggregate, "malformed")
 
     def write(self, batch: Batch) -> Batch:
+        """Write the batch's pending records and wait for the outcome."""
         if not any(w.status == "pending" for w in batch):
             return batch
+        return self._guarded("write", batch, self._write_now, "transient")
 
-        def run(works: Batch) -> Batch:
-            worker = self._thread().worker
-            return worker.loop.run_until_complete(worker.writer.write(works))
+    def _write_now(self, works: Batch) -> Batch:
+        worker = self._thread().worker
+        return worker.run(worker.writer.write(works))
 
-        return self._guarded("write", batch, run, "transient")
+    def write_behind(self, batch: Batch) -> Batch:
+        """The dataflows' write step: start writing `batch`, then return the batch started
+        before it, written (on the first call, an empty batch).
+
+        The store's and Redis's work on one batch (SQLite commits on its own thread, Redis
+        runs its scripts) then overlaps with the next batch's reading and preparing on
+        this thread, where before this thread waited. Nothing changes for at-least-once:
+        a record is acknowledged only once its outcome is known, after this step as
+        before; the source calls `flush` when it has nothing new, so the last batch
+        never waits for another. At most two batches are written at a time.
+        """
+        if not any(w.status == "pending" for w in batch):
+            return batch
+        previous: tuple[Batch, Future[Batch]] | None = None
+        try:
+            held = self._thread()
+            previous, held.in_flight = held.in_flight, None
+            held.in_flight = (batch, held.worker.submit(batch))
+        except Exception:  # the clients cannot be made or used: decided now, record by record
+            log.exception("%s: cannot start a batch's write", self.config.flow)
+            done = self.write(batch)
+            return done if previous is None else self._finish(*previous) + done
+        return [] if previous is None else self._finish(*previous)
+
+    def flush(self) -> None:
+        """Finish, route and acknowledge the batch `write_behind` is writing on this thread,
+        if any: the source calls this when it reads nothing new."""
+        held: _Thread | None = getattr(self._local, "held", None)
+        if held is None or held.in_flight is None:
+            return
+        writing, held.in_flight = held.in_flight, None
+        try:
+            self.ack(self.route(self._finish(*writing)))
+        except Exception:  # never stop the dataflow: the records are read again after a restart
+            log.exception("%s: finishing a batch's write failed", self.config.flow)
+
+    def _finish(self, batch: Batch, outcome: Future[Batch]) -> Batch:
+        try:
+            return outcome.result()
+        except Exception:
+            log.exception("step write failed on a batch of %d; rerun per record", len(batch))
+        return self._one_by_one("write", batch, self._write_now, "transient")
 
     def route(self, batch: Batch) -> Batch:
         """Hand malformed and failed records to the DLQ / retry topic, confirmed."""
@@ -244,6 +326,11 @@ class Pipeline:
             return fn(batch)
         except Exception:
             log.exception("step %s failed on a batch of %d; rerun per record", step, len(batch))
+        return self._one_by_one(step, batch, fn, failed)
+
+    def _one_by_one(
+        self, step: str, batch: Batch, fn: Callable[[Batch], Batch], failed: Status
+    ) -> Batch:
         out: Batch = []
         for w in batch:
             if w.status != "pending":

@@ -729,3 +729,42 @@ def test_two_pipelines_in_one_process_count_apart() -> None:
     labels = {"flow": "ingest", "topic": "user-actions"}
     assert a.metrics.value("featureplane_ingest_cache_abandoned_total", labels) == 1
     assert b.metrics.value("featureplane_ingest_cache_abandoned_total", labels) is None
+
+
+class BuggyWriter(Writer):
+    """Raises on any write of more than one record while `buggy`."""
+
+    buggy = False
+
+    async def write(self, works: Sequence[Work]) -> list[Work]:
+        if self.buggy and len(works) > 1:
+            raise RuntimeError("bug")
+        return await super().write(works)
+
+
+def test_write_behind_returns_the_batch_before_and_flush_acknowledges_the_last() -> None:
+    store = FakeStore()
+    loop = asyncio.new_event_loop()
+    writer = BuggyWriter(CATALOG, store, None)
+    p = pipeline(open_worker=lambda: Worker(loop, writer, FakeDeliverer()))
+    tracker = OffsetTracker("user-actions", 0)
+
+    def batch(first: int) -> list[Work]:
+        tracker.track_many(range(first, first + 2))
+        ms = [msg(click(event_id=f"e{o}"), offset=o, tracker=tracker) for o in (first, first + 1)]
+        return p.prepare(p.to_batch(ms)[0])
+
+    assert p.write_behind(batch(0)) == []  # under way, nothing finished yet
+    second = p.write_behind(batch(2))
+    assert [(w.message.offset, w.status) for w in second] == [(0, "done"), (1, "done")]
+    p.ack(p.route(second))
+    assert tracker.position == 2
+    p.flush()  # the source read nothing new: the last batch is finished and acknowledged
+    assert tracker.position == 4 and len(store.items) == 8
+    p.flush()  # nothing under way: nothing to do
+    writer.buggy = True  # a write that raises on the batch: rerun record by record
+    assert p.write_behind(batch(4)) == []
+    p.flush()
+    assert tracker.position == 6 and len(store.items) == 12
+    p.close()
+    assert loop.is_closed()
