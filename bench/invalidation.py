@@ -1,13 +1,14 @@
 """Benchmark of the local tier's invalidation: how soon a write is served, at what hit rate.
 
-    python bench/invalidation.py [--duration 15] [--ids 10000] [--rate 1000] [--only ...]
+    python bench/invalidation.py [--duration 15] [--ids 10000] [--rate 1000] [--rounds 2]
+                                 [--only off,drop,...] [--long-soft 4m] [--load-items N]
 
 Set-up: its own redis-server, the embedded store, one latest group with tiers
 [local, redis, store] and the demo's TTLs (soft 30 s, hard 5 m), `--ids` ids loaded.
 For each mode a `featureplane serve` process (one worker) is started and its local tier
 warmed with every id; then, for `--duration` seconds at once:
 
-- wrk (-t1 -c32) reads random ids (GET /v1/features/last/<id>): the RPS;
+- wrk (-t1, `--connections` 32) reads random ids (GET /v1/features/last/<id>): the RPS;
 - a `Writer` in this process writes `--rate` items/s over the ids through the store and
   Redis, a batch every 100 ms (ingestion's shape: one message a batch);
 - after each batch returns, one of its ids is polled (every 2 ms) until the server
@@ -23,7 +24,12 @@ tier (so every batch is published) against the same group without one (nothing i
 back to back: what publishing costs a batch load.
 
 The machine's cores are shared by wrk, redis-server, the server and this process: the
-figures move with whatever else runs; compare rows of one run.
+figures move with whatever else runs; compare rows of one run. The modes take turns,
+`--rounds` times, so a busy spell of the machine spreads over all of them; the RPS
+column is their mean, with the lowest and highest run.
+
+The probe's time includes its own HTTP request queued behind wrk's 32 connections on a
+saturated server (about 32 / RPS): it is what a client sees, not the channel's delay.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.serve import wait_up  # noqa: E402
-from featureplane.codec import make_item  # noqa: E402
+from featureplane.codec import Item, make_item  # noqa: E402
 from featureplane.operators.policy import RetryInPlace  # noqa: E402
 from featureplane.operators.write import Writer  # noqa: E402
 from featureplane.spec import Catalog, load_catalog  # noqa: E402
@@ -96,7 +102,7 @@ class Probes:
         return ranked[min(len(ranked) - 1, int(q * (len(self.took) + self.cut)))]
 
 
-def _item(catalog: Catalog, group: str, uid: int, seq: int) -> object:
+def _item(catalog: Catalog, group: str, uid: int, seq: int) -> Item:
     return make_item(
         catalog.group(group),
         str(uid),
@@ -110,7 +116,7 @@ async def _seed(catalog: Catalog, data: Path, url: str, ids: int) -> None:
     async with Writer(
         catalog, EmbeddedStore(catalog, data), RedisCache(catalog, url), policy=RetryInPlace()
     ) as w:
-        await w.write_items([_item(catalog, "last", i, 0) for i in range(ids)])  # type: ignore[misc]
+        await w.write_items([_item(catalog, "last", i, 0) for i in range(ids)])
 
 
 async def _warm(port: int, ids: int) -> None:
@@ -168,7 +174,7 @@ async def _write_and_probe(
             for uid in batch:
                 seq += 1
                 items.append(_item(catalog, "last", uid, seq))
-            await w.write_items(items)  # type: ignore[arg-type]
+            await w.write_items(items)
             done = time.monotonic()
             tasks.append(asyncio.create_task(probe(s, batch[-1], seq, done)))
             tick += 0.1
@@ -182,14 +188,20 @@ def _serve(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, env={**os.environ, **env}, cwd=REPO)
 
 
-def _wrk(port: int, lua: Path, duration: float) -> float:
+def _wrk(port: int, lua: Path, duration: float, conns: int) -> tuple[float, float]:
+    """wrk's requests a second and p99 (ms)."""
     out = subprocess.run(
-        ["wrk", "-t1", "-c32", f"-d{int(duration)}s", "-s", str(lua), f"http://127.0.0.1:{port}"],
+        [
+            *("wrk", "-t1", f"-c{conns}", f"-d{int(duration)}s", "--latency"),
+            *("-s", str(lua), f"http://127.0.0.1:{port}"),
+        ],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    v, unit = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)$", out, re.M).groups()  # type: ignore[union-attr]
+    return rps, float(v) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
 async def _load_cost(catalog: Catalog, data: Path, url: str, n: int) -> dict[str, float]:
@@ -208,9 +220,49 @@ async def _load_cost(catalog: Catalog, data: Path, url: str, n: int) -> dict[str
             ) as w:
                 t = time.perf_counter()
                 for lo in range(0, n, 50_000):
-                    await w.write_items(items[lo : lo + 50_000])  # type: ignore[arg-type]
+                    await w.write_items(items[lo : lo + 50_000])
                 took[group].append(time.perf_counter() - t)
     return {g: min(v) for g, v in took.items()}
+
+
+def _run_mode(
+    catalog: Catalog,
+    tmp: Path,
+    url: str,
+    env: dict[str, str],
+    lua: Path,
+    ids: int,
+    rate: int,
+    duration: float,
+    conns: int,
+) -> tuple[Probes, dict[str, float], float, float]:
+    """One server in one mode, warmed, under wrk and the writer: its probes, the deltas
+    of its local tier's counts, wrk's RPS and p99 (ms)."""
+    port = free_port()
+    proc = _serve(port, env)
+    try:
+        wait_up(port)
+        asyncio.run(_warm(port, ids))
+        subprocess.run(  # warm-up of the load itself
+            ["wrk", "-t1", f"-c{conns}", "-d2s", "-s", str(lua), f"http://127.0.0.1:{port}"],
+            capture_output=True,
+            check=True,
+        )
+        before = _local_counts(port)
+        got: list[Probes] = []
+        writer = threading.Thread(
+            target=lambda: got.append(
+                asyncio.run(_write_and_probe(catalog, tmp / "data", url, port, ids, rate, duration))
+            )
+        )
+        writer.start()
+        rps, p99 = _wrk(port, lua, duration, conns)
+        writer.join()
+        after = _local_counts(port)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return got[0], {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}, rps, p99
 
 
 def invalidation_rows(
@@ -220,9 +272,12 @@ def invalidation_rows(
     modes: tuple[str, ...] = tuple(MODES),
     long_soft: str = "4m",
     load_items: int = 200_000,
+    rounds: int = 2,
+    conns: int = 32,
 ) -> list[tuple[str, dict[str, float | None]]]:
     """One row per mode: write -> new value served p50/p99 (ms, None past the 2 s cut), the
-    share cut, the local hit rate (%), wrk's RPS; and the load-cost row."""
+    share cut, the local hit rate (%), wrk's RPS (mean of `rounds` runs, the modes taking
+    turns); and the load-cost row."""
     tmp = Path(tempfile.mkdtemp(prefix="fp-bench-inval-"))
     (tmp / "spec.yaml").write_text(SPEC)
     catalog = load_catalog(tmp / "spec.yaml")
@@ -239,52 +294,40 @@ def invalidation_rows(
             "FEATUREPLANE_REDIS_URL": url,
             "FEATUREPLANE_SERVE_WORKERS": "1",
         }
+        probes = {m: Probes() for m in modes}
+        counts: dict[str, dict[str, float]] = {m: {} for m in modes}
+        rps: dict[str, list[float]] = {m: [] for m in modes}
+        p99s: dict[str, list[float]] = {m: [] for m in modes}
+        for _ in range(rounds):
+            for mode in modes:
+                env = {**base, **{k: v for k, v in MODES[mode].items() if k != "LONG"}}
+                if "LONG" in MODES[mode]:
+                    env["FEATUREPLANE_SERVE_LOCAL_SOFT_TTL"] = long_soft
+                p, d, r, q = _run_mode(catalog, tmp, url, env, lua, ids, rate, duration, conns)
+                probes[mode].took += p.took
+                probes[mode].cut += p.cut
+                for k, v in d.items():
+                    counts[mode][k] = counts[mode].get(k, 0.0) + v
+                rps[mode].append(r)
+                p99s[mode].append(q)
         for mode in modes:
-            env = {k: v for k, v in MODES[mode].items() if k != "LONG"}
-            if "LONG" in MODES[mode]:
-                env["FEATUREPLANE_SERVE_LOCAL_SOFT_TTL"] = long_soft
-            port = free_port()
-            proc = _serve(port, {**base, **env})
-            try:
-                wait_up(port)
-                asyncio.run(_warm(port, ids))
-                subprocess.run(  # warm-up of the load itself
-                    ["wrk", "-t1", "-c32", "-d2s", "-s", str(lua), f"http://127.0.0.1:{port}"],
-                    capture_output=True,
-                    check=True,
-                )
-                before = _local_counts(port)
-                loop_result: dict[str, object] = {}
-
-                def writer_thread(result: dict[str, object] = loop_result, p: int = port) -> None:
-                    result["probes"] = asyncio.run(
-                        _write_and_probe(catalog, tmp / "data", url, p, ids, rate, duration)
-                    )
-
-                t = threading.Thread(target=writer_thread)
-                t.start()
-                rps = _wrk(port, lua, duration)
-                t.join()
-                after = _local_counts(port)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
-            probes = loop_result["probes"]
-            assert isinstance(probes, Probes)
-            d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+            d, pr = counts[mode], probes[mode]
             looked = d.get("hit", 0) + d.get("miss", 0) + d.get("unanswerable", 0)
-            p50, p99 = probes.pct(0.5), probes.pct(0.99)
+            p50, p99 = pr.pct(0.5), pr.pct(0.99)
             rows.append(
                 (
                     mode,
                     {
                         "p50_ms": None if p50 is None else p50 * 1000,
                         "p99_ms": None if p99 is None else p99 * 1000,
-                        "cut_pct": 100 * probes.cut / max(1, probes.cut + len(probes.took)),
-                        "probes": float(probes.cut + len(probes.took)),
+                        "cut_pct": 100 * pr.cut / max(1, pr.cut + len(pr.took)),
+                        "probes": float(pr.cut + len(pr.took)),
                         "hit_pct": 100 * d.get("hit", 0) / looked if looked else None,
                         "stale_pct": 100 * d.get("stale", 0) / looked if looked else None,
-                        "rps": rps,
+                        "rps": sum(rps[mode]) / len(rps[mode]),
+                        "rps_min": min(rps[mode]),
+                        "rps_max": max(rps[mode]),
+                        "wrk_p99_ms": max(p99s[mode]),
                         "load": os.getloadavg()[0],
                     },
                 )
@@ -320,6 +363,8 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(MODES), help="modes, comma-separated")
     ap.add_argument("--long-soft", default="4m", help="the long local soft TTL")
     ap.add_argument("--load-items", type=int, default=200_000, help="0 skips the load row")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of every mode, taking turns")
+    ap.add_argument("--connections", type=int, default=32, help="wrk's connections")
     args = ap.parse_args()
     rows = invalidation_rows(
         args.duration,
@@ -328,15 +373,18 @@ def main() -> int:
         tuple(args.only.split(",")),
         args.long_soft,
         args.load_items,
+        args.rounds,
+        args.connections,
     )
     print(
-        f"\n{args.rate} writes/s over {args.ids} ids (a batch / 100 ms) while wrk -t1 -c32 "
-        f"reads them, {args.duration:.0f} s a mode, soft 30s / hard 5m, long soft "
-        f"{args.long_soft}, {os.cpu_count()} cores"
+        f"\n{args.rate} writes/s over {args.ids} ids (a batch / 100 ms) while wrk -t1 "
+        f"-c{args.connections} reads them, {args.duration:.0f} s a mode, soft 30s / hard 5m, "
+        f"long soft {args.long_soft}, {os.cpu_count()} cores, {args.rounds} rounds "
+        "(RPS: mean, min-max; wrk p99: the worst round's)"
     )
     print(
         f"{'mode':<14} {'write->served p50':>18} {'p99 ms':>8} {'cut':>6} "
-        f"{'local hit':>10} {'stale':>6} {'RPS':>9} {'load':>5}"
+        f"{'local hit':>10} {'stale':>6} {'RPS':>9} {'min-max':>13} {'wrk p99':>8} {'load':>5}"
     )
     for name, r in rows:
         if name == "load":
@@ -350,7 +398,9 @@ def main() -> int:
         print(
             f"{name:<14} {_fmt(r['p50_ms']):>18} {_fmt(r['p99_ms']):>8} "
             f"{r['cut_pct'] or 0:5.1f}% {_fmt(r['hit_pct'], '%'):>10} "
-            f"{_fmt(r['stale_pct'], '%'):>6} {r['rps'] or 0:9,.0f} {r['load'] or 0:5.2f}"
+            f"{_fmt(r['stale_pct'], '%'):>6} {r['rps'] or 0:9,.0f} "
+            f"{r['rps_min'] or 0:6,.0f}-{r['rps_max'] or 0:<6,.0f} {r['wrk_p99_ms'] or 0:8.1f} "
+            f"{r['load'] or 0:5.2f}"
         )
     return 0
 

@@ -63,6 +63,8 @@ FLAGS = {
         "--host",
         "--port",
         "--local-cache-mb",
+        "--invalidation",
+        "--local-soft-ttl",
         "--negative-ttl",
         "--redis-timeout",
         "--store-timeout",
