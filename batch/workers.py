@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from featureplane.errors import FeatureplaneError
 from featureplane.jobs import BatchJob
+from featureplane.lifecycle import die_with_parent
 from featureplane.settings import Settings
 from featureplane.spec import Catalog
 
@@ -52,7 +53,7 @@ def _shard_process(
 ) -> None:
     """A worker: one shard, its output to its log file, its counts to the runner."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when shards stop
-    _die_with_runner()
+    die_with_parent()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -80,19 +81,6 @@ def _shard_process(
         sys.exit(1)
     print(f"done: {result.done:,} written, {result.rejected:,} rejected, {result.work:,} units")
     conn.send(("done", result.done, result.rejected, result.work, time.monotonic() - started))
-
-
-def _die_with_runner() -> None:
-    """On Linux, a worker gets SIGTERM when its runner dies (even by SIGKILL or the OOM
-    killer), instead of writing on unwatched while a rerun starts the same shard again."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1  # <linux/prctl.h>
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() == 1:  # the runner died before the call above
-        os._exit(1)
 
 
 @dataclass(slots=True)

@@ -98,6 +98,16 @@ def serve(args: argparse.Namespace) -> int:
     `--drain-delay` (so load balancers stop sending), then the server stops
     accepting, finishes in-flight requests (`--shutdown-timeout`) and closes
     every client. Ctrl-C (SIGINT) does the same without the drain delay.
+
+    Cores: `--workers N` runs N server processes on the one port (SO_REUSEPORT; the
+    kernel spreads connections over them), each with its own in-process tier and
+    clients, under a supervisor that forwards SIGTERM and Ctrl-C to all, restarts a
+    worker that dies (with backoff; more than 5 restarts a minute stops the server,
+    exit 1) and exits 0 once all drained. Unset, N is the cores this process may use:
+    its CPU affinity, lowered to its cgroup CPU quota (a container limited to 2 CPUs
+    runs 2); `--workers 1` is one process, no supervisor. /metrics on the port answers
+    for all workers: counts summed (another worker's at most 1 s late), connections
+    summed, breaker states the worst of any worker.
     """
     settings, config = model_from(Settings, args), model_from(ServeConfig, args)
     catalog = load_catalog(settings.spec)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import socket
+import sys
 import threading
 from types import FrameType
 
@@ -27,6 +29,7 @@ __all__ = [
     "cannot_listen",
     "check_kafka_reachable",
     "check_port_free",
+    "die_with_parent",
     "install_stop_handlers",
 ]
 
@@ -49,6 +52,24 @@ def install_stop_handlers() -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def die_with_parent() -> None:
+    """On Linux, this `multiprocessing` child gets SIGTERM when its parent dies, even by
+    SIGKILL or the OOM killer, instead of working on unwatched (a batch shard, a server
+    worker)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import multiprocessing
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    parent = multiprocessing.parent_process()
+    # The parent died before the call above: this process was handed to another. (Not
+    # "ppid is 1": in a container the parent often *is* pid 1.)
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)
 
 
 def cannot_listen(host: str, port: int, what: str, change: str, exc: OSError) -> StartupError:

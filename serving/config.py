@@ -62,3 +62,7 @@ class ServeConfig(BaseSettings):
     are answered 503 and closed."""
     uvloop: bool = False
     """Run on uvloop instead of asyncio's default loop."""
+    workers: int | None = Field(None, ge=1, le=256)
+    """Server processes sharing the port (SO_REUSEPORT), each with its own local tier and
+    clients; unset = the cores this process may use (CPU affinity and cgroup CPU quota);
+    1 = one process, no supervisor."""

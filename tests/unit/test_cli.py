@@ -77,6 +77,7 @@ FLAGS = {
         "--body-timeout",
         "--max-connections",
         "--uvloop",
+        "--workers",
     },
     "ingest": FLOW,
     "retry": FLOW | {"--retry-budget", "--backoff-base", "--backoff-cap", "--retry-group"},

@@ -195,7 +195,7 @@ def _guard(failures: int = 2) -> GuardedTier:
 
 
 def _count(guard: GuardedTier, op: str) -> float:
-    return guard.metrics.errors.labels("redis", op)._value.get()
+    return guard.metrics.errors.labels("redis", op).get()
 
 
 async def test_guarded_call_answers_none_on_failure_and_timeout_and_opens_the_breaker() -> None:
@@ -216,7 +216,7 @@ async def test_guarded_call_answers_none_on_failure_and_timeout_and_opens_the_br
     assert guard.allow() and await guard.run("read", slow(), 10) is None
     assert not guard.allow() and guard.breaker.state is BreakerState.OPEN
     assert _count(guard, "read") == 2
-    assert guard.metrics.breaker.labels("redis")._value.get() == int(BreakerState.OPEN)
+    assert guard.metrics.breaker.labels("redis").get() == int(BreakerState.OPEN)
 
 
 async def test_guarded_call_lets_a_bug_through() -> None:

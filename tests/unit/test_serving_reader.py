@@ -134,7 +134,7 @@ async def test_negative_caching_with_its_own_ttl() -> None:
     clock.now += 2_000  # negative TTL over
     assert await r.read([Query("last", "ghost")]) == [[]]
     assert store.reads == 2
-    events = r.metrics.cache.labels("local", "last", "negative_hit")._value.get()
+    events = r.metrics.cache.labels("local", "last", "negative_hit").get()
     assert events == 1
 
 
@@ -202,7 +202,7 @@ async def test_app_503_when_store_down_and_nothing_cached_and_on_demand() -> Non
         bad = await client.get("/v1/features/broken/x")
         assert bad.status == 503 and (await bad.json())["error"]["code"] == "on_demand_failed"
         assert client.app is not None and client.app[READER].breakers["store"] is not None
-        failed = client.app[METRICS].on_demand_errors.labels("broken")._value.get()
+        failed = client.app[METRICS].on_demand_errors.labels("broken").get()
         assert failed == 1
 
 
@@ -310,5 +310,5 @@ async def test_redis_tier_fills_refreshes_the_local_tier_and_is_skipped_when_dow
     clock.now += 60_000  # past hard everywhere: Redis fails, the store answers
     assert (await r.read([Query("both", "u")]))[0][0].ts == T0  # type: ignore[index]
     assert store.reads == 2
-    assert r.metrics.errors.labels("redis", "read")._value.get() == 1
+    assert r.metrics.errors.labels("redis", "read").get() == 1
     await r.aclose()
