@@ -162,6 +162,7 @@ def test_dashboard_and_alerts_use_only_exported_metrics_and_labels(
         FEATUREPLANE_PORT=str(ports["serve"]),
         FEATUREPLANE_REDIS_URL=live,
         FEATUREPLANE_SERVE_DRAIN_DELAY="0",
+        FEATUREPLANE_SERVE_WORKERS="1",  # the second read must meet the first's local tier
     )
     t = now_ms() - 1_000
     user = f"x-{env.tok}"

@@ -60,6 +60,8 @@ def _start(workdir: Path, **serve_env: str) -> Server:
             "FEATUREPLANE_SERVE_HEADER_TIMEOUT": str(TIMEOUT),
             "FEATUREPLANE_SERVE_BODY_TIMEOUT": str(TIMEOUT),
             "FEATUREPLANE_SERVE_DRAIN_DELAY": "0",
+            # The caps and counts tested here are one process's (serve --workers: its tests)
+            "FEATUREPLANE_SERVE_WORKERS": "1",
         }
     )
     env.update({f"FEATUREPLANE_{k.upper()}": v for k, v in serve_env.items()})
