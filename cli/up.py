@@ -285,11 +285,14 @@ def plan_children(
                 wrote_items if name == "ingest" and demo_rate is not None else None,
             )
         )
+    # One server process unless the user asked for more: on one machine the broker and the
+    # ingest and retry dataflows need cores too (ingest is the busiest part of `up`).
+    serve_env = {"FEATUREPLANE_SERVE_WORKERS": "1"} | env
     children.append(
         Child(
             "serve",
             [*exe, "serve"],
-            env,
+            serve_env,
             logs / "serve.log",
             f"http://{_loopback(host)}:{port}/readyz",
         )

@@ -20,7 +20,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -143,7 +143,7 @@ class _WorkerLink:
     slot: int
     conn: Connection
     metrics_dir: Path
-    early_signals: list[int] = field(default_factory=list)
+    early_signals: list[int]
 
     def ready(self) -> None:
         self.conn.send("ready")
@@ -162,8 +162,9 @@ def _supervise(
     settings = settings.model_copy(update={"port": port})
     metrics_dir = Path(tempfile.mkdtemp(prefix="featureplane-serve-metrics-"))
 
-    def body(slot: int, conn: Connection) -> None:
-        _worker(slot, conn, settings, catalog, config, metrics_dir)
+    def body(slot: int, conn: Connection, early_signals: list[int]) -> None:
+        link = _WorkerLink(slot, conn, metrics_dir, early_signals)
+        _worker(link, settings, catalog, config)
 
     supervisor = Supervisor(
         count=count,
@@ -190,19 +191,10 @@ def _supervise(
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _worker(
-    slot: int,
-    conn: Connection,
-    settings: Settings,
-    catalog: Catalog,
-    config: ServeConfig,
-    metrics_dir: Path,
-) -> None:
+def _worker(link: _WorkerLink, settings: Settings, catalog: Catalog, config: ServeConfig) -> None:
     """A worker process's body: serve; a start-up failure is one line to the supervisor
     (which prints the first one), never a traceback per worker."""
-    link = _WorkerLink(slot, conn, metrics_dir)
-    for signum in (signal.SIGTERM, signal.SIGINT):  # until the loop's handlers take over
-        signal.signal(signum, lambda n, _f: link.early_signals.append(n))
+    slot, conn = link.slot, link.conn
     die_with_parent()
     _name_worker_logs(slot)
     try:

@@ -56,8 +56,10 @@ MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
 """More restarts than this within the window: the server exits 1 (a crash loop)."""
 _BACKOFF_S, _BACKOFF_CAP_S = 0.5, 8.0
 _KILL_MARGIN_S = 5.0
-WorkerMain = Callable[[int, Connection], None]
-"""A worker's body: its slot and the pipe it reports on ("ready", or ("failed", line))."""
+WorkerMain = Callable[[int, Connection, list[int]], None]
+"""A worker's body: its slot, the pipe it reports on ("ready", or ("failed", line)) and
+the stop signals that came before it could handle them (appended to as they come)."""
+_STOPS = {signal.SIGTERM, signal.SIGINT}
 
 
 def available_cores() -> tuple[int, str]:
@@ -177,9 +179,15 @@ class Supervisor:
         ctx = multiprocessing.get_context("fork")
         reader, writer = ctx.Pipe(duplex=False)
         process = ctx.Process(
-            target=self.body, args=(slot, writer), name=f"serve-{slot}", daemon=True
+            target=_child, args=(self.body, slot, writer), name=f"serve-{slot}", daemon=True
         )
-        process.start()
+        # Blocked across the fork: the child must never run the supervisor's handlers (a
+        # SIGTERM there would be forwarded, not obeyed); it unblocks them once its own are in.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
         writer.close()
         self.workers[slot] = _Worker(slot, process, reader)
 
@@ -299,6 +307,16 @@ class Supervisor:
                     log.error("server worker %d (pid %s) %s", slot, w.process.pid, _ended(code))
                     status = 1
         return status
+
+
+def _child(body: WorkerMain, slot: int, conn: Connection) -> None:
+    """A worker process: stop signals recorded until its event loop handles them."""
+    early: list[int] = []
+    for signum in _STOPS:
+        signal.signal(signum, lambda n, _f: early.append(n))
+    signal.set_wakeup_fd(-1)  # the supervisor's, inherited
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
+    body(slot, conn, early)
 
 
 def _drain_wake(wake: socket.socket) -> None:
