@@ -768,3 +768,24 @@ def test_write_behind_returns_the_batch_before_and_flush_acknowledges_the_last()
     assert tracker.position == 6 and len(store.items) == 12
     p.close()
     assert loop.is_closed()
+
+
+def test_bulk_histogram_exposes_what_a_prometheus_histogram_of_the_same_values_does() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from featureplane.operators.metrics import BulkHistogram
+
+    values = [0.0, 0.25, 0.375, 0.5, 2, 3600, 7200]  # on the bounds too; sums exact in binary
+    bulk_registry, plain_registry = CollectorRegistry(), CollectorRegistry()
+    bulk = BulkHistogram("h", "doc", ["flow"], (0.25, 0.5, 3600), registry=bulk_registry)
+    plain = Histogram("h", "doc", ["flow"], buckets=(0.25, 0.5, 3600), registry=plain_registry)
+    bulk.observe_many(("ingest",), values[:3])
+    bulk.observe_many(("ingest",), values[3:])
+    for v in values:
+        plain.labels("ingest").observe(v)
+
+    def series(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return [ln for ln in text.splitlines() if ln.startswith("h_") and "created" not in ln]
+
+    assert series(bulk_registry) == series(plain_registry)
