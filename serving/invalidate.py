@@ -217,12 +217,13 @@ class Subscriber:
 
     async def aclose(self) -> None:
         for task in (self._task, self._refreshing):
-            if task is not None:
+            # redis-py may swallow a cancel that lands as its read times out (it takes the
+            # CancelledError for its own timeout): cancel again until the task is done.
+            while task is not None and not task.done():
                 task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+                await asyncio.wait({task}, timeout=1.0)
+            if task is not None and not task.cancelled():
+                task.exception()  # retrieved: a failure was logged where it happened
         self._task = self._refreshing = None
         self._set_subscribed(False)
 
@@ -265,8 +266,11 @@ class Subscriber:
             self.metrics.invalidation_subscribes.inc()
             self._set_subscribed(True)
             heard = time.monotonic()
+            me = asyncio.current_task()
             while True:
                 msg = await pubsub.get_message(timeout=self.ping_s)
+                if me is not None and me.cancelling():  # a cancel redis-py swallowed
+                    raise asyncio.CancelledError
                 now = time.monotonic()
                 if msg is None:
                     if now - heard > 2 * self.ping_s:
