@@ -49,6 +49,7 @@ from collections.abc import Iterable, Mapping
 import orjson
 
 from featureplane.codec import Item
+from featureplane.errors import ValidationError
 from featureplane.spec import Catalog
 from featureplane.stores._redis_conn import RedisConnection, translated
 from featureplane.stores.redis_cache import RedisCache
@@ -73,8 +74,9 @@ short ids is two or three messages)."""
 Key = tuple[str, str]
 
 
-class InvalidMessageError(ValueError):
-    """A message on the channel that is not an invalidation (too large, not the format)."""
+class InvalidMessageError(ValidationError):
+    """A message on the channel that is not an invalidation (too large, not the format):
+    malformed input, under featureplane's root error."""
 
 
 def channel_of(prefix: str) -> bytes:
