@@ -25,6 +25,7 @@ __all__ = [
     "parse_body",
     "parse_query",
     "render",
+    "render_json",
 ]
 
 DEFAULT_LIMIT = 30
@@ -204,6 +205,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _features(group: FeatureGroup, value: bytes, names: tuple[str, ...] | None) -> dict[str, Any]:
+    values = decode(group, value)
+    if names is None:  # `project`'s answer, without its per-feature lookups: `decode` gives
+        return dict(zip(group.index, values, strict=True))  # one value per feature
+    return project(group, values, names)
+
+
 def render(req: FeatureRequest, entity_id: str, records: Sequence[Record]) -> dict[str, Any]:
     """One result object of the answer."""
     group = req.group
@@ -216,10 +224,13 @@ def render(req: FeatureRequest, entity_id: str, records: Sequence[Record]) -> di
             "id": entity_id,
             "found": True,
             "ts": r.ts,
-            "features": project(group, decode(group, r.value), req.features),
+            "features": _features(group, r.value, req.features),
         }
-    items = [
-        {"ts": r.ts, "features": project(group, decode(group, r.value), req.features)}
-        for r in records
-    ]
+    names = req.features
+    items = [{"ts": r.ts, "features": _features(group, r.value, names)} for r in records]
     return {"group": group.name, "id": entity_id, "found": bool(items), "items": items}
+
+
+def render_json(req: FeatureRequest, entity_id: str, records: Sequence[Record]) -> bytes:
+    """One result object of the answer, as JSON: the bytes an answer splices."""
+    return orjson.dumps(render(req, entity_id, records))

@@ -8,6 +8,16 @@ Errors: every refusal is an `ApiError` (status, code, message) answered as JSON.
 errors of the layers below get their status here, in `_api_error`, and nowhere else: an
 on-demand function failing is 503, an unknown group 400, a tier failure 503. Anything
 else is a bug: 500, logged with its traceback at most once a minute per route.
+
+No aiohttp middleware: each handler is wrapped once, at start-up (`_endpoint`: the token,
+the errors, the latency metric, the `Server` header), where a middleware costs a wrapper
+chain and a context switch of the current app on every request. So that no answer escapes
+the wrappers, every path has a route: each resource answers its other methods 405 (with
+`Allow`), and a catch-all route answers 404.
+
+Answers are spliced from each result's JSON bytes; a result answered from the local tier
+is rendered once per request shape (features, limit, since, until) and kept with the
+entry it came from (`LocalCache.keep_rendered`), so a warm hit copies bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +36,13 @@ from aiohttp import web
 from featureplane.cache import CacheTier
 from featureplane.codec import Record
 from featureplane.errors import StoreError, UnknownGroupError, quote
-from featureplane.serving.api import ApiError, FeatureRequest, parse_body, parse_query, render
+from featureplane.serving.api import (
+    ApiError,
+    FeatureRequest,
+    parse_body,
+    parse_query,
+    render_json,
+)
 from featureplane.serving.config import ServeConfig
 from featureplane.serving.invalidate import SUBSCRIBER, local_tier, subscriber_of
 from featureplane.serving.logs import RateLimitedLog
@@ -49,10 +65,15 @@ METRICS = web.AppKey("metrics", Metrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _JSON = "application/json"
+_UNMATCHED = "unmatched"  # the route label of answers no route was made for (404, 405)
 
 
 def _json(doc: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(doc), status=status, content_type=_JSON)
+    return _body(orjson.dumps(doc), status)
+
+
+def _body(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type=_JSON)
 
 
 def _error(exc: ApiError) -> web.Response:
@@ -91,7 +112,15 @@ class _Service:
         self.phase = "starting"  # -> "serving" once the tiers started -> "draining"
         self.events = RateLimitedLog(log)
 
-    async def results(self, reqs: list[FeatureRequest]) -> list[dict[str, Any]]:
+    def check_token(self, request: web.Request) -> None:
+        """401 unless the request carries the configured token (when there is one)."""
+        if self.auth is not None:
+            given = request.headers.get("Authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(given, self.auth):
+                raise ApiError(401, "unauthorized", "missing or wrong Authorization: Bearer token")
+
+    async def results(self, reqs: list[FeatureRequest]) -> list[bytes]:
+        """Each (group, id)'s result object as JSON, in request order."""
         queries: list[Query] = []
         computed: list[Coroutine[Any, Any, list[list[Record]]]] = []
         for req in reqs:
@@ -102,85 +131,120 @@ class _Service:
                 continue
             queries.extend(Query(name, i, req.limit, req.since, req.until) for i in req.ids)
         try:
-            got = await self.reader.read(queries) if queries else []
+            got = await self.reader.answers(queries) if queries else []
         except BaseException:
             for coro in computed:  # never started: closed, not left to warn "never awaited"
                 coro.close()
             raise
         on_demand = list(await asyncio.gather(*computed)) if computed else []
-        out: list[dict[str, Any]] = []
+        out: list[bytes] = []
         found, computed_rows = iter(got), iter(on_demand)
+        local = self.reader.local
         for req in reqs:
-            rows = next(computed_rows) if req.group.name in self.functions else None
-            for n, entity_id in enumerate(req.ids):
-                records = rows[n] if rows is not None else next(found)
+            if req.group.name in self.functions:
+                rows = next(computed_rows)
+                out.extend(render_json(req, i, rows[n]) for n, i in enumerate(req.ids))
+                continue
+            shape = (req.features, req.limit, req.since, req.until)
+            for entity_id in req.ids:
+                w = next(found)
+                records, entry = w.records, w.entry
                 if records is None:
                     raise ApiError(
                         503,
                         "unavailable",
                         f"no tier can answer {req.group.name!r} for id {quote(entity_id)} now",
                     )
-                out.append(render(req, entity_id, records))
+                if entry is None or local is None:
+                    out.append(render_json(req, entity_id, records))
+                    continue
+                # The shape holds the request's own since: the records answered for it can
+                # only lose their oldest ones as retention moves on, so an answer rendered
+                # for as many records is this one.
+                done = entry.rendered.get(shape)
+                if done is None or done[0] != len(records):
+                    done = (len(records), render_json(req, entity_id, records))
+                    local.keep_rendered(w.key, entry, shape, done)
+                out.append(done[1])
         return out
 
 
 _SERVICE = web.AppKey("service", _Service)
 
 
-def _route_name(request: web.Request) -> str:
-    """The route's pattern (bounded label and log text), never the path the client sent."""
-    route = request.match_info.route.resource
-    return route.canonical if route is not None else "unmatched"
-
-
 def _api_error(
-    request: web.Request, exc: OnDemandError | UnknownGroupError | StoreError
+    svc: _Service, metrics: Metrics, route: str, exc: OnDemandError | UnknownGroupError | StoreError
 ) -> ApiError:
     """The answer to an error raised below the HTTP layer."""
     if isinstance(exc, OnDemandError):
-        request.app[METRICS].on_demand_errors.labels(exc.group).inc()
+        metrics.on_demand_errors.labels(exc.group).inc()
         return ApiError(503, "on_demand_failed", exc.message)
     if isinstance(exc, UnknownGroupError):
         return ApiError(400, "unknown_group", f"unknown feature group {quote(exc.group)}")
     # The reader absorbs tier failures (timeouts, breakers); one that reaches here still
     # means no tier can answer now, which the API answers 503, never 500.
-    route = _route_name(request)
-    request.app[_SERVICE].events.event(
-        f"tier error {route}", f"tier error on {route}: {quote(str(exc), 200)}"
-    )
+    svc.events.event(f"tier error {route}", f"tier error on {route}: {quote(str(exc), 200)}")
     return ApiError(503, "unavailable", "no tier can answer now")
 
 
-@web.middleware
-async def _middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    start = time.perf_counter()
-    svc = request.app[_SERVICE]
-    try:
-        if svc.auth is not None and request.path.startswith("/v1/"):
-            given = request.headers.get("Authorization", "").encode("utf-8", "replace")
-            if not hmac.compare_digest(given, svc.auth):
-                raise ApiError(401, "unauthorized", "missing or wrong Authorization: Bearer token")
-        resp = await handler(request)
-    except ApiError as exc:
-        resp = _error(exc)
-    except (OnDemandError, UnknownGroupError, StoreError) as exc:
-        resp = _error(_api_error(request, exc))
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "error")
-        resp = _error(ApiError(exc.status, code, exc.reason))
-        if (allow := exc.headers.get("Allow")) is not None:  # 405 must say what is allowed
-            resp.headers["Allow"] = allow
-    except Exception as exc:  # a bug: answer JSON, log it (not once a request), never leak it
-        route = _route_name(request)
-        svc.events.event(
-            f"bug {route}", f"unhandled error on {quote(request.method, 20)} {route}", exc
-        )
-        resp = _error(ApiError(500, "internal", "internal error"))
-    request.app[METRICS].observe(_route_name(request), resp.status, time.perf_counter() - start)
-    resp.headers["Server"] = SERVER
-    return resp
+def _endpoint(
+    svc: _Service, metrics: Metrics, handler: Handler, route: str, token: bool
+) -> Handler:
+    """`handler` answering every error as JSON, the token checked first when `token`, its
+    latency observed under `route` (a bounded label: the route's pattern, never the path
+    the client sent), and the `Server` header set."""
+
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        start = time.perf_counter()
+        try:
+            if token:
+                svc.check_token(request)
+            resp = await handler(request)
+        except ApiError as exc:
+            resp = _error(exc)
+        except (OnDemandError, UnknownGroupError, StoreError) as exc:
+            resp = _error(_api_error(svc, metrics, route, exc))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "error")
+            resp = _error(ApiError(exc.status, code, exc.reason))
+            if (allow := exc.headers.get("Allow")) is not None:  # 405 must say what is allowed
+                resp.headers["Allow"] = allow
+        except Exception as exc:  # a bug: answer JSON, log it (not once a request), never leak it
+            svc.events.event(
+                f"bug {route}", f"unhandled error on {quote(request.method, 20)} {route}", exc
+            )
+            resp = _error(ApiError(500, "internal", "internal error"))
+        metrics.observe(route, resp.status, time.perf_counter() - start)
+        resp.headers["Server"] = SERVER
+        return resp
+
+    return endpoint
+
+
+def _not_allowed(allowed: set[str]) -> Handler:
+    async def not_allowed(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+
+    return not_allowed
+
+
+class _Anywhere(web.PlainResource):
+    """Every path, whatever it holds (a pattern misses a newline, or a path without `/`):
+    looked at last, it answers what no other route does, so nothing escapes `_endpoint`."""
+
+    def _match(self, path: str) -> dict[str, str] | None:
+        return {}
+
+
+def _not_found(svc: _Service) -> Handler:
+    async def not_found(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/v1/"):  # the API's paths are the token's, known or not
+            svc.check_token(request)
+        raise web.HTTPNotFound()
+
+    return not_found
 
 
 async def _read_body(request: web.Request, timeout: float) -> bytes:
@@ -209,7 +273,7 @@ async def _post_features(request: web.Request) -> web.Response:
     svc = request.app[_SERVICE]
     body = await _read_body(request, svc.body_timeout)
     reqs = parse_body(svc.reader.catalog, body)
-    return _json({"results": await svc.results(reqs)})
+    return _body(b'{"results":[' + b",".join(await svc.results(reqs)) + b"]}")
 
 
 async def _get_feature(request: web.Request) -> web.Response:
@@ -217,7 +281,7 @@ async def _get_feature(request: web.Request) -> web.Response:
     req = parse_query(
         svc.reader.catalog, request.match_info["group"], request.match_info["id"], request.query
     )
-    return _json((await svc.results([req]))[0])
+    return _body((await svc.results([req]))[0])
 
 
 async def _groups(request: web.Request) -> web.Response:
@@ -290,7 +354,7 @@ def create_app(
             xfetch_beta=config.xfetch_beta,
         ),
     )
-    app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=MAX_BODY)
     app[METRICS] = metrics
     app[READER] = reader
     subscriber = subscriber_of(catalog, redis, local, metrics, config, clock, rand)
@@ -322,17 +386,32 @@ def create_app(
 
     app.cleanup_ctx.append(lifecycle)
     spec = orjson.dumps(openapi(catalog))
-    app.router.add_post("/v1/features", _post_features)
-    app.router.add_get("/v1/features/{group}/{id:.+}", _get_feature)
-    app.router.add_get("/v1/groups", _groups)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
 
     async def _openapi(request: web.Request) -> web.Response:
         return web.Response(body=spec, content_type=_JSON)
 
-    app.router.add_get("/openapi.json", _openapi)
+    routes: list[tuple[str, str, Handler]] = [
+        ("POST", "/v1/features", _post_features),
+        ("GET", "/v1/features/{group}/{id:.+}", _get_feature),
+        ("GET", "/v1/groups", _groups),
+        ("GET", "/healthz", _healthz),
+        ("GET", "/readyz", _readyz),
+        ("GET", "/metrics", _metrics),
+        ("GET", "/openapi.json", _openapi),
+    ]
+    for method, path, handler in routes:
+        api = path.startswith("/v1/")  # the API's paths need the token
+        resource = app.router.add_resource(path)
+        wrapped = _endpoint(svc, metrics, handler, resource.canonical, api)
+        resource.add_route(method, wrapped)
+        if method == "GET":
+            resource.add_route("HEAD", wrapped)
+        allowed = {route.method for route in resource}
+        refuse = _endpoint(svc, metrics, _not_allowed(allowed), _UNMATCHED, api)
+        resource.add_route("*", refuse)
+    last = _Anywhere("/")
+    app.router.register_resource(last)
+    last.add_route("*", _endpoint(svc, metrics, _not_found(svc), _UNMATCHED, False))
     return app
 
 

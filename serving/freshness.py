@@ -17,7 +17,7 @@ the entry cannot know it exactly:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from featureplane.codec import Record
@@ -27,6 +27,7 @@ from featureplane.ttl import jittered
 __all__ = [
     "Entry",
     "Freshness",
+    "Rendered",
     "answer",
     "entry_from_cache",
     "entry_from_store",
@@ -37,6 +38,9 @@ __all__ = [
 ]
 
 _OVERHEAD = 160  # bytes per entry and per record beyond their payloads, roughly
+
+Rendered = tuple[int, bytes]
+"""An answer rendered from an entry: how many records it holds, and its JSON."""
 
 
 class Freshness(Enum):
@@ -53,6 +57,11 @@ class Entry:
     `records` newest first; `complete`: they are every item the store has; `negative`:
     the store had nothing. `stored_at` is when the store was read (ms, at the latest);
     `soft_at` and `hard_at` are absolute deadlines with jitter applied.
+
+    `rendered`: answers already rendered from this entry, by the request's shape (its
+    features, limit, since, until), added only by the local tier that holds the entry
+    (`LocalCache.keep_rendered`, which counts their bytes): they live and die with it. Not
+    an init field, so `dataclasses.replace` starts a new entry with none.
     """
 
     records: tuple[Record, ...]
@@ -61,10 +70,14 @@ class Entry:
     soft_at: int
     hard_at: int
     negative: bool = False
+    rendered: dict[object, Rendered] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     @property
     def size(self) -> int:
-        return _OVERHEAD + sum(len(r.value) + _OVERHEAD for r in self.records)
+        held = sum(len(r.value) + _OVERHEAD for r in self.records)
+        return _OVERHEAD + held + sum(len(j) + _OVERHEAD for _, j in self.rendered.values())
 
 
 def _deadlines(ttl: TTL, stored_at: int, r_soft: float, r_hard: float) -> tuple[int, int]:

@@ -4,6 +4,9 @@ Invalidation (a write elsewhere made a key's value old) drops the key at once. A
 the tiers below that was already under way when the invalidation came may bring back the
 old value: so a reader takes a `token` before it reads, and `put` refuses a value for a
 key invalidated after that token was taken.
+
+An entry may carry answers rendered from it (`keep_rendered`): they are counted in its
+size and go with it, whatever removes it (replaced, evicted, invalidated, cleared).
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from featureplane.serving.freshness import Entry
+from featureplane.serving.freshness import Entry, Rendered
 
 __all__ = ["LocalCache"]
 
 Key = tuple[str, str]
 _DROPPED_MAX = 65_536  # invalidated keys remembered for reads under way; then forgotten all
+_RENDERED_MAX = 8  # request shapes rendered per entry: a client varying since/until fills no more
 
 
 class LocalCache:
@@ -57,6 +61,18 @@ class LocalCache:
             self.bytes -= old.size
         self._data[key] = entry
         self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, evicted = self._data.popitem(last=False)
+            self.bytes -= evicted.size
+
+    def keep_rendered(self, key: Key, entry: Entry, shape: object, rendered: Rendered) -> None:
+        """Keep an answer rendered from `entry` with it, if `entry` is still what `key`
+        holds (it may have been replaced or dropped while the answer was rendered)."""
+        if self._data.get(key) is not entry or len(entry.rendered) >= _RENDERED_MAX:
+            return
+        before = entry.size
+        entry.rendered[shape] = rendered
+        self.bytes += entry.size - before
         while self.bytes > self.max_bytes:
             _, evicted = self._data.popitem(last=False)
             self.bytes -= evicted.size

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from featureplane.codec import Record
+from featureplane.serving.freshness import Entry
 from featureplane.spec import Catalog, FeatureGroup
 from featureplane.stores.base import Query, clamp, group_of
 
@@ -27,7 +28,8 @@ class Wanted:
     """One (group, id) of a request; `records` is None until a tier answers it.
 
     Not frozen: the tier that answers sets `records`, so a request needs no parallel
-    lists of results and pending positions.
+    lists of results and pending positions. `entry`: the local tier's entry that answered
+    it, if that tier did (answers rendered from it are kept with it).
     """
 
     group: FeatureGroup
@@ -36,6 +38,7 @@ class Wanted:
     since: int | None
     until: int | None
     records: list[Record] | None = None
+    entry: Entry | None = None
 
     @property
     def ranged(self) -> bool:

@@ -131,6 +131,10 @@ class TieredReader:
 
     async def read(self, queries: Sequence[Query]) -> list[list[Record] | None]:
         """Newest-first records per query; None where no tier could answer."""
+        return [w.records for w in await self.answers(queries)]
+
+    async def answers(self, queries: Sequence[Query]) -> list[Wanted]:
+        """One answered `Wanted` per query (`records` None where no tier could answer)."""
         now = self.clock()
         wanted = plan(self.catalog, queries, now)
         pending = wanted
@@ -142,7 +146,7 @@ class TieredReader:
             pending = await self._from_redis(self._redis_batch, pending, now, token)
         if pending:
             await self._from_store(pending, token)
-        return [w.records for w in wanted]
+        return wanted
 
     def _from_local(self, local: LocalCache, pending: list[Wanted], now: int) -> list[Wanted]:
         rest: list[Wanted] = []
@@ -159,7 +163,7 @@ class TieredReader:
             if records is None:
                 rest.append(w)
             else:
-                w.records = records
+                w.records, w.entry = records, entry
         return rest
 
     async def _from_redis(

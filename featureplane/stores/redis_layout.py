@@ -141,7 +141,9 @@ def records_of(reply: bytes | list[bytes] | None) -> list[Record]:
         return []
     if isinstance(reply, bytes):
         return [record_of(reply)]
-    return [record_of(m) for m in reply]
+    # `record_of` inlined: a 30-item read spent a third of its time in the calls.
+    n = VERSION_LEN
+    return [Record(int(m[:13]), m[:n].decode("ascii"), m[n:]) for m in reply]
 
 
 def lex_range(since: int | None, until: int | None) -> tuple[bytes, bytes]:

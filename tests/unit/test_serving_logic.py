@@ -4,6 +4,7 @@ answerability, the LRU, the breaker and a request's read plan."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -227,3 +228,35 @@ def test_read_plan_refuses_an_unknown_group() -> None:
     with pytest.raises(UnknownGroupError) as err:
         plan(Catalog(groups={"ts": TS}), [Query("ts", "a"), Query("nope", "a")], T0)
     assert err.value.group == "nope"
+
+
+def test_rendered_answers_are_counted_and_go_with_their_entry() -> None:
+    cache = LocalCache(1 << 20)
+    e = entry_from_store(LATEST, newest(1), T0, 0, 0)
+    cache.put(("l", "a"), e)
+    cache.keep_rendered(("l", "a"), e, ("shape", 1), (1, b"x" * 100))
+    assert e.rendered == {("shape", 1): (1, b"x" * 100)}
+    assert cache.bytes == e.size > entry_from_store(LATEST, newest(1), T0, 0, 0).size
+    # replaced: the new entry starts with nothing rendered, and the count follows
+    fresh = entry_from_store(LATEST, newest(2), T0, 0, 0)
+    cache.put(("l", "a"), fresh)
+    assert fresh.rendered == {} and cache.bytes == fresh.size
+    cache.keep_rendered(("l", "a"), e, ("shape", 1), (1, b"old"))  # no longer held: ignored
+    assert fresh.rendered == {} and cache.bytes == fresh.size
+    for n in range(20):  # a client varying its shape keeps at most a few renderings
+        cache.keep_rendered(("l", "a"), fresh, n, (1, b"y"))
+    assert 0 < len(fresh.rendered) <= 8 and cache.bytes == fresh.size
+    cache.invalidate([("l", "a")])
+    assert cache.bytes == 0 and len(cache) == 0
+    # dataclasses.replace (a longer soft TTL, say) makes an entry with nothing rendered
+    assert replace(e, soft_at=e.soft_at + 1).rendered == {}
+
+
+def test_rendered_answers_count_towards_the_bound_and_evict() -> None:
+    e1 = entry_from_store(LATEST, newest(1), T0, 0, 0)
+    e2 = entry_from_store(LATEST, newest(2), T0, 0, 0)
+    cache = LocalCache(e1.size + e2.size + 50)
+    cache.put(("l", "1"), e1)
+    cache.put(("l", "2"), e2)
+    cache.keep_rendered(("l", "2"), e2, None, (1, b"z" * 500))  # past the bound: LRU goes
+    assert cache.get(("l", "1")) is None and cache.bytes <= cache.max_bytes

@@ -23,6 +23,7 @@ from featureplane.serving.app import METRICS, READER, create_app
 from featureplane.serving.config import ServeConfig
 from featureplane.serving.local import LocalCache
 from featureplane.serving.metrics import Metrics
+from featureplane.serving.plan import Wanted
 from featureplane.serving.tiers import ReaderConfig, TieredReader
 from featureplane.spec import Catalog, FeatureGroup
 from featureplane.stores.base import Query, Store
@@ -239,10 +240,10 @@ async def test_errors_from_below_get_their_status_in_serving(
 ) -> None:
     app = _app(FakeStore(CATALOG))
 
-    async def read(queries: Sequence[Query]) -> list[list[Record] | None]:
+    async def answers(queries: Sequence[Query]) -> list[Wanted]:
         raise exc
 
-    app[READER].read = read  # type: ignore[method-assign]
+    app[READER].answers = answers  # type: ignore[method-assign]
     async with TestClient(TestServer(app)) as client:
         resp = await client.get("/v1/features/last/u")
         assert resp.status == status
@@ -312,3 +313,41 @@ async def test_redis_tier_fills_refreshes_the_local_tier_and_is_skipped_when_dow
     assert store.reads == 2
     assert r.metrics.errors.labels("redis", "read").get() == 1
     await r.aclose()
+
+
+async def test_answers_rendered_from_the_local_tier_never_cross_request_shapes() -> None:
+    """Each request shape (features, limit, since, until) gets its own answer, the same
+    cold (rendered) and warm (copied), and a written value replaces what was rendered."""
+    store = FakeStore(CATALOG)
+    recent = CATALOG.group("recent")
+    await store.write([make_item(recent, "u", T0 - i, f"e{i}", {"x": i}) for i in range(3)])
+    shapes = [
+        {},
+        {"limit": 1},
+        {"limit": 2, "features": ["x"]},
+        {"since": T0 - 1},
+        {"until": T0 - 1, "limit": 1},
+        {"features": []},
+    ]
+    body = {"requests": [{"group": "recent", "ids": ["u"], **s} for s in shapes]}
+
+    def items(*xs: int) -> dict[str, Any]:
+        found = [{"ts": T0 - x, "features": {"x": x}} for x in xs]
+        return {"group": "recent", "id": "u", "found": bool(found), "items": found}
+
+    want = [items(0, 1, 2), items(0), items(0, 1), items(0, 1), items(1)]
+    want.append({**items(0, 1, 2), "items": [{"ts": T0 - x, "features": {}} for x in range(3)]})
+    app = _app(store)
+    async with TestClient(TestServer(app)) as client:
+        for _ in range(3):  # cold, then rendered and kept, then copied
+            resp = await client.post("/v1/features", json=body)
+            assert (await resp.json())["results"] == want
+        local = app[READER].local
+        assert local is not None and store.reads == 1
+        entry = local.get(("recent", "u"))
+        assert entry is not None and len(entry.rendered) == len(shapes)
+        await store.write([make_item(recent, "u", T0 + 1, "new", {"x": -1})])
+        local.invalidate([("recent", "u")])
+        resp = await client.post("/v1/features", json={"requests": [body["requests"][1]]})
+        newest = [{"ts": T0 + 1, "features": {"x": -1}}]
+        assert (await resp.json())["results"] == [{**items(), "found": True, "items": newest}]
