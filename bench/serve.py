@@ -17,11 +17,13 @@ with py-spy during each scenario and prints its hottest functions.
 Fairness: wrk, redis-server and the server share the machine's cores, and so does
 anything else running (another bench, a test run). Each row prints the 1-minute load
 average at its end, and the CPU the server process used over its run: a busy machine
-shows as load > ~2 on 2 cores or a server well below 100%. Pinning (server on core 0,
-wrk and Redis on core 1, the ceiling pinned the same) was measured and left out: with
-another process on the machine it lowered both the ceiling and (a) (23.8k -> 18.1k,
-14.6k -> 12.2k), since a pinned process cannot move off a core that something else
-is using.
+shows as load > ~2 on 2 cores or a server well below 100%. `CPU/req` (server CPU time per
+answer, in us) and `cpu ceil/us` (the ceiling's CPU per answer over ours) move far less
+with the machine's load than RPS does: compare those when the machine is shared.
+Pinning (server on core 0, wrk and Redis on core 1, the ceiling pinned the same) was
+measured and left out: with another process on the machine it lowered both the ceiling
+and (a) (23.8k -> 18.1k, 14.6k -> 12.2k), since a pinned process cannot move off a core
+that something else is using.
 """
 
 from __future__ import annotations
@@ -149,7 +151,9 @@ def serve(port: int, env: dict[str, str], uvloop: bool) -> subprocess.Popen[byte
     argv = [sys.executable, "-m", "featureplane.cli", "serve", "--port", str(port)]
     if uvloop:
         argv.append("--uvloop")
-    return subprocess.Popen(argv, env={**os.environ, **env}, cwd=REPO)
+    # One server process, as the ceiling is one: `--workers` rows are the workers bench's.
+    one = {"FEATUREPLANE_SERVE_WORKERS": "1"}
+    return subprocess.Popen(argv, env={**os.environ, **one, **env}, cwd=REPO)
 
 
 def wait_up(port: int, path: str = "/healthz") -> None:
@@ -221,7 +225,8 @@ def wrk(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-    cpu0, t0 = (_cpu_seconds(pid) if pid else 0.0), time.monotonic()
+    cpu0 = _cpu_seconds(pid) if pid else 0.0
+    t0 = time.monotonic()
     out = subprocess.run(
         [
             "wrk",
@@ -237,7 +242,8 @@ def wrk(
         text=True,
         check=True,
     ).stdout
-    cpu = (_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) if pid else 0.0
+    used = _cpu_seconds(pid) - cpu0 if pid else 0.0
+    cpu = used / (time.monotonic() - t0)
     if spy is not None:
         spy.wait(timeout=60)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -246,12 +252,14 @@ def wrk(
         for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)$", out, re.M)
     }
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    answered = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     return {
         "rps": rps,
         "p50": lat["50"],
         "p99": lat["99"],
         "non2xx": float(errors.group(1)) if errors else 0.0,
         "cpu": cpu,
+        "cpu_us": 1e6 * used / max(answered, 1),
         "load": os.getloadavg()[0],
     }
 
@@ -359,13 +367,14 @@ def main() -> int:
         )
         print(
             f"{'scenario':58} {'RPS':>8} {'p50 ms':>7} {'p99 ms':>7} {'RPS/ceil':>8} "
-            f"{'non-2xx':>7} {'srv CPU':>7} {'load':>5}"
+            f"{'non-2xx':>7} {'srv CPU':>7} {'CPU/req':>7} {'cpu ceil/us':>11} {'load':>5}"
         )
         for name, r, c in rows:
             ratio = f"{r['rps'] / c['rps']:.0%}" if c else "-"
+            per = f"{c['cpu_us'] / r['cpu_us']:.0%}" if c else "-"
             print(
                 f"{name:58} {r['rps']:8.0f} {r['p50']:7.2f} {r['p99']:7.2f} {ratio:>8} "
-                f"{r['non2xx']:7.0f} {r['cpu']:7.0%} {r['load']:5.2f}"
+                f"{r['non2xx']:7.0f} {r['cpu']:7.0%} {r['cpu_us']:7.0f} {per:>11} {r['load']:5.2f}"
             )
         print(json.dumps({n: r for n, r, _ in rows}), file=sys.stderr)
         for port in (with_redis, without, with_cluster):
