@@ -271,7 +271,7 @@ def test_help_names_each_variable_and_its_default(capsys: pytest.CaptureFixture[
     assert "[FEATUREPLANE_METRICS_PORT, 9101]" in " ".join(_help(["retry"], capsys).split())
     serve = " ".join(_help(["serve"], capsys).split())
     assert "[FEATUREPLANE_SERVE_NEGATIVE_TTL, 5s]" in serve
-    assert "[FEATUREPLANE_SERVE_UVLOOP, off]" in serve
+    assert "[FEATUREPLANE_SERVE_UVLOOP, on]" in serve
     assert "FEATUREPLANE_TOKEN" in serve  # in the description: a variable only
     for command in COMMANDS:
         assert "--token" not in _help([command], capsys)
