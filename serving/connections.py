@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -75,7 +75,8 @@ class _Refused(asyncio.Protocol):
     """A connection over the cap: a canned 503, then closed; nothing is read or parsed."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
+        # A cast, not an isinstance check: uvloop's transports derive from no asyncio class.
+        transport = cast(asyncio.WriteTransport, transport)
         transport.write(_REFUSED)
         transport.close()
 
