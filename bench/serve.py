@@ -11,8 +11,10 @@ Scenarios:
       (FEATUREPLANE_REDIS_CLUSTER=true: one script call per hash slot, sent per node);
   (c) the same from the embedded store (a server without Redis, local tier off).
 Ceiling: a bare aiohttp handler in its own process returning a fixed JSON body of the
-scenario's response size, measured in the same run. `--profile` samples the server
-with py-spy during each scenario and prints its hottest functions.
+scenario's response size, measured in the same run. Servers and ceiling run on asyncio's
+loop, or all on uvloop with `--uvloop` (serve's default), so a row compares like with
+like. `--profile` samples the server with py-spy during each scenario and prints its
+hottest functions.
 
 Fairness: wrk, redis-server and the server share the machine's cores, and so does
 anything else running (another bench, a test run). Each row prints the 1-minute load
@@ -149,11 +151,10 @@ async def load_data(catalog: Any, data_dir: Path, redis_url: str, cluster_url: s
 
 def serve(port: int, env: dict[str, str], uvloop: bool) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "featureplane.cli", "serve", "--port", str(port)]
-    if uvloop:
-        argv.append("--uvloop")
     # One server process, as the ceiling is one: `--workers` rows are the workers bench's.
-    one = {"FEATUREPLANE_SERVE_WORKERS": "1"}
-    return subprocess.Popen(argv, env={**os.environ, **one, **env}, cwd=REPO)
+    # The loop said, as the ceiling's is: `serve` runs on uvloop unless told otherwise.
+    own = {"FEATUREPLANE_SERVE_WORKERS": "1", "FEATUREPLANE_SERVE_UVLOOP": str(uvloop).lower()}
+    return subprocess.Popen(argv, env={**os.environ, **own, **env}, cwd=REPO)
 
 
 def wait_up(port: int, path: str = "/healthz") -> None:
@@ -285,7 +286,9 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per measurement")
     ap.add_argument("--ids", type=int, default=100_000, help="distinct entity ids")
     ap.add_argument("--profile", action="store_true", help="py-spy the server per scenario")
-    ap.add_argument("--uvloop", action="store_true", help="run the servers on uvloop")
+    ap.add_argument(
+        "--uvloop", action="store_true", help="run the servers and the ceiling on uvloop"
+    )
     ap.add_argument("--only", default="abc", help="scenarios to run, e.g. ab")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fp-bench-serve-"))
