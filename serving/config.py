@@ -62,9 +62,9 @@ class ServeConfig(BaseSettings):
     """Open connections at most (lowered to fit the process's file descriptor limit); more
     are answered 503 and closed."""
     uvloop: bool = sys.platform != "win32"
-    """Run on uvloop instead of asyncio's default loop: on where uvloop exists (it cut the
-    server's CPU per answer by a fifth in bench/serve.py); FEATUREPLANE_SERVE_UVLOOP=false
-    turns it off."""
+    """Run on uvloop instead of asyncio's default loop: on where uvloop exists (2-4% less
+    server CPU per answer in bench/serve.py's local-tier row);
+    FEATUREPLANE_SERVE_UVLOOP=false turns it off."""
     workers: int | None = Field(None, ge=1, le=256)
     """Server processes sharing the port (SO_REUSEPORT), each with its own local tier and
     clients; unset = the cores this process may use (CPU affinity and cgroup CPU quota);
