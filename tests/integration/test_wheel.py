@@ -215,20 +215,29 @@ def test_pip_install_then_up_demo_from_an_empty_folder(installed: Path, tmp_path
         text=True,
         start_new_session=True,  # its own group: a failed test takes every child down with it
     )
+    shown = ""
     try:
         _wait_ready(proc, base)
+        # Read up to the banner before anything else: a SIGTERM sent while up still waits
+        # for ingest's first write stops it before the banner (the API may answer first).
+        assert proc.stdout is not None
+        while not shown.endswith("Ctrl-C stops everything.\n"):
+            line = proc.stdout.readline()
+            assert line, f"up ended before its banner:\n{shown}"
+            shown += line
+        assert "featureplane is up" in shown
         result = _demo_items(base)
         assert result["group"] == GROUP and result["id"] == "user-1"
         assert 1 <= len(result["items"]) <= 5
         assert set(result["items"][0]["features"]) == {"article_id", "session_id", "category"}
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=90)
+        rest, _ = proc.communicate(timeout=90)
+        out = shown + rest
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, out
-    assert "featureplane is up" in out
     # The default data dir went into the user's folder, and nothing logged a traceback.
     logs = sorted((folder / ".featureplane" / "logs").glob("*.log"))
     assert logs, sorted(folder.rglob("*"))
