@@ -353,6 +353,43 @@ def _fmt(v: float | None, unit: str = "") -> str:
     return f"> {CUT_S * 1000:.0f}" if v is None else f"{v:,.1f}{unit}"
 
 
+def print_rows(
+    rows: list[tuple[str, dict[str, float | None]]],
+    rate: int,
+    ids: int,
+    conns: int,
+    duration: float,
+    long_soft: str,
+    rounds: int,
+) -> None:
+    print(
+        f"\n{rate} writes/s over {ids} ids (a batch / 100 ms) while wrk -t1 "
+        f"-c{conns} reads them, {duration:.0f} s a mode, soft 30s / hard 5m, "
+        f"long soft {long_soft}, {os.cpu_count()} cores, {rounds} rounds "
+        "(RPS: mean, min-max; wrk p99: the worst round's)"
+    )
+    print(
+        f"{'mode':<14} {'write->served p50':>18} {'p99 ms':>8} {'cut':>6} "
+        f"{'local hit':>10} {'stale':>6} {'RPS':>9} {'min-max':>13} {'wrk p99':>8} {'load':>5}"
+    )
+    for name, r in rows:
+        if name == "load":
+            pub, unpub = r["published_s"], r["unpublished_s"]
+            assert pub is not None and unpub is not None
+            print(
+                f"load of {r['items']:,.0f} items through the Writer: published {pub:.2f} s, "
+                f"not published {unpub:.2f} s ({100 * (pub / unpub - 1):+.1f}%)"
+            )
+            continue
+        print(
+            f"{name:<14} {_fmt(r['p50_ms']):>18} {_fmt(r['p99_ms']):>8} "
+            f"{r['cut_pct'] or 0:5.1f}% {_fmt(r['hit_pct'], '%'):>10} "
+            f"{_fmt(r['stale_pct'], '%'):>6} {r['rps'] or 0:9,.0f} "
+            f"{r['rps_min'] or 0:6,.0f}-{r['rps_max'] or 0:<6,.0f} {r['wrk_p99_ms'] or 0:8.1f} "
+            f"{r['load'] or 0:5.2f}"
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -376,32 +413,9 @@ def main() -> int:
         args.rounds,
         args.connections,
     )
-    print(
-        f"\n{args.rate} writes/s over {args.ids} ids (a batch / 100 ms) while wrk -t1 "
-        f"-c{args.connections} reads them, {args.duration:.0f} s a mode, soft 30s / hard 5m, "
-        f"long soft {args.long_soft}, {os.cpu_count()} cores, {args.rounds} rounds "
-        "(RPS: mean, min-max; wrk p99: the worst round's)"
+    print_rows(
+        rows, args.rate, args.ids, args.connections, args.duration, args.long_soft, args.rounds
     )
-    print(
-        f"{'mode':<14} {'write->served p50':>18} {'p99 ms':>8} {'cut':>6} "
-        f"{'local hit':>10} {'stale':>6} {'RPS':>9} {'min-max':>13} {'wrk p99':>8} {'load':>5}"
-    )
-    for name, r in rows:
-        if name == "load":
-            pub, unpub = r["published_s"], r["unpublished_s"]
-            assert pub is not None and unpub is not None
-            print(
-                f"load of {r['items']:,.0f} items through the Writer: published {pub:.2f} s, "
-                f"not published {unpub:.2f} s ({100 * (pub / unpub - 1):+.1f}%)"
-            )
-            continue
-        print(
-            f"{name:<14} {_fmt(r['p50_ms']):>18} {_fmt(r['p99_ms']):>8} "
-            f"{r['cut_pct'] or 0:5.1f}% {_fmt(r['hit_pct'], '%'):>10} "
-            f"{_fmt(r['stale_pct'], '%'):>6} {r['rps'] or 0:9,.0f} "
-            f"{r['rps_min'] or 0:6,.0f}-{r['rps_max'] or 0:<6,.0f} {r['wrk_p99_ms'] or 0:8.1f} "
-            f"{r['load'] or 0:5.2f}"
-        )
     return 0
 
 

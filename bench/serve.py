@@ -289,7 +289,12 @@ def main() -> int:
     ap.add_argument(
         "--uvloop", action="store_true", help="run the servers and the ceiling on uvloop"
     )
-    ap.add_argument("--only", default="abc", help="scenarios to run, e.g. ab")
+    ap.add_argument(
+        "--only",
+        default="abcwiv",
+        help="what to run: a, b, c (the scenarios), w (1 vs 2 workers), "
+        "i (invalidation of the local tier), v (vector encoding); e.g. ab",
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fp-bench-serve-"))
     (tmp / "spec.yaml").write_text(SPEC)
@@ -391,6 +396,17 @@ def main() -> int:
             p.wait(timeout=20)
         redis.cleanup()
         cluster.cleanup()
+    # The other rows' benches import this module's helpers: imported once it is loaded.
+    from bench import invalidation, serve_workers, vectors
+
+    if "w" in args.only:
+        rows = serve_workers.workers_rows(args.duration, min(args.ids, 10_000))
+        serve_workers.print_rows(rows, args.duration, 2, 64)
+    if "i" in args.only:
+        inval = invalidation.invalidation_rows(args.duration, 10_000, rounds=1)
+        invalidation.print_rows(inval, 1_000, 10_000, 32, args.duration, "4m", 1)
+    if "v" in args.only:
+        vectors.print_rows("item encoding of a 768-d vector + 3 scalars", vectors.vector_rows())
     return 0
 
 
