@@ -339,7 +339,9 @@ def main() -> int:
         pids = {with_redis: procs[0].pid, without: procs[1].pid, with_cluster: procs[2].pid}
         rows = []
         ceilings: dict[int, dict[str, float]] = {}
-        for key, title, port, body in ((k, *row) for k in args.only for row in scenarios[k]):
+        for key, title, port, body in (
+            (k, *row) for k in args.only if k in scenarios for row in scenarios[k]
+        ):
             sample = response_size(port, body % ((7,) * body.count("%d")))
             size = len(sample)
             lua = tmp / f"{key}.lua"
