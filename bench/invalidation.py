@@ -54,7 +54,7 @@ from prometheus_client.parser import text_string_to_metric_families
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serve import wait_up  # noqa: E402
+from bench.serve_kit import wait_up  # noqa: E402
 from featureplane.codec import Item, make_item  # noqa: E402
 from featureplane.operators.policy import RetryInPlace  # noqa: E402
 from featureplane.operators.write import Writer  # noqa: E402

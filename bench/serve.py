@@ -49,53 +49,14 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import invalidation, serve_workers, vectors  # noqa: E402
+from bench.serve_kit import BODY_A, BODY_B, CEILING, LUA, SPEC, response_size, wait_up  # noqa: E402
 from featureplane.cache import CacheFill  # noqa: E402
 from featureplane.codec import Record, make_item  # noqa: E402
 from featureplane.spec import load_catalog  # noqa: E402
 from featureplane.stores.embedded import EmbeddedStore  # noqa: E402
 from featureplane.stores.redis_cache import RedisCache  # noqa: E402
 from tests.services import free_port, start_redis, start_redis_cluster  # noqa: E402
-
-SPEC = """
-feature_groups:
-  - {name: last_click, entity: user, kind: latest, tiers: [local, store],
-     ttl: {soft: 10m, hard: 1h},
-     features: [{name: article_id, type: string}, {name: category, type: string}]}
-  - {name: keywords, entity: user, kind: latest, tiers: [redis, store],
-     ttl: {soft: 10m, hard: 1h},
-     features: [{name: keywords, type: "set<string>"}, {name: updated_by, type: string}]}
-  - {name: stats, entity: user, kind: latest, tiers: [redis, store], ttl: {soft: 10m, hard: 1h},
-     features: [{name: clicks, type: int}, {name: score, type: float}]}
-  - {name: recent, entity: user, kind: timeseries, max_items: 30, tiers: [redis, store],
-     ttl: {soft: 10m, hard: 1h},
-     features: [{name: article_id, type: string}, {name: category, type: string}]}
-"""
-BODY_A = '{"requests":[{"group":"last_click","ids":["%d"]}]}'
-BODY_B = (
-    '{"requests":[{"group":"keywords","ids":["%d"]},{"group":"stats","ids":["%d"]},'
-    '{"group":"recent","ids":["%d"]}]}'
-)
-CEILING = """
-import sys
-from aiohttp import web
-body = open(sys.argv[2], "rb").read()
-async def handler(request):
-    await request.read()
-    return web.Response(body=body, content_type="application/json")
-app = web.Application()
-app.router.add_post("/v1/features", handler)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
-"""
-LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-local n = %d
-local template = '%s'
-request = function()
-  local id = math.random(0, n - 1)
-  return wrk.format(nil, "/v1/features", nil, string.format(template, id, id, id))
-end
-"""
 
 
 async def load_data(catalog: Any, data_dir: Path, redis_url: str, cluster_url: str, n: int) -> None:
@@ -157,18 +118,6 @@ def serve(port: int, env: dict[str, str], uvloop: bool) -> subprocess.Popen[byte
     return subprocess.Popen(argv, env={**os.environ, **own, **env}, cwd=REPO)
 
 
-def wait_up(port: int, path: str = "/healthz") -> None:
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1)
-            return
-        except OSError as exc:
-            if getattr(exc, "code", None):
-                return  # any HTTP answer means it is up
-            time.sleep(0.05)
-    raise SystemExit(f"server on {port} did not start")
-
-
 async def warm_local(port: int, n: int) -> None:
     async with aiohttp.ClientSession() as s:
         for lo in range(0, n, 1000):
@@ -178,16 +127,6 @@ async def warm_local(port: int, n: int) -> None:
                 json={"requests": [{"group": "last_click", "ids": ids}]},
             ) as r:
                 assert r.status == 200, await r.text()
-
-
-def response_size(port: int, body: str) -> bytes:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/features",
-        data=body.encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req) as resp:
-        return bytes(resp.read())
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -398,9 +337,6 @@ def main() -> int:
             p.wait(timeout=20)
         redis.cleanup()
         cluster.cleanup()
-    # The other rows' benches import this module's helpers: imported once it is loaded.
-    from bench import invalidation, serve_workers, vectors
-
     if "w" in args.only:
         rows = serve_workers.workers_rows(args.duration, min(args.ids, 10_000))
         serve_workers.print_rows(rows, args.duration, 2, 64)

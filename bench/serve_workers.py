@@ -35,7 +35,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serve import BODY_A, CEILING, LUA, SPEC, response_size, wait_up  # noqa: E402
+from bench.serve_kit import BODY_A, CEILING, LUA, SPEC, response_size, wait_up  # noqa: E402
 from featureplane.codec import make_item  # noqa: E402
 from featureplane.spec import Catalog, load_catalog  # noqa: E402
 from featureplane.stores.embedded import EmbeddedStore  # noqa: E402
