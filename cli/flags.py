@@ -88,8 +88,8 @@ def add_flags(
             "help": _help(info, env_name(model, name), shown).replace("%", "%%"),
         }
         kind = _kind(info)
-        if kind is bool:
-            kwargs["action"] = "store_true"
+        if kind is bool:  # --x and --no-x: a flag can turn off what a variable or default set
+            kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["metavar"] = "DURATION" if DURATION in info.metadata else name.upper()
             if kind in (int, float):

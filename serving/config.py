@@ -64,7 +64,7 @@ class ServeConfig(BaseSettings):
     uvloop: bool = sys.platform != "win32"
     """Run on uvloop instead of asyncio's default loop: on where uvloop exists (2-4% less
     server CPU per answer in bench/serve.py's local-tier row);
-    FEATUREPLANE_SERVE_UVLOOP=false turns it off."""
+    --no-uvloop or FEATUREPLANE_SERVE_UVLOOP=false turns it off."""
     workers: int | None = Field(None, ge=1, le=256)
     """Server processes sharing the port (SO_REUSEPORT), each with its own local tier and
     clients; unset = the cores this process may use (CPU affinity and cgroup CPU quota);

@@ -263,6 +263,18 @@ def test_flags_set_the_settings_they_name() -> None:
     assert (args.rate, args.count, args.users, args.seed) == (5.0, 6, 7, 8)
 
 
+def test_a_switch_has_an_off_flag_that_wins_over_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parse = build_parser().parse_args
+    assert model_from(ServeConfig, parse(["serve", "--no-uvloop"])).uvloop is False
+    monkeypatch.setenv("FEATUREPLANE_SERVE_UVLOOP", "false")
+    assert model_from(ServeConfig, parse(["serve"])).uvloop is False
+    assert model_from(ServeConfig, parse(["serve", "--uvloop"])).uvloop is True
+    monkeypatch.setenv("FEATUREPLANE_REDIS_CLUSTER", "true")
+    assert model_from(Settings, parse(["serve", "--no-redis-cluster"])).redis_cluster is False
+
+
 def test_help_names_each_variable_and_its_default(capsys: pytest.CaptureFixture[str]) -> None:
     ingest = " ".join(_help(["ingest"], capsys).split())
     assert "[FEATUREPLANE_COMMIT_INTERVAL, 1s]" in ingest
