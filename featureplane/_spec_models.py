@@ -18,7 +18,7 @@ from pydantic_core import PydanticCustomError
 from featureplane._spec_fields import Name, SpecDuration, SpecModel
 from featureplane.errors import quote
 from featureplane.jobs import BatchJob
-from featureplane.types import FeatureType, parse_type
+from featureplane.types import MAX_ITEM_BYTES, FeatureType, packed_floor, parse_type
 
 __all__ = [
     "DUPLICATE_FEATURE",
@@ -107,6 +107,19 @@ class FeatureGroup(SpecModel):
         if len(set(names)) != len(names):
             # A type of its own: the loader reports each repeat at its own line instead.
             raise PydanticCustomError(DUPLICATE_FEATURE, "duplicate feature names")
+        return features
+
+    @pydantic.field_validator("features")
+    @classmethod
+    def _vectors_fit(cls, features: tuple[Feature, ...]) -> tuple[Feature, ...]:
+        # Each vector alone fits (`MAX_VECTOR_DIM`); together they may not, and then no item
+        # holding them all could ever be written.
+        floor = packed_floor([f.type for f in features])
+        if floor > MAX_ITEM_BYTES:
+            raise ValueError(
+                f"an item with every vector set takes at least {floor:,} bytes packed "
+                f"(4 a float), over the {MAX_ITEM_BYTES:,}-byte item limit"
+            )
         return features
 
     @pydantic.field_validator("tiers")

@@ -40,7 +40,15 @@ import orjson
 from featureplane.errors import ItemTooLargeError, StoreError, ValidationError, quote
 from featureplane.keys import check_id, version
 from featureplane.spec import FeatureGroup
-from featureplane.types import INT_MAX, INT_MIN, coerce, pack_vector, to_python, unpack_vector
+from featureplane.types import (
+    INT_MAX,
+    INT_MIN,
+    MAX_ITEM_BYTES,
+    coerce,
+    pack_vector,
+    to_python,
+    unpack_vector,
+)
 
 __all__ = [
     "MAX_ITEM_BYTES",
@@ -54,7 +62,6 @@ __all__ = [
     "project",
 ]
 
-MAX_ITEM_BYTES = 8 * 1024
 PACKED = 0x01
 """The first byte of a packed item (the layout in the module docstring)."""
 _HEAD = struct.Struct("<BH")

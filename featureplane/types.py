@@ -30,7 +30,7 @@ import re
 import struct
 import sys
 from array import array
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,10 +39,13 @@ from featureplane.errors import ValidationError, quote
 __all__ = [
     "INT_MAX",
     "INT_MIN",
+    "MAX_ITEM_BYTES",
     "MAX_VECTOR_DIM",
+    "PACKED_HEAD_BYTES",
     "FeatureType",
     "coerce",
     "pack_vector",
+    "packed_floor",
     "parse_type",
     "to_python",
     "unpack_vector",
@@ -51,10 +54,15 @@ __all__ = [
 Kind = Literal["string", "int", "float", "bool", "bytes", "list", "set", "map", "vector"]
 SCALARS = ("string", "int", "float", "bool", "bytes")
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+MAX_ITEM_BYTES = 8 * 1024
+"""The most bytes one encoded item may take (`featureplane.codec`)."""
+PACKED_HEAD_BYTES = 3
+"""A packed item's format byte and vector count, before 4 bytes a vector of its table."""
 MAX_VECTOR_DIM = 2044
 """The most floats a `vector<float,N>` may hold: one item holding only such a vector
 (4 bytes a float after 13 bytes of header and `[null]`, see `featureplane.codec`) is
-8,189 bytes, within the 8 KiB item limit. Vectors of one group share that limit."""
+8,189 bytes, within the 8 KiB item limit. Vectors of one group share that limit with its
+other features, and a spec whose vectors cannot fit one item together is refused."""
 MAX_TYPE_DEPTH = 32  # map<string,list<float>> is 3; 5,000 raised RecursionError
 MAX_TYPE_CHARS = 256
 
@@ -256,3 +264,13 @@ def _bytes_wire(value: Any, where: str) -> str:
             raise ValidationError(f"{where}: bytes must be base64 text") from None
         return base64.b64encode(raw).decode("ascii")
     raise ValidationError(f"{where}: expected bytes (base64), got {type(value).__name__}")
+
+
+def packed_floor(types: Sequence[FeatureType]) -> int:
+    """The fewest bytes an item of features of `types` takes with every `vector<float,N>`
+    set and everything else null: the packed layout of `featureplane.codec`."""
+    dims = [t.dim for t in types if t.kind == "vector"]
+    json_nulls = 1 + 5 * len(types)  # `[null,null]`: 4 a null, a comma between, brackets
+    if not dims:
+        return json_nulls
+    return PACKED_HEAD_BYTES + 4 * len(dims) + json_nulls + 4 * sum(dims)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from featureplane.cli import main
+from featureplane.codec import encode
 from featureplane.errors import SpecError
 from featureplane.spec import SpecNotFoundError, load_catalog, parse_duration
 from featureplane.types import parse_type
@@ -315,6 +316,25 @@ def test_bad_types(bad: str) -> None:
 def test_types_nest_up_to_32_levels() -> None:
     text = "list<" * 31 + "int" + ">" * 31
     assert str(parse_type(text)) == text
+
+
+def test_vectors_of_one_group_must_fit_one_item_together(tmp_path: Path) -> None:
+    def group(*dims: int) -> str:
+        features = ", ".join(
+            f"{{name: v{i}, type: 'vector<float,{d}>'}}" for i, d in enumerate(dims)
+        )
+        return f"feature_groups:\n  - name: g\n    entity: u\n    kind: latest\n    features: [{features}, {{name: n, type: int}}]\n"
+
+    (tmp_path / "g.yaml").write_text(group(1024, 1017))  # 8,191 bytes: fits
+    catalog = load_catalog(tmp_path)
+    assert len(encode(catalog.group("g"), {"v0": [0.0] * 1024, "v1": [0.0] * 1017})) == 8191
+    (tmp_path / "g.yaml").write_text(group(1024, 1018))
+    with pytest.raises(SpecError) as err:
+        load_catalog(tmp_path)
+    assert [str(p) for p in err.value.problems] == [
+        f"{tmp_path / 'g.yaml'}:5: feature_groups[0].features: an item with every vector set "
+        "takes at least 8,195 bytes packed (4 a float), over the 8,192-byte item limit"
+    ]
 
 
 def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
