@@ -1,5 +1,6 @@
-"""The DynamoDB store's requests as plain functions: item <-> attribute maps, chunking,
-dedupe, error mapping, and the batch loops that resend unprocessed work with backoff.
+"""The DynamoDB store's requests as plain functions: item <-> attribute maps (in
+DynamoDB's JSON wire shapes: `B` base64 text, `N` decimal text), chunking, dedupe,
+error mapping, and the batch loops that resend unprocessed work with backoff.
 
 The loops take any `Call`, so a fake client tests them; nothing here holds a connection.
 """
@@ -7,13 +8,12 @@ The loops take any `Call`, so a fake client tests them; nothing here holds a con
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
-from botocore.exceptions import ClientError, HTTPClientError
-from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from featureplane.backoff import backoff_ms
 from featureplane.codec import Item, Record
@@ -22,10 +22,12 @@ from featureplane.keys import NULL_SK, partition_key, replaces
 from featureplane.spec import FeatureGroup
 
 __all__ = [
+    "CRC_MISMATCH",
     "MAX_ATTEMPTS",
     "READ_CHUNK",
     "WRITE_CHUNK",
     "Call",
+    "DynamoWireError",
     "batch_get_all",
     "batch_write_all",
     "chunked",
@@ -45,12 +47,21 @@ MAX_ATTEMPTS = 8  # for unprocessed items/keys: ~6 s of backoff at most
 Call = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 """Runs one DynamoDB operation (`"BatchWriteItem"`, params) and returns its response."""
 
+CRC_MISMATCH = "CRC32Mismatch"
+"""The code of a response whose `x-amz-crc32` does not match its body (retried)."""
+
 _T = TypeVar("_T")
 _TRANSIENT_CODES = frozenset(
-    {
+    {  # DynamoDB's throttling and outage codes, and botocore's "standard" retry lists
+        CRC_MISMATCH,
         "ProvisionedThroughputExceededException",
         "ThrottlingException",
+        "Throttling",
+        "TooManyRequestsException",
         "RequestLimitExceeded",
+        "LimitExceededException",
+        "TransactionInProgressException",
+        "PriorRequestNotComplete",
         "InternalServerError",
         "ServiceUnavailable",
         "ServiceUnavailableException",
@@ -90,7 +101,7 @@ def item_attrs(group: FeatureGroup, item: Item) -> dict[str, Any]:
     attrs: dict[str, Any] = {
         "pk": {"S": pk},
         "sk": {"S": sk},
-        "v": {"B": item.value},
+        "v": {"B": base64.b64encode(item.value).decode("ascii")},  # B is base64 on the wire
         "ts": {"N": str(item.ts)},
     }
     if group.kind == "latest":
@@ -102,9 +113,9 @@ def item_attrs(group: FeatureGroup, item: Item) -> dict[str, Any]:
 
 
 def record_of(attrs: dict[str, Any]) -> Record:
-    """A DynamoDB attribute map (as read) back to a Record."""
+    """A DynamoDB attribute map (as read off the wire) back to a Record."""
     ver = attrs["ver"]["S"] if "ver" in attrs else attrs["sk"]["S"]
-    return Record(int(attrs["ts"]["N"]), ver, bytes(attrs["v"]["B"]))
+    return Record(int(attrs["ts"]["N"]), ver, base64.b64decode(attrs["v"]["B"]))
 
 
 def unique_puts(puts: Iterable[tuple[tuple[str, str], _T]]) -> list[_T]:
@@ -128,19 +139,25 @@ def newest_per_key(items: Iterable[Item]) -> list[Item]:
     return list(best.values())
 
 
+class DynamoWireError(Exception):
+    """An error DynamoDB answered: its code (`ConditionalCheckFailedException`, the part
+    of `__type` after `#`), message and HTTP status. Never raised to callers: it is the
+    cause of the StoreError `map_error` makes, where `DynamoStore` reads the code."""
+
+    def __init__(self, code: str, message: str, status: int) -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code, self.message, self.status = code, message, status
+
+
 def map_error(exc: BaseException, what: str) -> StoreError:
-    """A botocore/aiohttp failure as a StoreError, transient when a retry may succeed."""
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", "Unknown"))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        detail = str(err.get("Message") or "").strip()
-        msg = f"DynamoDB {what} failed: {code}" + (f": {detail}" if detail else "")
-        if code in _TRANSIENT_CODES or status >= 500:
+    """A DynamoDB/aiohttp failure as a StoreError, transient when a retry may succeed."""
+    if isinstance(exc, DynamoWireError):
+        detail = exc.message.strip()
+        msg = f"DynamoDB {what} failed: {exc.code}" + (f": {detail}" if detail else "")
+        if exc.code in _TRANSIENT_CODES or exc.status >= 500:
             return TransientStoreError(msg)
         return StoreError(msg)
-    transient = (BotoConnectionError, HTTPClientError, aiohttp.ClientError, TimeoutError, OSError)
-    if isinstance(exc, transient):
+    if isinstance(exc, aiohttp.ClientError | TimeoutError | OSError):
         return TransientStoreError(f"DynamoDB {what} failed: {type(exc).__name__}: {exc}")
     return StoreError(f"DynamoDB {what} failed: {type(exc).__name__}: {exc}")
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import random
 from typing import Any
 
+import aiohttp
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from featureplane.codec import make_item
 from featureplane.errors import NotStartedError, StoreError, TransientStoreError
@@ -14,6 +15,7 @@ from featureplane.keys import NULL_SK, partition_key
 from featureplane.stores.base import Query
 from featureplane.stores.dynamodb import DynamoStore
 from featureplane.stores.dynamodb_requests import (
+    DynamoWireError,
     batch_get_all,
     batch_write_all,
     chunked,
@@ -41,14 +43,8 @@ def profile(uid: str, ts: int, event: str) -> Any:
     return make_item(PROFILE, uid, ts, event, {"updated_by": event})
 
 
-def client_error(code: str, status: int = 400, message: str = "boom") -> ClientError:
-    return ClientError(
-        {
-            "Error": {"Code": code, "Message": message},
-            "ResponseMetadata": {"HTTPStatusCode": status},
-        },
-        "Op",
-    )
+def client_error(code: str, status: int = 400, message: str = "boom") -> DynamoWireError:
+    return DynamoWireError(code, message, status)
 
 
 class Sleeps:
@@ -93,6 +89,7 @@ def test_item_attrs_timeseries_round_trip() -> None:
     assert attrs["sk"] == {"S": item.version}
     assert "ver" not in attrs and "exp" not in attrs  # sk is the version; no retention
     assert item_key(CLICKS, item) == (attrs["pk"]["S"], attrs["sk"]["S"])
+    assert attrs["v"] == {"B": base64.b64encode(item.value).decode()}  # B is base64 on the wire
     rec = record_of(attrs)
     assert (rec.ts, rec.version, rec.value) == (item.ts, item.version, item.value)
 
@@ -131,11 +128,10 @@ def test_map_error() -> None:
     assert type(bad) is StoreError and "ValidationException: boom" in str(bad)
     assert str(map_error(client_error("X", message=""), "Q")) == "DynamoDB Q failed: X"
     assert isinstance(
-        map_error(EndpointConnectionError(endpoint_url="http://x"), "Q"), TransientStoreError
+        map_error(client_error("CRC32Mismatch", status=200), "Q"), TransientStoreError
     )
-    assert isinstance(
-        map_error(ReadTimeoutError(endpoint_url="http://x"), "Q"), TransientStoreError
-    )
+    assert isinstance(map_error(aiohttp.ClientConnectionError("x"), "Q"), TransientStoreError)
+    assert isinstance(map_error(aiohttp.ServerTimeoutError("x"), "Q"), TransientStoreError)
     assert isinstance(map_error(TimeoutError(), "Q"), TransientStoreError)
     assert type(map_error(RuntimeError("no"), "Q")) is StoreError
 
@@ -211,7 +207,7 @@ async def test_batch_get_retries_unprocessed_keys() -> None:
 
 
 class FakeClient:
-    """Just enough of the aioboto3 DynamoDB client to check what the store sends."""
+    """Just enough of `DynamoHttp` (its `call`) to check what the store sends."""
 
     def __init__(self) -> None:
         self.writes: list[list[dict[str, Any]]] = []
@@ -220,26 +216,28 @@ class FakeClient:
         self.queries: list[dict[str, Any]] = []
         self.latest: dict[str, dict[str, Any]] = {}
 
-    async def batch_write_item(self, RequestItems: dict[str, Any]) -> dict[str, Any]:
-        self.writes.append(RequestItems["t"])
-        return {"UnprocessedItems": {}}
-
-    async def put_item(self, **params: Any) -> dict[str, Any]:
-        item = params["Item"]
-        cur = self.latest.get(item["pk"]["S"])
-        if cur is not None and cur["ver"]["S"] > params["ExpressionAttributeValues"][":ver"]["S"]:
-            raise client_error("ConditionalCheckFailedException")
-        self.puts.append(params)
-        self.latest[item["pk"]["S"]] = item
-        return {}
-
-    async def batch_get_item(self, RequestItems: dict[str, Any]) -> dict[str, Any]:
-        keys = RequestItems["t"]["Keys"]
-        self.gets.append(keys)
-        found = [self.latest[k["pk"]["S"]] for k in keys if k["pk"]["S"] in self.latest]
-        return {"Responses": {"t": found}}
-
-    async def query(self, **params: Any) -> dict[str, Any]:
+    async def call(self, op: str, params: dict[str, Any]) -> dict[str, Any]:
+        if op == "BatchWriteItem":
+            self.writes.append(params["RequestItems"]["t"])
+            return {"UnprocessedItems": {}}
+        if op == "PutItem":
+            item = params["Item"]
+            cur = self.latest.get(item["pk"]["S"])
+            if (
+                cur is not None
+                and cur["ver"]["S"] > params["ExpressionAttributeValues"][":ver"]["S"]
+            ):
+                wire = client_error("ConditionalCheckFailedException")
+                raise map_error(wire, op) from wire  # as DynamoHttp.call raises it
+            self.puts.append(params)
+            self.latest[item["pk"]["S"]] = item
+            return {}
+        if op == "BatchGetItem":
+            keys = params["RequestItems"]["t"]["Keys"]
+            self.gets.append(keys)
+            found = [self.latest[k["pk"]["S"]] for k in keys if k["pk"]["S"] in self.latest]
+            return {"Responses": {"t": found}}
+        assert op == "Query"
         self.queries.append(params)
         return {"Items": []}
 
@@ -247,7 +245,7 @@ class FakeClient:
 def fake_store() -> tuple[DynamoStore, FakeClient]:
     store = DynamoStore(CATALOG, table="t", endpoint_url="http://unused")
     client = FakeClient()
-    store._client = client
+    store._client = client  # type: ignore[assignment]
     return store, client
 
 
