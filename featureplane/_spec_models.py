@@ -15,7 +15,7 @@ import pydantic
 from pydantic import Field, PlainSerializer, PlainValidator
 from pydantic_core import PydanticCustomError
 
-from featureplane._spec_fields import Name, SpecDuration, SpecModel
+from featureplane._spec_fields import Description, Name, Owner, SpecDuration, SpecModel, Tags
 from featureplane.errors import quote
 from featureplane.jobs import BatchJob
 from featureplane.types import MAX_ITEM_BYTES, FeatureType, packed_floor, parse_type
@@ -54,6 +54,12 @@ class Feature(SpecModel):
     """Feature name, unique in its group."""
     type: TypeField
     """Value type, e.g. `string`, `set<string>`, `vector<float,64>`."""
+    description: Description | None = None
+    """What the value means, for people: the catalog shows it."""
+    owner: Owner | None = None
+    """Who to ask about it, when not the group's owner."""
+    tags: Tags = ()
+    """Labels to find it by."""
 
 
 class TTL(SpecModel):
@@ -99,6 +105,12 @@ class FeatureGroup(SpecModel):
     """through: ingestion also writes the Redis tier; around: the store only."""
     on_demand: str | None = Field(None, pattern=f"^{_ON_DEMAND.pattern}$")
     """`module:function` computing the group per request; never stored or cached."""
+    description: Description | None = None
+    """What the group holds and what it is for, for people: the catalog shows it."""
+    owner: Owner | None = None
+    """Who to ask about it: a team, a person or an address."""
+    tags: Tags = ()
+    """Labels to find it by."""
 
     @pydantic.field_validator("features")
     @classmethod

@@ -195,6 +195,9 @@ async def test_401_404_405(client: TestClient[Any, Any]) -> None:
 async def test_groups_health_ready_metrics_openapi(client: TestClient[Any, Any]) -> None:
     groups = await (await client.get("/v1/groups", headers=AUTH)).json()
     assert {g["name"] for g in groups["groups"]} == set(CATALOG.groups)
+    searches = next(g for g in groups["groups"] if g["name"] == "recent_user_searches")
+    assert (searches["owner"], searches["tags"]) == ("team-search", ["search", "realtime", "pii"])
+    assert searches["features"][0]["description"] == "The query as typed."
     assert (await client.get("/healthz")).status == 200
     ready = await client.get("/readyz")
     assert ready.status == 200

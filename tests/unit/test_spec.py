@@ -337,6 +337,64 @@ def test_vectors_of_one_group_must_fit_one_item_together(tmp_path: Path) -> None
     ]
 
 
+def test_groups_and_features_carry_description_owner_and_tags(tmp_path: Path) -> None:
+    catalog = load_catalog(EXAMPLES)
+    for group in catalog.groups.values():
+        assert group.description and group.owner and group.tags, group.name
+        assert all(f.description for f in group.features), group.name
+    (tmp_path / "g.yaml").write_text(
+        "feature_groups:\n"
+        "  - name: g\n"
+        "    entity: u\n"
+        "    kind: latest\n"
+        "    description: |\n      Two lines,\n      kept.\n"
+        "    owner: ' team-a '\n"
+        "    tags: [pii, 'ml:embeddings', a/b-c.d_e]\n"
+        "    features: [{name: a, type: int, owner: bob@example.com, tags: [x]}]\n"
+    )
+    group = load_catalog(tmp_path).group("g")
+    assert (group.description, group.owner, group.tags) == (
+        "Two lines,\nkept.",
+        "team-a",
+        ("pii", "ml:embeddings", "a/b-c.d_e"),
+    )
+    feature = group.features[0]
+    assert (feature.description, feature.owner, feature.tags) == (None, "bob@example.com", ("x",))
+    assert group.model_dump(mode="json")["tags"] == ["pii", "ml:embeddings", "a/b-c.d_e"]
+
+
+@pytest.mark.parametrize(
+    ("yaml_field", "message"),
+    [
+        ("owner: ''", "owner: an owner must not be empty"),
+        ('owner: "a\\nb"', "owner: an owner holds the control character"),
+        ("description: 5", "description: a description must be a string, got 5"),
+        ('description: "\\0"', "description: a description holds the control"),
+        (
+            "description: " + "x" * 2001,
+            "description: a description is 2,001 characters",
+        ),
+        ("tags: pii", "tags: tags must be a list of strings, got 'pii'"),
+        ("tags: [a, a]", "tags: tags must not repeat"),
+        ("tags: ['-a']", "tags: bad tag '-a' (letters, digits"),
+        ("tags: [[a]]", "tags: bad tag ['a']"),
+        ("tags: [" + ", ".join(f"t{i}" for i in range(33)) + "]", "33 tags, more than 32"),
+    ],
+)
+def test_bad_metadata_is_located(tmp_path: Path, yaml_field: str, message: str) -> None:
+    (tmp_path / "g.yaml").write_text(
+        "feature_groups:\n  - name: g\n    entity: u\n    kind: latest\n"
+        f"    {yaml_field}\n"
+        "    features: [{name: a, type: int}]\n"
+    )
+    with pytest.raises(SpecError) as err:
+        load_catalog(tmp_path)
+    [problem] = [str(p) for p in err.value.problems]
+    assert problem.startswith(f"{tmp_path / 'g.yaml'}:5: feature_groups[0].")
+    assert message in problem
+    assert len(problem) < 400
+
+
 def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(EXAMPLES)]) == 0
     assert "7 feature groups" in capsys.readouterr().out
