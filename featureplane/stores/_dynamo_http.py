@@ -81,6 +81,7 @@ class Signer:
     def __init__(self, region: str, host: str, service: str = "dynamodb") -> None:
         self.region, self.host, self.service = region, host, service
         self._key: tuple[str, str, bytes] = ("", "", b"")  # (secret, day, key)
+        self._second = (-1, "")  # (epoch second, its x-amz-date)
 
     def _signing_key(self, secret: str, day: str) -> bytes:
         if self._key[0] != secret or self._key[1] != day:
@@ -92,7 +93,10 @@ class Signer:
 
     def headers(self, target: str, body: bytes, creds: Credentials, now: float) -> dict[str, str]:
         """The request's headers, `Authorization` included, at epoch seconds `now`."""
-        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        second = int(now)
+        if self._second[0] != second:
+            self._second = (second, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(second)))
+        amz_date = self._second[1]
         day = amz_date[:8]
         scope = f"{day}/{self.region}/{self.service}/aws4_request"
         token = creds.token
@@ -115,7 +119,7 @@ class Signer:
             f"{hashlib.sha256(canonical.encode()).hexdigest()}"
         )
         key = self._signing_key(creds.secret_key, day)
-        signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+        signature = hmac.digest(key, to_sign.encode(), "sha256").hex()
         headers = {
             "Host": self.host,
             "Content-Type": _CONTENT_TYPE,
@@ -133,7 +137,7 @@ class Signer:
 
 
 def _hmac(key: bytes, msg: str) -> bytes:
-    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+    return hmac.digest(key, msg.encode(), "sha256")
 
 
 def wire_error(status: int, body: bytes) -> DynamoWireError:
