@@ -25,6 +25,7 @@ from typing import Literal
 
 import orjson
 
+from featureplane.jobs import iso_time
 from featureplane.settings import Settings
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "Runs",
     "ShardRecord",
     "ShardState",
+    "last_runs",
     "measured_speed",
     "pid_alive",
 ]
@@ -362,5 +364,27 @@ def measured_speed(settings: Settings, job_name: str) -> float | None:
     runs = Runs(path)
     try:
         return runs.measured_speed(job_name)
+    finally:
+        runs.close()
+
+
+def last_runs(settings: Settings, jobs: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Each job's state in the newest run that has it, and when that run started (ISO
+    time, UTC), from this machine's record; {} before any run."""
+    path = settings.data_dir / "batch" / "runs.sqlite"
+    if not path.exists():
+        return {}
+    runs = Runs(path)
+    try:
+        out = {}
+        for job in jobs:
+            run = runs.latest_with(job)
+            record = (
+                None if run is None else next((j for j in run.job_records if j.name == job), None)
+            )
+            if run is not None and record is not None:
+                state = run.state if record.state == "running" else record.state
+                out[job] = {"state": state, "when": iso_time(run.started)}
+        return out
     finally:
         runs.close()

@@ -287,7 +287,12 @@ def plan_children(
         )
     # One server process unless the user asked for more: on one machine the broker and the
     # ingest and retry dataflows need cores too (ingest is the busiest part of `up`).
-    serve_env = {"FEATUREPLANE_SERVE_WORKERS": "1"} | env
+    # The catalog (/ui) reads the dataflows' figures from their metrics pages.
+    flow_metrics = ",".join(str(c.ready_url) for c in children)
+    serve_env = {
+        "FEATUREPLANE_SERVE_WORKERS": "1",
+        "FEATUREPLANE_SERVE_CATALOG_METRICS": flow_metrics,
+    } | env
     children.append(
         Child(
             "serve",

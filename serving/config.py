@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Literal
 
+import pydantic
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -69,3 +70,23 @@ class ServeConfig(BaseSettings):
     """Server processes sharing the port (SO_REUSEPORT), each with its own local tier and
     clients; unset = the cores this process may use (CPU affinity and cgroup CPU quota);
     1 = one process, no supervisor."""
+    catalog_metrics: str = ""
+    """Comma-separated /metrics URLs the catalog (/ui) reads its figures from besides this
+    server's own: the ingest and retry dataflows' (freshness, items written, retried and
+    dead-lettered records) and a Pushgateway's (batch runs). `up` sets it."""
+    catalog_prometheus: str | None = None
+    """A Prometheus server's URL: the catalog asks it for the whole fleet's figures over
+    5 minutes instead of reading --catalog-metrics."""
+
+    @pydantic.field_validator("catalog_metrics", "catalog_prometheus")
+    @classmethod
+    def _http_urls(cls, value: str | None) -> str | None:
+        for url in (value or "").split(","):
+            url = url.strip()
+            if url and not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url[:200]!r} is not an http:// or https:// URL")
+        return value
+
+    @property
+    def catalog_metrics_urls(self) -> list[str]:
+        return [u.strip() for u in self.catalog_metrics.split(",") if u.strip()]

@@ -78,6 +78,8 @@ FLAGS = {
         "--max-connections",
         "--uvloop",
         "--workers",
+        "--catalog-metrics",
+        "--catalog-prometheus",
     },
     "ingest": FLOW,
     "retry": FLOW | {"--retry-budget", "--backoff-base", "--backoff-cap", "--retry-group"},
