@@ -27,7 +27,7 @@ import hmac
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
@@ -43,7 +43,9 @@ from featureplane.serving.api import (
     parse_query,
     render_json,
 )
+from featureplane.serving.catalog import CatalogPages
 from featureplane.serving.config import ServeConfig
+from featureplane.serving.figures import Endpoints, Prometheus, Source
 from featureplane.serving.invalidate import SUBSCRIBER, local_tier, subscriber_of
 from featureplane.serving.logs import RateLimitedLog
 from featureplane.serving.metrics import CONTENT_TYPE, Metrics
@@ -331,8 +333,10 @@ def create_app(
     token: str | None = None,
     clock: Clock = wall_clock_ms,
     rand: Callable[[], float] = random.random,
+    batch_runs: Callable[[], Mapping[str, Mapping[str, str]]] | None = None,
 ) -> web.Application:
-    """The server over these (unstarted) tiers; on-demand functions are imported here."""
+    """The server over these (unstarted) tiers; on-demand functions are imported here.
+    `batch_runs` tells the catalog each batch job's last run (`batch.runs.last_runs`)."""
     config = config or ServeConfig()
     functions = load_functions(catalog)
     metrics = Metrics()
@@ -384,23 +388,46 @@ def create_app(
             for tier in reversed(started):
                 await tier.aclose()
 
+    source: Source = (
+        Prometheus(config.catalog_prometheus)
+        if config.catalog_prometheus
+        else Endpoints(config.catalog_metrics_urls, local=metrics.render)
+    )
+    served = (
+        {"store"}
+        | ({"redis"} if redis is not None else set())
+        | ({"local"} if local is not None else set())
+    )
+    pages = CatalogPages(
+        catalog,
+        source,
+        token_required=token is not None,
+        runs=batch_runs,
+        tiers=frozenset(served),
+    )
+
+    async def close_pages(app: web.Application) -> None:
+        await pages.aclose()
+
     app.cleanup_ctx.append(lifecycle)
+    app.on_cleanup.append(close_pages)
     spec = orjson.dumps(openapi(catalog))
 
     async def _openapi(request: web.Request) -> web.Response:
         return web.Response(body=spec, content_type=_JSON)
 
-    routes: list[tuple[str, str, Handler]] = [
-        ("POST", "/v1/features", _post_features),
-        ("GET", "/v1/features/{group}/{id:.+}", _get_feature),
-        ("GET", "/v1/groups", _groups),
-        ("GET", "/healthz", _healthz),
-        ("GET", "/readyz", _readyz),
-        ("GET", "/metrics", _metrics),
-        ("GET", "/openapi.json", _openapi),
+    # (method, path, handler, needs the token)
+    routes: list[tuple[str, str, Handler, bool]] = [
+        ("POST", "/v1/features", _post_features, True),
+        ("GET", "/v1/features/{group}/{id:.+}", _get_feature, True),
+        ("GET", "/v1/groups", _groups, True),
+        ("GET", "/healthz", _healthz, False),
+        ("GET", "/readyz", _readyz, False),
+        ("GET", "/metrics", _metrics, False),
+        ("GET", "/openapi.json", _openapi, False),
+        *pages.routes(),
     ]
-    for method, path, handler in routes:
-        api = path.startswith("/v1/")  # the API's paths need the token
+    for method, path, handler, api in routes:
         resource = app.router.add_resource(path)
         wrapped = _endpoint(svc, metrics, handler, resource.canonical, api)
         resource.add_route(method, wrapped)

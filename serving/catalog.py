@@ -44,6 +44,7 @@ _STATIC = {
     "catalog.js": "text/javascript",
 }
 _EMPTY = Window(None, {}, {})
+_PAGES = ("/ui", "/ui/groups", "/ui/groups/{name}", "/ui/topics", "/ui/jobs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +131,12 @@ class CatalogPages:
         *,
         token_required: bool,
         runs: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
+        tiers: frozenset[str] = frozenset({"local", "redis", "store"}),
     ) -> None:
+        """`tiers`: those this server has (no Redis URL: no redis tier); `runs`: each batch
+        job's last run ({job: {state, when}})."""
         self.catalog = catalog
+        self.tiers = tiers
         self.source = source
         self.token_required = token_required
         self.runs = runs
@@ -179,10 +184,11 @@ class CatalogPages:
     def routes(
         self,
     ) -> list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]], bool]]:
-        """(method, path, handler, needs the token) of every catalog route."""
+        """(method, path, handler, needs the token) of every catalog route: the shell and
+        its script and stylesheet hold no data; the parts do."""
+        shell = [("GET", path, self.shell, False) for path in _PAGES]
         return [
-            ("GET", "/ui", self.shell, False),
-            ("GET", "/ui/{page:(groups|topics|jobs)(/.*)?}", self.shell, False),
+            *shell,
             ("GET", "/ui/static/{name}", self.static, False),
             ("GET", "/ui/part/groups", self.groups, True),
             ("GET", "/ui/part/groups/{name}", self.group, True),
@@ -243,7 +249,7 @@ class CatalogPages:
         window = await self.window()
         rows = [(g, group_figures(window, g.name)) for g in self.catalog.groups.values()]
         return self.env.get_template("groups.html").render(
-            rows=rows, window=window, facets=_facets(self.catalog)
+            rows=rows, window=window, facets=_facets(self.catalog), served=self.tiers
         )
 
     async def _group(self, name: str) -> tuple[int, str]:
@@ -264,7 +270,8 @@ class CatalogPages:
             rules=self._fed_by.get(name, []),
             graph=graph_of(self.catalog, name),
             jobs=jobs,
-            tiers=group.tiers,
+            tiers=[t for t in group.tiers if t in self.tiers],
+            skipped=[t for t in group.tiers if t not in self.tiers],
         )
         return 200, html
 
