@@ -56,6 +56,7 @@ __all__ = [
     "Item",
     "Record",
     "decode",
+    "decode_many",
     "decode_python",
     "encode",
     "make_item",
@@ -78,9 +79,16 @@ class Item:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
-    """One item as read back: newest-first lists of these answer a query."""
+    """One item as read back: newest-first lists of these answer a query.
+
+    Not frozen, unlike featureplane's other records: a read builds one per stored item (31
+    for a timeseries answer of 30), and a frozen dataclass's `__init__` sets each field
+    through `object.__setattr__`: 595 -> 183 ns to build one here, `records_of` of a
+    30-item Redis reply 32.7 -> 19.1 us. Nothing changes a record
+    once built: treat it as frozen.
+    """
 
     ts: int
     version: str
@@ -142,11 +150,36 @@ def make_item(
 
 
 def decode(group: FeatureGroup, value: bytes) -> list[Any]:
-    """Stored bytes (either form) -> wire values, one per feature of the current spec."""
-    # `[` starts every item written as a JSON array (old items, items without a vector).
-    values: list[Any] = orjson.loads(value) if value[:1] == b"[" else _unpack(group, value)
-    missing = len(group.features) - len(values)
-    return values + [None] * missing if missing > 0 else values[: len(group.features)]
+    """Stored bytes (either form) -> wire values, one per feature of the current spec;
+    `StoreError` for bytes that are neither form."""
+    return decode_many(group, (value,))[0]
+
+
+def decode_many(group: FeatureGroup, values: Iterable[bytes]) -> list[list[Any]]:
+    """`decode` of each item of `values` (items of `group`), in order.
+
+    One pass with no Python call per JSON item (a 30-item answer spent more time in
+    `decode`'s calls than in orjson). Each item is parsed alone: one `orjson.loads` of the
+    items joined into one array was ~2 us a 30-item answer faster, but cannot tell where an
+    item ends, so corrupt items that balance each other would pass as others' values.
+    """
+    loads = orjson.loads
+    try:
+        # `[` starts every item written as a JSON array (old items, items without a vector).
+        rows: list[list[Any]] = [loads(v) if v[:1] == b"[" else _unpack(group, v) for v in values]
+    except orjson.JSONDecodeError as exc:
+        raise _corrupt(group, exc) from None
+    n = len(group.features)
+    return [r if len(r) == n else _fit(r, n) for r in rows]
+
+
+def _fit(values: list[Any], n: int) -> list[Any]:
+    """`values` as the current spec's `n` features: None for features added since."""
+    return values + [None] * (n - len(values)) if len(values) < n else values[:n]
+
+
+def _corrupt(group: FeatureGroup, exc: Exception) -> StoreError:
+    return StoreError(f"a stored item of group {group.name!r} is not a valid encoding: {exc}")
 
 
 def _unpack(group: FeatureGroup, value: bytes) -> list[Any]:
@@ -168,9 +201,7 @@ def _unpack(group: FeatureGroup, value: bytes) -> list[Any]:
             values[slot] = unpack_vector(view[end : end + 4 * dim])
             end += 4 * dim
     except (ValueError, LookupError, TypeError, struct.error) as exc:
-        raise StoreError(
-            f"a stored item of group {group.name!r} is not a valid encoding: {exc}"
-        ) from None
+        raise _corrupt(group, exc) from None
     return values
 
 
