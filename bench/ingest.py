@@ -18,6 +18,11 @@ join time (3 s on tansu) is excluded; with several processes, from the moment ev
 partition has a commit and every process has its share. Each row also gives the CPU the
 ingest process(es) spent per event over the same span (user + system, all threads), the
 figure that stays comparable on a busy machine. Run: python bench/ingest.py [--events N]
+
+A/B in one invocation: `git worktree add /tmp/old <commit>` then `--old /tmp/old`: every
+ingest row runs twice back to back, the old tree's ingest first (marked `[old]`), each on
+its own consumer group and data directory. `--only` picks rows (bare, embedded, store,
+dynamo, fresh, two); `--profile` py-spies each embedded and store-only run.
 """
 
 from __future__ import annotations
@@ -204,11 +209,30 @@ def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
 _PROCS: list[subprocess.Popen[bytes]] = []
 
 
+# Runs `featureplane ingest` from another checkout: the editable install's finder maps the
+# featureplane packages to this tree, so the old tree's folders are mapped in its place.
+_FROM_TREE = """
+import sys, __editable___featureplane_0_1_0_finder as f
+f.MAPPING.update({k: v.replace(sys.argv[1], sys.argv[2], 1) for k, v in f.MAPPING.items()})
+del sys.argv[1:3]
+from featureplane.cli import main
+sys.exit(main())
+"""
+
+
 class Ingest:
     def __init__(
-        self, spec: Path, bootstrap: str, group: str, extra: dict[str, str], log: Path
+        self,
+        spec: Path,
+        bootstrap: str,
+        group: str,
+        extra: dict[str, str],
+        log: Path,
+        tree: Path | None = None,
     ) -> None:
+        """`tree`: run the ingest of that checkout (an older commit) instead of this one."""
         self.metrics_port = free_port()
+        self.log = log
         env = {
             **os.environ,
             "FEATUREPLANE_SPEC": str(spec),
@@ -219,10 +243,13 @@ class Ingest:
             "FEATUREPLANE_COMMIT_INTERVAL": "200ms",
             **extra,
         }
+        cmd = [sys.executable, "-m", "featureplane.cli", "ingest"]
+        if tree is not None:
+            cmd = [sys.executable, "-c", _FROM_TREE, str(REPO), str(tree), "ingest"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "featureplane.cli", "ingest"],
+            cmd,
             env=env,
-            cwd=REPO,
+            cwd=tree or REPO,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
         )
@@ -274,17 +301,21 @@ def run_to_end(
     while True:
         for i in ings:
             if i.proc.poll() is not None:
-                raise SystemExit(f"ingest exited with {i.proc.returncode}")
+                tail = i.log.read_text(errors="replace")[-3000:]
+                raise SystemExit(f"ingest exited with {i.proc.returncode}; its log ends:\n{tail}")
         c = committed(bootstrap, group, topic)
         done = sum(min(c.get(p, 0), e) for p, e in end.items())
         started = done > 0 if len(ings) == 1 else done < total and all_assigned(ings, c)
         if t0 is None and started:
             t0, base = time.perf_counter(), done
             cpu0 = sum(cpu_seconds(i.proc.pid) for i in ings)
-            if profile and shutil.which("py-spy"):
+            spy_bin = shutil.which(
+                "py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+            )
+            if profile and spy_bin:
                 spy = subprocess.Popen(
                     [
-                        "py-spy",
+                        spy_bin,
                         "record",
                         "-d",
                         "20",
@@ -349,6 +380,9 @@ def top_frames(profile: Path, n: int = 12) -> list[tuple[str, float]]:
     return [(k, v / total) for k, v in sorted(own.items(), key=lambda kv: -kv[1])[:n]]
 
 
+ROWS = ("bare", "embedded", "store", "dynamo", "fresh", "two")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--events", type=int, default=1_000_000, help="events pre-produced [1000000]")
@@ -371,178 +405,191 @@ def main() -> int:
     )
     ap.add_argument("--seconds", type=float, default=20, help="freshness run length [20]")
     ap.add_argument("--batch-size", default="2000", help="ingest batch size [2000]")
-    ap.add_argument("--profile", action="store_true", help="py-spy the embedded run (20 s)")
+    ap.add_argument(
+        "--profile", action="store_true", help="py-spy the embedded and store-only runs (20 s)"
+    )
+    ap.add_argument("--profile-dir", type=Path, help="keep the py-spy raw files there")
+    ap.add_argument("--only", default=",".join(ROWS), help=f"rows to run [{','.join(ROWS)}]")
+    ap.add_argument(
+        "--old",
+        type=Path,
+        help="a checkout of an older commit (git worktree add): each ingest row runs with "
+        "its ingest first, then with this tree's, back to back",
+    )
     args = ap.parse_args()
+    only = set(args.only.split(","))
+    if unknown := only - set(ROWS):
+        ap.error(f"--only: unknown rows {sorted(unknown)}; choose from {','.join(ROWS)}")
+    trees: list[tuple[str, Path | None]] = [("", None)]
+    if args.old is not None:
+        trees.insert(0, (" [old]", args.old.resolve()))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the services
 
     work = Path(tempfile.mkdtemp(prefix="fp-bench-ingest-"))
     services: list[Service] = []
     rows: list[tuple[str, str, str]] = []
+
+    def row(name: str, rate: str, what: str) -> None:
+        rows.append((name, rate, what))
+        print(rows[-1], flush=True)
+
     try:
         kafka = start_tansu()
         redis = start_redis()
         dyn = start_dynalite()
         services += [kafka, redis, dyn]
         bs = kafka.address
-        topic, fresh_topic = "bench-events", "bench-fresh"
+        redis_url = f"redis://{redis.address}/0"
         admin = AdminClient({"bootstrap.servers": bs})
-        for f in admin.create_topics(
-            [NewTopic(t, PARTITIONS, -1) for t in (topic, fresh_topic)]
-        ).values():
-            f.result(30)
 
         def spec_for(t: str) -> Path:
             d = work / f"spec-{t}"
             d.mkdir(exist_ok=True)
-            shutil.copy(REPO / "examples" / "groups.yaml", d / "groups.yaml")
+            # the old tree's groups when comparing: both trees' spec parsers accept them
+            shutil.copy((args.old or REPO) / "examples" / "groups.yaml", d / "groups.yaml")
             (d / "rules.yaml").write_text(RULES.replace("TOPIC", t))
             return d
 
-        t = time.perf_counter()
-        produce(bs, topic, args.events)
-        print(f"produced {args.events:,} events in {time.perf_counter() - t:.1f}s", flush=True)
-        end = count_end(bs, topic)
-        assert sum(end.values()) == args.events, end
+        def topic_of(name: str, n: int, seed: int) -> dict[int, int]:
+            """A new topic of `n` produced events; its end offsets."""
+            make_topic(admin, name)
+            t = time.perf_counter()
+            produce(bs, name, n, seed=seed)
+            print(f"{name}: produced {n:,} events in {time.perf_counter() - t:.1f}s", flush=True)
+            end = count_end(bs, name)
+            assert sum(end.values()) == n, end
+            return end
 
-        rate = bare_consumer(bs, topic, args.events)
-        rows.append(("bare confluent-kafka consumer (ceiling)", f"{rate:,.0f}", "-"))
-        print(rows[-1], flush=True)
-
-        redis_url = f"redis://{redis.address}/0"
-        ing = Ingest(
-            spec_for(topic),
-            bs,
-            "bench-embedded",
-            {
-                "FEATUREPLANE_DATA_DIR": str(work / "data"),
-                "FEATUREPLANE_REDIS_URL": redis_url,
-                "FEATUREPLANE_BATCH_SIZE": args.batch_size,
-            },
-            work / "embedded.log",
-        )
-        prof = work / "profile.txt" if args.profile else None
-        rate, _, cpu = run_to_end(ing, bs, "bench-embedded", topic, end, prof)
-        ing.stop()
-        one_process = rate
-        rows.append(("ingest -> embedded store + Redis", f"{rate:,.0f}", f"cpu {cpu:.0f} us/ev"))
-        print(rows[-1], flush=True)
-        if prof is not None:
-            print("profile of the embedded + Redis run (self time, top frames):")
-            for frame, share in top_frames(prof):
-                print(f"  {share * 100:5.1f}%  {frame}", flush=True)
-
-        # the store path alone, on its own topic of --store-only-events events
-        make_topic(admin, "bench-store-only")
-        produce(bs, "bench-store-only", args.store_only_events, seed=3)
-        part_end = count_end(bs, "bench-store-only")
-        ing = Ingest(
-            spec_for("bench-store-only"),
-            bs,
-            "bench-store-only",
-            {
-                "FEATUREPLANE_DATA_DIR": str(work / "data-store-only"),
-                "FEATUREPLANE_BATCH_SIZE": args.batch_size,
-            },
-            work / "store-only.log",
-        )
-        rate, n, cpu = run_to_end(ing, bs, "bench-store-only", "bench-store-only", part_end)
-        ing.stop()
-        rows.append(
-            (
-                f"ingest -> embedded store only (no Redis), {n:,} events",
-                f"{rate:,.0f}",
-                f"cpu {cpu:.0f} us/ev",
+        def ingest(
+            tag: str, topic: str, end: dict[int, int], env: dict[str, str], tree: Path | None
+        ) -> tuple[float, int, float]:
+            """One ingest process over `topic` to `end`: (events/s, events, CPU us an event)."""
+            group = f"bench-{tag}-{len(rows)}"
+            extra = {"FEATUREPLANE_BATCH_SIZE": args.batch_size, **env}
+            if "FEATUREPLANE_DATA_DIR" in extra:
+                extra["FEATUREPLANE_DATA_DIR"] += f"-{len(rows)}"
+            ing = Ingest(spec_for(topic), bs, group, extra, work / f"{group}.log", tree)
+            prof = (
+                work / f"{group}.profile" if args.profile and tag in ("embedded", "store") else None
             )
-        )
-        print(rows[-1], flush=True)
+            try:
+                return run_to_end(ing, bs, group, topic, end, prof)
+            finally:
+                ing.stop()
+                if prof is not None and args.profile_dir and prof.exists():
+                    args.profile_dir.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(prof, args.profile_dir / prof.name)
+                if prof is not None:
+                    print(f"profile of {group} (self time, top frames):")
+                    for frame, share in top_frames(prof):
+                        print(f"  {share * 100:5.1f}%  {frame}", flush=True)
 
-        # DynamoDB, on its own topic of --dynamo-events events
-        make_topic(admin, "bench-dynamo")
-        produce(bs, "bench-dynamo", args.dynamo_events, seed=4)
-        dyn_end = count_end(bs, "bench-dynamo")
-        ing = Ingest(
-            spec_for("bench-dynamo"),
-            bs,
-            "bench-dynamo",
-            {
+        topic = "bench-events"
+        end = topic_of(topic, args.events, 1)
+        if "bare" in only:
+            rate = bare_consumer(bs, topic, args.events)
+            row("bare confluent-kafka consumer (ceiling)", f"{rate:,.0f}", "-")
+
+        one_process: float | None = None
+        if "embedded" in only:
+            for mark, tree in trees:
+                env = {
+                    "FEATUREPLANE_DATA_DIR": str(work / "data"),
+                    "FEATUREPLANE_REDIS_URL": redis_url,
+                }
+                rate, _, cpu = ingest("embedded", topic, end, env, tree)
+                one_process = rate
+                row(
+                    f"ingest -> embedded store + Redis{mark}",
+                    f"{rate:,.0f}",
+                    f"cpu {cpu:.0f} us/ev",
+                )
+
+        if "store" in only:  # the store path alone, on its own topic
+            store_end = topic_of("bench-store-only", args.store_only_events, 3)
+            for mark, tree in trees:
+                env = {"FEATUREPLANE_DATA_DIR": str(work / "data-store-only")}
+                rate, n, cpu = ingest("store", "bench-store-only", store_end, env, tree)
+                row(
+                    f"ingest -> embedded store only (no Redis), {n:,} events{mark}",
+                    f"{rate:,.0f}",
+                    f"cpu {cpu:.0f} us/ev",
+                )
+
+        if "dynamo" in only:
+            dyn_end = topic_of("bench-dynamo", args.dynamo_events, 4)
+            env = {
                 "FEATUREPLANE_STORE": "dynamodb",
                 "FEATUREPLANE_DYNAMODB_ENDPOINT": f"http://{dyn.address}",
                 "FEATUREPLANE_REDIS_URL": redis_url,
                 "AWS_ACCESS_KEY_ID": "x",
                 "AWS_SECRET_ACCESS_KEY": "x",
                 "AWS_DEFAULT_REGION": "us-east-1",
-                "FEATUREPLANE_BATCH_SIZE": args.batch_size,
-            },
-            work / "dynamo.log",
-        )
-        rate, n, cpu = run_to_end(ing, bs, "bench-dynamo", "bench-dynamo", dyn_end)
-        ing.stop()
-        rows.append(
-            (
-                f"ingest -> DynamoDB (dynalite) + Redis, {n:,} events",
-                f"{rate:,.0f}",
-                f"cpu {cpu:.0f} us/ev",
-            )
-        )
-        print(rows[-1], flush=True)
+            }
+            for mark, tree in trees:
+                rate, n, cpu = ingest("dynamo", "bench-dynamo", dyn_end, env, tree)
+                row(
+                    f"ingest -> DynamoDB (dynalite) + Redis, {n:,} events{mark}",
+                    f"{rate:,.0f}",
+                    f"cpu {cpu:.0f} us/ev",
+                )
 
-        for k, rate_s in enumerate(args.rates.split(",")):
+        for k, rate_s in enumerate(args.rates.split(",") if "fresh" in only else []):
             fr = float(rate_s)
-            ft = f"{fresh_topic}-{k}"
-            for f in admin.create_topics([NewTopic(ft, PARTITIONS, -1)]).values():
-                f.result(30)
-            ing = Ingest(
-                spec_for(ft),
-                bs,
-                f"bench-fresh-{k}",
-                {
-                    "FEATUREPLANE_DATA_DIR": str(work / f"data-fresh-{k}"),
-                    "FEATUREPLANE_REDIS_URL": redis_url,
-                },
-                work / f"fresh-{k}.log",
-            )
-            time.sleep(8)  # join the group before the clock starts
-            produce(bs, ft, int(fr * args.seconds), rate=fr, seed=2 + k)
-            run_to_end(ing, bs, f"bench-fresh-{k}", ft, count_end(bs, ft))
-            text = ing.metric_text()
-            ing.stop()
-            p50, p99 = quantile(text, 0.5), quantile(text, 0.99)
-            rows.append(
-                (
-                    f"freshness at {fr:,.0f} ev/s for {args.seconds:.0f}s, embedded + Redis",
+            for mark, tree in trees:
+                ft = f"bench-fresh-{k}-{len(rows)}"
+                make_topic(admin, ft)
+                group = f"bench-fresh-{len(rows)}"
+                ing = Ingest(
+                    spec_for(ft),
+                    bs,
+                    group,
+                    {
+                        "FEATUREPLANE_DATA_DIR": str(work / f"data-fresh-{len(rows)}"),
+                        "FEATUREPLANE_REDIS_URL": redis_url,
+                    },
+                    work / f"{group}.log",
+                    tree,
+                )
+                time.sleep(8)  # join the group before the clock starts
+                produce(bs, ft, int(fr * args.seconds), rate=fr, seed=2 + k)
+                run_to_end(ing, bs, group, ft, count_end(bs, ft))
+                text = ing.metric_text()
+                ing.stop()
+                p50, p99 = quantile(text, 0.5), quantile(text, 0.99)
+                row(
+                    f"freshness at {fr:,.0f} ev/s for {args.seconds:.0f}s, embedded + Redis{mark}",
                     f"{fr:,.0f}",
                     f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms",
                 )
-            )
-            print(rows[-1], flush=True)
 
         # 2 processes in one group on the whole topic, sharing one embedded store and Redis
-        shared = {
-            "FEATUREPLANE_DATA_DIR": str(work / "data-two"),
-            "FEATUREPLANE_REDIS_URL": redis_url,
-            "FEATUREPLANE_BATCH_SIZE": args.batch_size,
-        }
-        two = [
-            Ingest(spec_for(topic), bs, "bench-two", shared, work / f"two-{k}.log")
-            for k in range(2)
-        ]
-        rate, _, cpu = run_to_end(two, bs, "bench-two", topic, end)
-        for i in two:
-            i.stop()
-        rows.append(
-            (
-                "ingest -> embedded + Redis, 2 processes (1 group)",
+        for mark, tree in trees if "two" in only else []:
+            group = f"bench-two-{len(rows)}"
+            shared = {
+                "FEATUREPLANE_DATA_DIR": str(work / f"data-two-{len(rows)}"),
+                "FEATUREPLANE_REDIS_URL": redis_url,
+                "FEATUREPLANE_BATCH_SIZE": args.batch_size,
+            }
+            two = [
+                Ingest(spec_for(topic), bs, group, shared, work / f"{group}-{k}.log", tree)
+                for k in range(2)
+            ]
+            rate, _, cpu = run_to_end(two, bs, group, topic, end)
+            for i in two:
+                i.stop()
+            vs = f"; {rate / one_process:.2f}x 1 process" if one_process else ""
+            row(
+                f"ingest -> embedded + Redis, 2 processes (1 group){mark}",
                 f"{rate:,.0f}",
-                f"cpu {cpu:.0f} us/ev; {rate / one_process:.2f}x 1 process",
+                f"cpu {cpu:.0f} us/ev{vs}",
             )
-        )
-        print(rows[-1], flush=True)
 
         print()
-        print(f"{'run':<52} {'events/s':>10}  CPU an event / freshness")
-        print("-" * 100)
+        print(f"{'run':<58} {'events/s':>10}  CPU an event / freshness")
+        print("-" * 106)
         for name, r, f in rows:
-            print(f"{name:<52} {r:>10}  {f}")
+            print(f"{name:<58} {r:>10}  {f}")
     finally:
         for proc in _PROCS:
             if proc.poll() is None:

@@ -10,7 +10,7 @@ with the rule and the problem in its reason.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +23,28 @@ from featureplane.spec import Catalog, FeatureGroup, IngestionRule
 __all__ = ["Aggregator"]
 
 
+_Path = tuple[str, tuple[str, ...]]
+"""A dotted path split at the dots: its first part, and the parts below it (often none)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Plan:
     """A rule with its paths split at the dots once, not per event."""
 
     group: FeatureGroup
-    id_parts: tuple[str, ...]
-    features: tuple[tuple[str, tuple[str, ...]], ...]
+    id_path: _Path
+    features: tuple[tuple[str, _Path], ...]
+
+
+def _split(path: str) -> _Path:
+    first, *rest = path.split(".")
+    return first, tuple(rest)
+
+
+def _below(node: Any, parts: tuple[str, ...]) -> Any:
+    """The value at `parts` under `node`, None where the path does not exist."""
+    value = get_parts(node, parts) if isinstance(node, Mapping) else MISSING
+    return None if value is MISSING else value
 
 
 class Aggregator:
@@ -44,27 +59,32 @@ class Aggregator:
         if plan is None:
             plan = self._plans[rule.name] = _Plan(
                 self.catalog.groups[rule.group],
-                tuple(rule.id.split(".")),
-                tuple((name, tuple(path.split("."))) for name, path in rule.features.items()),
+                _split(rule.id),
+                tuple((name, _split(path)) for name, path in rule.features.items()),
             )
         return plan
 
     def item(self, rule: IngestionRule, event: Event) -> Item:
         """One rule applied to one event; raises `ValidationError`."""
         plan = self._plan(rule)
-        body = event.body
-        raw = get_parts(body, plan.id_parts)
+        # A missing path and a null value both read as None (a feature's None, a missing id):
+        # the first part is one `get`, deeper parts a call (this runs per feature per event).
+        get = event.body.get
+        first, rest = plan.id_path
+        raw = get(first)
+        if rest and raw is not None:
+            raw = _below(raw, rest)
         if type(raw) is not str:
-            if raw is MISSING or raw is None:
+            if raw is None:
                 raise ValidationError(f"missing id field {rule.id}")
             if isinstance(raw, int) and not isinstance(raw, bool):
                 raw = str(raw)
             if not isinstance(raw, str):
                 raise ValidationError(f"id field {rule.id} must be a string, got {quote(raw)}")
         features: dict[str, Any] = {}
-        for name, parts in plan.features:
-            value = get_parts(body, parts)
-            features[name] = None if value is MISSING else value
+        for name, (first, rest) in plan.features:
+            value = get(first)
+            features[name] = _below(value, rest) if rest and value is not None else value
         return make_item(plan.group, raw, event.ts, event.event_id, features)
 
     def items(

@@ -62,6 +62,13 @@ class Dispatcher:
             key = (rule.topic, rule.event_type)
             where = tuple((tuple(p.split(".")), v) for p, v in rule.where.items())
             self._index[key] = (*self._index.get(key, ()), (rule, where))
+        # (topic, event_type) -> its rules, where none of them has a `where`: every event
+        # of the pair matches them all, with no path to read
+        self._always = {
+            key: tuple(rule for rule, _ in candidates)
+            for key, candidates in self._index.items()
+            if not any(where for _, where in candidates)
+        }
 
     @classmethod
     def from_catalog(cls, catalog: Catalog) -> Dispatcher:
@@ -70,13 +77,21 @@ class Dispatcher:
     def match(
         self, topic: str, event_type: str, body: Mapping[str, Any]
     ) -> tuple[IngestionRule, ...]:
-        candidates = self._index.get((topic, event_type))
+        key = (topic, event_type)
+        always = self._always.get(key)
+        if always is not None:
+            return always
+        candidates = self._index.get(key)
         if candidates is None:
             return ()
         matched: list[IngestionRule] = []
         for rule, where in candidates:  # loops, not generators: this runs for every event
             for parts, expected in where:
-                if not _equal(get_parts(body, parts), expected):
+                actual = get_parts(body, parts)
+                # the common case inline, `_equal` (numbers, bools) for the rest
+                if not (type(actual) is type(expected) and actual == expected) and not _equal(
+                    actual, expected
+                ):
                     break
             else:
                 matched.append(rule)

@@ -1,9 +1,13 @@
-"""Frozen records passed between the ingestion steps.
+"""Records passed between the ingestion steps.
 
 A `Message` is one Kafka record as read, carrying its `OffsetTracker` so a
 later step on the same worker can acknowledge it. A `Work` follows one
 message through decode, dispatch, aggregate, write and route; each step
 returns a new `Work` (via its `with_*` copies), never mutating one.
+
+They are immutable by this rule, not by `frozen=True`: a frozen dataclass
+sets each field through `object.__setattr__`, 6x the cost of a plain one
+(1.6 against 0.26 us for 6 fields), and an event builds ~5 of these.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ Status = Literal["pending", "done", "malformed", "transient", "routed", "stuck"]
 transient: goes to the retry topic; routed: delivered to retry/DLQ; stuck: delivery failed."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Origin:
     """Where an event was first read: kept across retries for the headers."""
 
@@ -32,7 +36,7 @@ class Origin:
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
     """One Kafka record as read by a source."""
 
@@ -58,7 +62,7 @@ class Message:
             self.tracker.ack(self.offset)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """A decoded event: the envelope fields every event has, and the whole object."""
 
@@ -68,7 +72,7 @@ class Event:
     body: Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Work:
     """One message on its way through the steps."""
 

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from featureplane.codec import Item
-from featureplane.errors import MalformedError, TransientStoreError
+from featureplane.codec import Item, decode
+from featureplane.errors import MalformedError, TransientStoreError, ValidationError
 from featureplane.operators.aggregate import Aggregator
 from featureplane.operators.commit import OffsetTracker
 from featureplane.operators.decode import decode_event, decode_works
@@ -182,6 +182,43 @@ def test_integer_ids_become_strings() -> None:
     assert {i.id for i in w.items} == {"1234"}
 
 
+def test_rule_paths_read_nested_missing_null_and_non_mapping_values_as_none(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "s.yaml").write_text(
+        """
+feature_groups:
+  - {name: g, entity: e, kind: latest, features: [{name: a, type: string},
+     {name: b, type: string}, {name: c, type: string}, {name: d, type: string},
+     {name: n, type: string}]}
+ingestion:
+  - {name: r, topic: t, event_type: e, group: g, id: who.id,
+     features: {a: x, b: y.z, c: missing, d: s.t, n: nul.deep}}
+  - {name: r2, topic: t, event_type: e, group: g, id: x, features: {a: x}}
+"""
+    )
+    catalog = load_catalog(tmp_path)
+    agg = Aggregator(catalog)
+    rule, rule2 = catalog.rules
+    body = {"who": {"id": "u"}, "x": "1", "y": {"z": "2"}, "s": "str", "nul": None}
+    item = agg.item(rule, Event("e1", "e", T, body))
+    assert item.id == "u" and decode(catalog.groups["g"], item.value) == [
+        "1",
+        "2",
+        None,
+        None,
+        None,
+    ]
+    for who in ({}, None, "u", [1]):  # no id under it, null, not a mapping
+        with pytest.raises(ValidationError, match=r"missing id field who\.id"):
+            agg.item(rule, Event("e1", "e", T, {**body, "who": who}))
+    with pytest.raises(ValidationError, match=r"missing id field who\.id"):
+        agg.item(rule, Event("e1", "e", T, {"x": "1"}))
+    # rules without `where` match every event of their (topic, event_type), in spec order
+    d = Dispatcher.from_catalog(catalog)
+    assert d.match("t", "e", {}) == (rule, rule2) and d.match("t", "other", {}) == ()
+
+
 # ---------------------------------------------------------------- write
 
 
@@ -243,8 +280,6 @@ def test_classify() -> None:
     assert classify(TimeoutError(), "store").kind == "timeout"
     assert classify(TransientStoreError("x"), "redis").kind == "transient"
     assert classify(RuntimeError("x"), "store").kind == "store_error"
-    from featureplane.errors import ValidationError
-
     assert classify(ValidationError("x"), "store").malformed
 
 
