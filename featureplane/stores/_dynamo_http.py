@@ -28,6 +28,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -78,8 +79,11 @@ class Signer:
     x-amz-date, x-amz-security-token when there is a token, x-amz-target); a unit
     test checks the result against botocore's `SigV4Auth` for the same request."""
 
-    def __init__(self, region: str, host: str, service: str = "dynamodb") -> None:
+    def __init__(self, region: str, host: str, path: str = "/", service: str = "dynamodb") -> None:
+        """`path`: the endpoint's path as sent (percent-encoded), `/` but behind a proxy;
+        SigV4 encodes it once more for every service but S3."""
         self.region, self.host, self.service = region, host, service
+        self.path = quote(path, safe="/~")
         self._key: tuple[str, str, bytes] = ("", "", b"")  # (secret, day, key)
         self._second = (-1, "")  # (epoch second, its x-amz-date)
 
@@ -113,7 +117,7 @@ class Signer:
                 f"x-amz-target:{target}\n"
             )
         payload = hashlib.sha256(body).hexdigest()
-        canonical = f"POST\n/\n\n{canon_headers}\n{names}\n{payload}"
+        canonical = f"POST\n{self.path}\n\n{canon_headers}\n{names}\n{payload}"
         to_sign = (
             f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n"
             f"{hashlib.sha256(canonical.encode()).hexdigest()}"
@@ -172,7 +176,7 @@ class DynamoHttp:
     ) -> None:
         """`frozen`: returns the current credentials (botocore's `get_frozen_credentials`)."""
         self.url = URL(endpoint.rstrip("/") + "/")
-        self.signer = Signer(region, host_of(self.url))
+        self.signer = Signer(region, host_of(self.url), self.url.raw_path)
         self.attempts = attempts
         self._frozen = frozen
         self._creds: Credentials | None = None

@@ -29,19 +29,27 @@ BODY = orjson.dumps({"TableName": "t", "Key": {"pk": {"S": "g#1"}, "sk": {"S": "
 
 @pytest.mark.parametrize("token", [None, "IQoJb3JpZ2luX2VjEBIaCXVzLWVhc3QtMSJH/token=="])
 @pytest.mark.parametrize(
-    "endpoint", ["https://dynamodb.eu-west-1.amazonaws.com", "http://127.0.0.1:8000"]
+    "endpoint",
+    [
+        "https://dynamodb.eu-west-1.amazonaws.com",
+        "http://127.0.0.1:8000",
+        "https://proxy.example:443/dynamo db",  # a path (and a default port) behind a proxy
+    ],
 )
 def test_signature_is_botocores(
     monkeypatch: pytest.MonkeyPatch, token: str | None, endpoint: str
 ) -> None:
     creds = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
     target = "DynamoDB_20120810.GetItem"
-    ours = Signer("eu-west-1", host_of(URL(endpoint))).headers(target, BODY, creds, NOW.timestamp())
+    url = URL(endpoint + "/")
+    ours = Signer("eu-west-1", host_of(url), url.raw_path).headers(
+        target, BODY, creds, NOW.timestamp()
+    )
 
     monkeypatch.setattr("botocore.auth.get_current_datetime", lambda: NOW.replace(tzinfo=None))
     request = AWSRequest(
         method="POST",
-        url=endpoint + "/",
+        url=str(url),
         data=BODY,
         headers={"Content-Type": "application/x-amz-json-1.0", "X-Amz-Target": target},
     )
