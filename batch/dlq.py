@@ -10,6 +10,7 @@ with nothing committed, each partition to the end found when the read started.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,16 @@ from featureplane.operators.kafka import range_reader
 from featureplane.operators.kafka_cluster import KafkaCluster
 from featureplane.operators.records import Message, Origin
 
-__all__ = ["BATCH", "REDRIVE_OF", "REDRIVE_SPEC", "DeadLetter", "Dlq", "Ranges", "partitions"]
+__all__ = [
+    "BATCH",
+    "REDRIVE_OF",
+    "REDRIVE_SPEC",
+    "DeadLetter",
+    "Dlq",
+    "Ranges",
+    "newest",
+    "partitions",
+]
 
 REDRIVE_OF = "redrive_of"
 """Header of a record that failed again: `<dlq partition>:<dlq offset>` it was read at."""
@@ -152,3 +162,53 @@ def _int(text: str | None, default: int = -1) -> int:
         return int(text) if text is not None else default
     except ValueError:
         return default
+
+
+def newest(
+    kafka: KafkaCluster, topics: Sequence[str], per_topic: int = 5, deadline_s: float = 3.0
+) -> dict[str, list[dict[str, object]]]:
+    """The newest `per_topic` records of each event topic's `<topic>.dlq`, newest first, as
+    the catalog shows them: {topic: [{ts, reason, source (partition/offset of the event),
+    size}]}. Reads each partition's last `per_topic` offsets to its end, at most
+    `deadline_s` seconds; a topic without a DLQ yet has none."""
+    deadline = time.monotonic() + deadline_s
+    consumer = range_reader(kafka, "catalog")
+    found: dict[str, list[DeadLetter]] = {t: [] for t in topics}
+    try:
+        meta = consumer.list_topics(timeout=deadline_s).topics
+        starts: list[TopicPartition] = []
+        for topic in topics:
+            dlq = meta.get(f"{topic}.dlq")
+            for p in [] if dlq is None or dlq.error is not None else sorted(dlq.partitions):
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(f"{topic}.dlq", p), timeout=deadline_s, cached=False
+                )
+                if high > low:  # the read goes on to the end, wherever the broker puts it
+                    starts.append(TopicPartition(f"{topic}.dlq", p, max(low, high - per_topic)))
+        if starts:
+            consumer.assign(starts)
+        open_parts = {(tp.topic, tp.partition) for tp in starts}
+        while open_parts and time.monotonic() < deadline:
+            for m in consumer.consume(BATCH, 0.2):
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001 (public name)
+                        open_parts.discard((str(m.topic()), m.partition() or 0))
+                    continue
+                found.setdefault(str(m.topic()).removesuffix(".dlq"), []).append(DeadLetter.of(m))
+    finally:
+        with contextlib.suppress(KafkaException, RuntimeError):
+            consumer.close()
+    out: dict[str, list[dict[str, object]]] = {}
+    for topic, letters in found.items():
+        letters.sort(key=lambda d: d.timestamp, reverse=True)
+        out[topic] = [
+            {
+                "ts": d.timestamp,
+                "reason": d.headers.get("reason", "no reason header")[:300],
+                "source": f"{d.headers.get('partition', '?')}/{d.headers.get('offset', '?')}",
+                "size": len(d.value or b""),
+            }
+            for d in letters[:per_topic]
+        ]
+    return out

@@ -9,14 +9,19 @@ Redis client.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
+from typing import TYPE_CHECKING
 
 from featureplane.cli.flags import model_from
 from featureplane.flows.options import FlowOptions
 from featureplane.jobs import resolve_source, resolve_time
 from featureplane.serving.config import ServeConfig
 from featureplane.settings import Settings
-from featureplane.spec import load_catalog
+from featureplane.spec import Catalog, load_catalog
+
+if TYPE_CHECKING:
+    from featureplane.serving.catalog import CatalogParts
 
 __all__ = [
     "backfill",
@@ -113,7 +118,25 @@ def serve(args: argparse.Namespace) -> int:
     catalog = load_catalog(settings.spec)
     from featureplane.serving import main
 
-    return main.run(settings, catalog, config)
+    return main.run(settings, catalog, config, _catalog_parts(settings, catalog))
+
+
+def _catalog_parts(settings: Settings, catalog: Catalog) -> CatalogParts:
+    """What the catalog (/ui) reads beyond serving: this machine's batch runs, and with a
+    Kafka bootstrap, the newest records of the dead-letter topics."""
+    from featureplane.batch.dlq import newest
+    from featureplane.batch.runs import last_runs
+    from featureplane.operators.kafka_cluster import KafkaCluster
+    from featureplane.serving.catalog import CatalogParts
+
+    jobs = tuple(catalog.jobs)
+    dead_letters = None
+    if settings.kafka_bootstrap:
+        kafka = KafkaCluster(settings.kafka_bootstrap, settings.kafka_config)
+        dead_letters = functools.partial(newest, kafka)
+    return CatalogParts(
+        batch_runs=functools.partial(last_runs, settings, jobs), dead_letters=dead_letters
+    )
 
 
 def ingest(args: argparse.Namespace) -> int:

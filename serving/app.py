@@ -27,7 +27,7 @@ import hmac
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -43,7 +43,7 @@ from featureplane.serving.api import (
     parse_query,
     render_json,
 )
-from featureplane.serving.catalog import CatalogPages
+from featureplane.serving.catalog import CatalogPages, CatalogParts
 from featureplane.serving.config import ServeConfig
 from featureplane.serving.figures import Endpoints, Prometheus, Source
 from featureplane.serving.invalidate import SUBSCRIBER, local_tier, subscriber_of
@@ -333,10 +333,10 @@ def create_app(
     token: str | None = None,
     clock: Clock = wall_clock_ms,
     rand: Callable[[], float] = random.random,
-    batch_runs: Callable[[], Mapping[str, Mapping[str, str]]] | None = None,
+    catalog_parts: CatalogParts | None = None,
 ) -> web.Application:
     """The server over these (unstarted) tiers; on-demand functions are imported here.
-    `batch_runs` tells the catalog each batch job's last run (`batch.runs.last_runs`)."""
+    `catalog_parts`: what the catalog reads from beyond serving (`CatalogParts`)."""
     config = config or ServeConfig()
     functions = load_functions(catalog)
     metrics = Metrics()
@@ -398,11 +398,13 @@ def create_app(
         | ({"redis"} if redis is not None else set())
         | ({"local"} if local is not None else set())
     )
+    parts = catalog_parts or CatalogParts()
     pages = CatalogPages(
         catalog,
         source,
         token_required=token is not None,
-        runs=batch_runs,
+        runs=parts.batch_runs,
+        dead_letters=parts.dead_letters,
         tiers=frozenset(served),
     )
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import jinja2
 from aiohttp import web
@@ -34,7 +36,7 @@ from featureplane.serving.figures import (
 )
 from featureplane.spec import Catalog, FeatureGroup, IngestionRule
 
-__all__ = ["FIGURES_WAIT_S", "CatalogPages", "Graph", "graph_of"]
+__all__ = ["FIGURES_WAIT_S", "CatalogPages", "CatalogParts", "Graph", "Letters", "graph_of"]
 
 FIGURES_WAIT_S = 0.25
 """The longest a page waits for a scrape of the metrics; the scrape goes on after it."""
@@ -43,8 +45,23 @@ _STATIC = {
     "catalog.css": "text/css",
     "catalog.js": "text/javascript",
 }
+T = TypeVar("T")
+Letters = Mapping[str, Sequence[Mapping[str, Any]]]
+"""topic -> its newest dead letters: {ts, reason, source, size} each."""
+_LETTERS_EVERY_S = 10.0
 _EMPTY = Window(None, {}, {})
 _PAGES = ("/ui", "/ui/groups", "/ui/groups/{name}", "/ui/topics", "/ui/jobs")
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogParts:
+    """What the catalog reads beyond the server, given by the command that starts it
+    (serving imports neither batch nor Kafka code): both blocking, run in a thread."""
+
+    batch_runs: Callable[[], Mapping[str, Mapping[str, str]]] | None = None
+    """Each batch job's last run on this machine: {job: {state, when}}."""
+    dead_letters: Callable[[Sequence[str]], Letters] | None = None
+    """The newest records of each event topic's DLQ (`featureplane.batch.dlq.newest`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +138,12 @@ def _millis(value: int | None) -> str:
     return f"{value}ms"
 
 
+def _when(ms: int | None) -> str:
+    if not ms or ms < 0:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
 class CatalogPages:
     """The catalog's handlers over one catalog and one figure source."""
 
@@ -132,16 +155,21 @@ class CatalogPages:
         token_required: bool,
         runs: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
         tiers: frozenset[str] = frozenset({"local", "redis", "store"}),
+        dead_letters: Callable[[Sequence[str]], Letters] | None = None,
     ) -> None:
         """`tiers`: those this server has (no Redis URL: no redis tier); `runs`: each batch
-        job's last run ({job: {state, when}})."""
+        job's last run ({job: {state, when}}); `dead_letters`: the newest records of each
+        topic's DLQ (`batch.dlq.newest`; blocking, so it runs in a thread)."""
         self.catalog = catalog
         self.tiers = tiers
+        self.dead_letters = dead_letters
+        self._letters: _Latest[Letters | str] = _Latest(
+            "reading the dead-letter topics…", every_s=_LETTERS_EVERY_S
+        )
         self.source = source
         self.token_required = token_required
         self.runs = runs
-        self._scrape: asyncio.Task[Window] | None = None
-        self._window = _EMPTY
+        self._figures: _Latest[Window] = _Latest(_EMPTY)
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(_UI),
             autoescape=True,
@@ -154,14 +182,15 @@ class CatalogPages:
             "percent": _percent,
             "count": _count,
             "millis": _millis,
+            "when": _when,
         }
         self.env = env
         self._static = {name: (_UI / name).read_bytes() for name in _STATIC}
         self._fed_by = _fed_by(catalog)
 
     async def aclose(self) -> None:
-        if self._scrape is not None:
-            self._scrape.cancel()
+        self._figures.cancel()
+        self._letters.cancel()
         if self.source is not None:
             await self.source.aclose()
 
@@ -171,13 +200,7 @@ class CatalogPages:
         """The figures, waiting at most `FIGURES_WAIT_S` for a scrape under way."""
         if self.source is None:
             return _EMPTY
-        if self._scrape is None or self._scrape.done():
-            self._scrape = asyncio.ensure_future(self.source.window())
-        try:
-            self._window = await asyncio.wait_for(asyncio.shield(self._scrape), FIGURES_WAIT_S)
-        except TimeoutError:
-            pass  # the scrape goes on; this page shows the last one
-        return self._window
+        return await self._figures.get(self.source.window)
 
     # ------------------------------------------------------------ handlers
 
@@ -285,19 +308,68 @@ class CatalogPages:
             )
             for topic in self.catalog.topics
         ]
-        return self.env.get_template("topics.html").render(rows=rows, window=window)
+        letters: Letters | str = "no Kafka bootstrap configured"
+        if self.dead_letters is not None and self.catalog.topics:
+            letters = await self._letters.get(self._read_letters)
+        return self.env.get_template("topics.html").render(
+            rows=rows, window=window, letters=letters
+        )
+
+    async def _read_letters(self) -> Letters | str:
+        assert self.dead_letters is not None
+        try:
+            return await asyncio.to_thread(self.dead_letters, self.catalog.topics)
+        except Exception as exc:  # a broker down or refusing us: the page says so
+            return f"the dead-letter topics cannot be read: {type(exc).__name__}: {exc}"[:500]
 
     async def _jobs(self) -> str:
         window = await self.window()
         states = job_states(window)
-        runs = self.runs() if self.runs is not None else {}
+        runs: Mapping[str, Mapping[str, Any]] = {}
+        runs_error = None
+        if self.runs is not None:
+            try:
+                runs = await asyncio.to_thread(self.runs)
+            except Exception as exc:  # a locked or broken runs database: the page says so
+                runs_error = f"{type(exc).__name__}: {exc}"[:300]
         return self.env.get_template("jobs.html").render(
             jobs=list(self.catalog.jobs.values()),
             states=states,
             runs=runs,
+            runs_error=runs_error,
             window=window,
             groups_of=lambda job: _backfill_groups(self.catalog, job),
         )
+
+
+class _Latest(Generic[T]):
+    """The latest result of a slow call that a page must not wait long for: a call starts
+    when none is under way, a page waits at most `FIGURES_WAIT_S` for it, and otherwise
+    shows the result before (the call goes on and the next page has it)."""
+
+    def __init__(self, initial: T, every_s: float = 0.0) -> None:
+        """`every_s`: a finished call's result is kept that long before the next call."""
+        self.value = initial
+        self.every_s = every_s
+        self._task: asyncio.Task[T] | None = None
+        self._ended = -math.inf
+
+    async def get(self, call: Callable[[], Awaitable[T]]) -> T:
+        now = time.monotonic()
+        if self._task is not None and self._task.done() and self._ended == -math.inf:
+            self._ended = now
+        if self._task is None or (self._task.done() and now - self._ended >= self.every_s):
+            self._task = asyncio.ensure_future(call())
+            self._ended = -math.inf
+        try:
+            self.value = await asyncio.wait_for(asyncio.shield(self._task), FIGURES_WAIT_S)
+        except TimeoutError:
+            pass
+        return self.value
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _html(body: str, status: int = 200) -> web.Response:

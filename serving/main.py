@@ -30,6 +30,7 @@ from aiohttp import web
 from featureplane.errors import FeatureplaneError
 from featureplane.lifecycle import cannot_listen, check_port_free, die_with_parent
 from featureplane.serving.app import METRICS, READER, create_app, drain
+from featureplane.serving.catalog import CatalogParts
 from featureplane.serving.config import ServeConfig
 from featureplane.serving.connections import ConnectionGuard, fit_to_fd_limit
 from featureplane.serving.metrics import Metrics, retire
@@ -48,20 +49,30 @@ _CHANGE_PORT = "--host/--port or FEATUREPLANE_HOST/FEATUREPLANE_PORT"
 log = logging.getLogger(__name__)
 
 
-def run(settings: Settings, catalog: Catalog, config: ServeConfig) -> int:
-    """Serve `catalog` until SIGTERM or Ctrl-C; 0 after a graceful stop.
+def run(
+    settings: Settings,
+    catalog: Catalog,
+    config: ServeConfig,
+    parts: CatalogParts | None = None,
+) -> int:
+    """Serve `catalog` until SIGTERM or Ctrl-C; 0 after a graceful stop. `parts`: what the
+    catalog (/ui) reads beyond serving.
 
     One process, or with `config.workers` (default: the cores available) above 1, that
     many worker processes on the port under a supervisor (`featureplane.serving.workers`).
     """
     count, why = (config.workers, "--workers") if config.workers else available_cores()
     if count == 1:
-        return _serve_process(settings, catalog, config, None)
-    return _supervise(settings, catalog, config, count, why)
+        return _serve_process(settings, catalog, config, None, parts)
+    return _supervise(settings, catalog, config, count, why, parts)
 
 
 def _serve_process(
-    settings: Settings, catalog: Catalog, config: ServeConfig, worker: _WorkerLink | None
+    settings: Settings,
+    catalog: Catalog,
+    config: ServeConfig,
+    worker: _WorkerLink | None,
+    parts: CatalogParts | None = None,
 ) -> int:
     """This process serves: its own tiers and clients, on the port (shared when a worker)."""
     redis = open_cache(settings, catalog)
@@ -71,6 +82,7 @@ def _serve_process(
         redis=redis,
         config=config,
         token=None if settings.token is None else settings.token.get_secret_value(),
+        catalog_parts=parts,
     )
     # Start-up objects (modules, catalog, app) live for good: frozen, no full collection
     # walks them again; a large young generation makes collections rare. Full collections
@@ -150,7 +162,12 @@ class _WorkerLink:
 
 
 def _supervise(
-    settings: Settings, catalog: Catalog, config: ServeConfig, count: int, why: str
+    settings: Settings,
+    catalog: Catalog,
+    config: ServeConfig,
+    count: int,
+    why: str,
+    parts: CatalogParts | None = None,
 ) -> int:
     """Run `count` workers of this server on the port until SIGTERM or Ctrl-C."""
     host = settings.host
@@ -164,7 +181,7 @@ def _supervise(
 
     def body(slot: int, conn: Connection, early_signals: list[int]) -> None:
         link = _WorkerLink(slot, conn, metrics_dir, early_signals)
-        _worker(link, settings, catalog, config)
+        _worker(link, settings, catalog, config, parts)
 
     supervisor = Supervisor(
         count=count,
@@ -191,14 +208,20 @@ def _supervise(
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _worker(link: _WorkerLink, settings: Settings, catalog: Catalog, config: ServeConfig) -> None:
+def _worker(
+    link: _WorkerLink,
+    settings: Settings,
+    catalog: Catalog,
+    config: ServeConfig,
+    parts: CatalogParts | None,
+) -> None:
     """A worker process's body: serve; a start-up failure is one line to the supervisor
     (which prints the first one), never a traceback per worker."""
     slot, conn = link.slot, link.conn
     die_with_parent()
     _name_worker_logs(slot)
     try:
-        code = _serve_process(settings, catalog, config, link)
+        code = _serve_process(settings, catalog, config, link, parts)
     except FeatureplaneError as exc:
         conn.send(("failed", str(exc)))
         sys.exit(1)

@@ -54,7 +54,9 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[dict[str, str]]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str
+) -> Iterator[dict[str, str]]:
     """An ingest dataflow that wrote one user's clicks, and two servers on its store: one
     open, one with a token. Returns their base URLs and the user's id."""
     env = Env(tmp_path_factory.mktemp("catalog"), kafka_bootstrap)
@@ -157,3 +159,17 @@ def test_the_page_asks_for_the_token_and_refuses_a_wrong_one(
     page.fill("#lookup input[name=id]", served["user"])
     page.click("#lookup button")
     expect(page.locator("#lookup-status")).to_have_text(re.compile(r"^Found in"))
+
+
+def test_the_pages_fit_a_phone(browser: Browser, served: dict[str, str]) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    page = context.new_page()
+    try:
+        for path in ("/ui", f"/ui/groups/{GROUP}", "/ui/topics", "/ui/jobs"):
+            page.goto(served["open"] + path)
+            expect(page.locator("main section")).to_be_visible()
+            # Wide tables scroll inside their own box; the page itself never scrolls sideways.
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, (path, width)
+    finally:
+        context.close()
