@@ -25,7 +25,7 @@ def demo_user(base: str) -> str:
     """An id the demo has clicks for: the first of its users with any."""
     for i in range(200):
         url = f"{base}/v1/features/{GROUP}/user-{i}?limit=3"
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (http only, below)
             if b'"found":true' in resp.read():
                 return f"user-{i}"
     raise SystemExit("no demo user has clicks yet: is `featureplane up --demo` running?")
@@ -33,6 +33,8 @@ def demo_user(base: str) -> str:
 
 def main() -> None:
     base = (sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080").rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise SystemExit(f"{base!r} is not an http:// or https:// URL")
     user = demo_user(base)
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     with sync_playwright() as pw:
