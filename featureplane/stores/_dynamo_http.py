@@ -234,11 +234,12 @@ class DynamoHttp:
         session = self._session
         if session is None:
             raise NotStartedError("DynamoStore")
-        creds = await self._credentials()
-        headers = self.signer.headers(target, body, creds, time.time())
-        async with self._slots, session.post(self.url, data=body, headers=headers) as resp:
-            data = await resp.read()
-            status, crc = resp.status, resp.headers.get("x-amz-crc32")
+        async with self._slots:  # signed once a slot is free: the date is the sending time
+            creds = await self._credentials()
+            headers = self.signer.headers(target, body, creds, time.time())
+            async with session.post(self.url, data=body, headers=headers) as resp:
+                data = await resp.read()
+                status, crc = resp.status, resp.headers.get("x-amz-crc32")
         if crc is not None and zlib.crc32(data) != int(crc):
             raise DynamoWireError(CRC_MISMATCH, "the response was damaged in transit", status)
         if status != 200:

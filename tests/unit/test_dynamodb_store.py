@@ -305,3 +305,47 @@ async def test_not_started_is_a_store_error() -> None:
         await store.read([Query("profile", "u1")])
     with pytest.raises(NotStartedError):  # not transient: retrying cannot start it
         await store.ping()
+
+
+@pytest.fixture
+def no_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> pytest.MonkeyPatch:
+    """An environment where botocore finds no region or credentials (and asks no IMDS)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL_DYNAMODB"):
+        monkeypatch.delenv(name, raising=False)
+    for name in (
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return monkeypatch
+
+
+async def test_credentials_come_from_botocore_or_the_local_fallback(
+    no_aws: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(StoreError, match="no AWS credentials"):
+        await DynamoStore(CATALOG, table="t").start()  # AWS itself: no fallback
+
+    endpoint, region, frozen = await DynamoStore(CATALOG, endpoint_url="http://e")._resolve()
+    assert (endpoint, region) == ("http://e", "us-east-1")
+    assert (await frozen()).access_key == "local"
+
+    no_aws.setenv("AWS_ACCESS_KEY_ID", "AKID")
+    no_aws.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    no_aws.setenv("AWS_SESSION_TOKEN", "tok")
+    endpoint, region, frozen = await DynamoStore(
+        CATALOG, endpoint_url="http://e", region="eu-west-1"
+    )._resolve()
+    creds = await frozen()
+    assert (region, creds.access_key, creds.secret_key, creds.token) == (
+        "eu-west-1",
+        "AKID",
+        "secret",
+        "tok",
+    )
