@@ -402,6 +402,7 @@ def banner(
         "",
         "featureplane is up",
         f"  HTTP API      {base}   (GET /v1/groups, POST /v1/features, /metrics, /openapi.json)",
+        f"  catalog       {base}/ui   (every feature, its freshness, a lookup box)",
         f"  Kafka         {bootstrap}{'   (embedded tansu, in memory)' if embedded else ''}",
         f"  store         embedded, {data_dir / 'features.db'}",
         f"  Redis tier    {'on' if redis else 'off (set FEATUREPLANE_REDIS_URL to add it)'}",
