@@ -159,6 +159,12 @@ def test_up_demo_serves_growing_features_and_stops_cleanly(tmp_path: Path) -> No
             time.sleep(1)
         status, body = _get(f"{base}/v1/groups")
         assert status == 200
+        # The catalog reads the dataflows' metrics pages that up hands it: a live freshness.
+        assert f"{base}/ui" in shown
+        with urllib.request.urlopen(f"{base}/ui/part/groups/{GROUP}", timeout=10) as resp:
+            page = resp.read().decode()
+        assert "The article clicked." in page and "Unavailable:" not in page, page
+        assert re.search(r'id="freshness-p50">\d+(\.\d+)? (ms|s)<', page), page
         children = _descendants(proc.pid)
         assert len(children) >= 4  # broker, ingest, retry, serve, demo feeder
         # The dataflows' metrics are for this machine only.
