@@ -10,7 +10,7 @@ with the rule and the problem in its reason.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +43,9 @@ def _split(path: str) -> _Path:
 
 def _below(node: Any, parts: tuple[str, ...]) -> Any:
     """The value at `parts` under `node`, None where the path does not exist."""
-    value = get_parts(node, parts) if isinstance(node, Mapping) else MISSING
+    if len(parts) == 1 and type(node) is dict:  # `article.id`: the usual depth
+        return node.get(parts[0])
+    value = get_parts(node, parts)
     return None if value is MISSING else value
 
 

@@ -11,6 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from featureplane.stores.base import Query
 from featureplane.stores.embedded import EmbeddedStore
 from tests.contract.conftest import CATALOG
@@ -141,3 +143,25 @@ def test_two_writing_processes_share_one_store_and_lose_nothing(tmp_path: Path) 
         assert shared[0].ts == 1_000 + 2 * 99 + 1  # b's last, the newest of all
 
     asyncio.run(check())
+
+
+async def test_a_read_of_several_queries_is_one_transaction_closed_even_when_one_fails(
+    tmp_path: Path,
+) -> None:
+    """Several queries read one snapshot in one read transaction, which always ends: an open
+    one would pin the WAL (no checkpoint could pass it) and hide later writes."""
+    from featureplane.codec import make_item
+    from featureplane.errors import UnknownGroupError
+
+    async with EmbeddedStore(CATALOG, tmp_path) as store:
+        g, p = CATALOG.group("clicks"), CATALOG.group("profile")
+        await store.write([make_item(g, "u", 1_000 + k, f"e{k}", {"n": k}) for k in range(3)])
+        queries = [Query("clicks", "u", limit=2), Query("profile", "u"), Query("clicks", "x")]
+        got = await store.read(queries)
+        assert [[r.ts for r in rs] for rs in got] == [[1_002, 1_001], [], []]
+        assert got == [(await store.read([q]))[0] for q in queries]  # as one query at a time
+        with pytest.raises(UnknownGroupError):
+            await store.read([Query("clicks", "u"), Query("nope", "u")])
+        assert store._reader is not None and not store._reader.in_transaction
+        await store.write([make_item(p, "u", 5, "p", {"updated_by": "a"})])
+        assert [r.ts for r in (await store.read(queries))[1]] == [5]  # a later write is seen
