@@ -151,7 +151,9 @@ class EmbeddedStore(Store):
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._known = frozenset(catalog.groups)
+        # each group's partition key of an empty id, encoded: an item's key is it + its id's
+        # UTF-8 (the same bytes as _pk's, without two calls an item)
+        self._prefixes = {name: _pk(name, "") for name in catalog.groups}
         self._latest = frozenset(n for n, g in catalog.groups.items() if g.kind == "latest")
 
     def _connect(self) -> sqlite3.Connection:
@@ -199,13 +201,20 @@ class EmbeddedStore(Store):
     async def write(self, items: Sequence[Item]) -> None:
         if not items:
             return
-        if unknown := {it.group for it in items} - self._known:
-            self.group(unknown.pop())  # raises UnknownGroupError
-        latest = self._latest  # a set lookup an item, not a catalog lookup
-        rows = [
-            (_pk(it.group, it.id), NULL_SK if it.group in latest else it.version, *_TAIL(it))
-            for it in items
-        ]
+        latest, prefixes = self._latest, self._prefixes  # set and dict lookups, no catalog's
+        try:
+            rows = [
+                (
+                    prefixes[it.group] + it.id.encode(),
+                    NULL_SK if it.group in latest else it.version,
+                    *_TAIL(it),
+                )
+                for it in items
+            ]
+        except KeyError:
+            for it in items:
+                self.group(it.group)  # raises UnknownGroupError
+            raise
         # Key order makes neighbouring upserts share B-tree pages. The sort is stable, so
         # rows of one key keep their batch order (it decides ties of equal versions).
         rows.sort(key=_ROW_KEY)
