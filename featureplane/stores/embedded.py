@@ -45,7 +45,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import starmap
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -112,7 +112,6 @@ _WRITER_PRAGMAS = ("PRAGMA cache_size = -65536", "PRAGMA journal_size_limit = 67
 
 
 _ROW_KEY = itemgetter(0, 1)
-_TAIL = attrgetter("ts", "version", "value")
 
 
 def _pk(group: str, entity_id: str) -> bytes:
@@ -207,7 +206,9 @@ class EmbeddedStore(Store):
                 (
                     prefixes[it.group] + it.id.encode(),
                     NULL_SK if it.group in latest else it.version,
-                    *_TAIL(it),
+                    it.ts,
+                    it.version,
+                    it.value,
                 )
                 for it in items
             ]
