@@ -195,7 +195,9 @@ class EmbeddedStore(Store):
         await self._run(self._ping)
 
     def _ping(self) -> None:
-        self._db().execute("SELECT 1 FROM items LIMIT 1").fetchall()
+        # on the pool's thread, so on the pool's connection: the reader belongs to the event
+        # loop's thread, where a read may hold a transaction open across its queries
+        self._db(writer=True).execute("SELECT 1 FROM items LIMIT 1").fetchall()
 
     async def write(self, items: Sequence[Item]) -> None:
         if not items:
