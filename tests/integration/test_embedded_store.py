@@ -165,3 +165,13 @@ async def test_a_read_of_several_queries_is_one_transaction_closed_even_when_one
         assert store._reader is not None and not store._reader.in_transaction
         await store.write([make_item(p, "u", 5, "p", {"updated_by": "a"})])
         assert [r.ts for r in (await store.read(queries))[1]] == [5]  # a later write is seen
+
+
+async def test_every_commit_is_synced_by_default_so_a_power_loss_loses_no_committed_offset(
+    tmp_path: Path,
+) -> None:
+    """Ingest commits offsets after the write: the write must be on disk, not only in the
+    page cache (synchronous FULL = 2 syncs the WAL at each commit; NORMAL = 1 does not)."""
+    async with EmbeddedStore(CATALOG, tmp_path) as store:
+        for db in (store._writer, store._reader):
+            assert db is not None and db.execute("PRAGMA synchronous").fetchone() == (2,)
