@@ -26,8 +26,8 @@ from featureplane.stores.base import Query
 from tests.integration.ingest_env import PARTITIONS, Env, now_ms, wait_for
 
 SEARCHES = "recent_user_searches"
-INT_TYPE = "      - {name: result_count, type: int}\n"
-STRING_TYPE = "      - {name: result_count, type: string}\n"
+INT_TYPE = "      - {name: result_count, type: int, description: Results the search returned.}\n"
+STRING_TYPE = "      - {name: result_count, type: string, description: Results the search returned.}\n"
 
 
 @pytest.fixture
