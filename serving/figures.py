@@ -99,12 +99,31 @@ def parse(text: str) -> dict[Key, float]:
     return out
 
 
+class _Http:
+    """An aiohttp session opened at the first request and closed with the source."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 @dataclass(slots=True)
 class _History:
     scrapes: deque[tuple[float, dict[Key, float]]] = field(default_factory=deque)
 
 
-class Endpoints:
+class Endpoints(_Http):
     """This process's own page (`local`) and the `/metrics` pages at `urls`."""
 
     def __init__(
@@ -114,6 +133,7 @@ class Endpoints:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(_TIMEOUT_S)
         self.urls = list(urls)
         self.local = local
         self.clock = clock
@@ -121,12 +141,6 @@ class Endpoints:
         self._missing: tuple[str, ...] = ()
         self._last = -math.inf
         self._lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def window(self) -> Window:
         async with self._lock:  # one scrape at a time, whatever the page views
@@ -158,9 +172,7 @@ class Endpoints:
         self._missing = tuple(missing)
 
     async def _fetch(self, url: str) -> str:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_TIMEOUT_S))
-        async with self._session.get(url) as resp:
+        async with self.session.get(url) as resp:
             if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status}")
             body = await resp.content.read(_MAX_PAGE + 1)
@@ -217,23 +229,16 @@ def _why(exc: BaseException) -> str:
 # ---------------------------------------------------------------- Prometheus
 
 
-class Prometheus:
+class Prometheus(_Http):
     """A Prometheus server's HTTP API: `increase` of each family over 5 minutes."""
 
     _SPAN = "5m"
 
     def __init__(self, url: str) -> None:
+        super().__init__(2.0)
         self.url = url.rstrip("/") + "/api/v1/query"
-        self._session: aiohttp.ClientSession | None = None
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def window(self) -> Window:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
         queries = {name: f"increase({name}[{self._SPAN}])" for name in COUNTERS}
         queries |= {name: name for name in GAUGES}
         got = await asyncio.gather(
@@ -257,8 +262,7 @@ class Prometheus:
         return Window(300.0, increases, gauges, tuple(sorted(set(missing))))
 
     async def _query(self, query: str) -> list[tuple[Labels, float]]:
-        assert self._session is not None
-        async with self._session.get(self.url, params={"query": query}) as resp:
+        async with self.session.get(self.url, params={"query": query}) as resp:
             doc = await resp.json(content_type=None)
         if not isinstance(doc, dict) or doc.get("status") != "success":
             raise ValueError(str(doc.get("error") if isinstance(doc, dict) else doc)[:200])

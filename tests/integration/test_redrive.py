@@ -27,7 +27,9 @@ from tests.integration.ingest_env import PARTITIONS, Env, now_ms, wait_for
 
 SEARCHES = "recent_user_searches"
 INT_TYPE = "      - {name: result_count, type: int, description: Results the search returned.}\n"
-STRING_TYPE = "      - {name: result_count, type: string, description: Results the search returned.}\n"
+STRING_TYPE = (
+    "      - {name: result_count, type: string, description: Results the search returned.}\n"
+)
 
 
 @pytest.fixture
